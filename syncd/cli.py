@@ -1,0 +1,299 @@
+"""The ``syncd`` command.
+
+Exit codes: 0 done; 1 the run failed (partial row failures are counted, not fatal);
+2 usage or configuration error, printed as ``file: key: what was expected``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from syncd import __version__
+from syncd.config import ConfigError, Settings, load_settings, resolve_config_path
+from syncd.log import configure_logging
+
+app = typer.Typer(
+    name="syncd",
+    help="Reverse-ETL for WooCommerce: sync the store, build segments, push them to your tools.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+class State:
+    config: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
+
+
+state = State()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"syncd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config", "-c", help="Config file (default: $SYNCD_CONFIG, else ./config.toml)."
+        ),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    log_format: Annotated[str | None, typer.Option(help="auto, json or console.")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    state.config, state.log_level, state.log_format = config, log_level, log_format
+
+
+def fail_config(exc: ConfigError) -> typer.Exit:
+    for line in str(exc).splitlines():
+        err.print(line, markup=False, highlight=False)
+    return typer.Exit(2)
+
+
+def load() -> Settings:
+    """Every command starts here: validated settings, logging set up, or exit 2."""
+    try:
+        settings = load_settings(resolve_config_path(state.config))
+    except ConfigError as exc:
+        raise fail_config(exc) from None
+    configure_logging(
+        state.log_level or settings.log.level,
+        state.log_format or settings.log.format,  # type: ignore[arg-type]
+    )
+    return settings
+
+
+def open_engine(settings: Settings) -> Any:
+    from syncd.store.engine import StoreError, open_store
+
+    try:
+        return open_store(settings.store.url)
+    except StoreError as exc:
+        err.print(f"store: {exc}", markup=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def validate() -> None:
+    """Check the config (and, as they arrive, the mapping files)."""
+    settings = load()
+    path = settings.config_path or "config"
+    sources = ", ".join(settings.sources) or "none"
+    out.print(f"{path}: ok (sources: {sources})", markup=False)
+
+
+def _progress_factory() -> tuple[Progress | None, Callable[[str, int, int | None], None] | None]:
+    if not sys.stderr.isatty():
+        return None, None
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(stream: str, done: int, total: int | None) -> None:
+        if stream not in tasks:
+            tasks[stream] = progress.add_task(stream, total=total)
+        progress.update(tasks[stream], completed=done, total=total)
+
+    return progress, update
+
+
+async def run_sources(
+    settings: Settings,
+    engine: Any,
+    names: Sequence[str],
+    full: bool,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> list[Any]:
+    from syncd.ingest import SourceSync
+
+    results = []
+    for name in names:
+        sync = SourceSync(engine, name, settings.sources[name], progress=progress)
+        try:
+            results.append(await sync.run(full=full))
+        finally:
+            await sync.client.aclose()
+    return results
+
+
+@app.command()
+def sync(
+    sources: Annotated[
+        list[str] | None, typer.Argument(help="Sources to sync (default: all).")
+    ] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Re-read everything, not just what changed.")
+    ] = False,
+) -> None:
+    """Run source syncs once."""
+    settings = load()
+    names = list(sources or settings.sources)
+    unknown = [n for n in names if n not in settings.sources]
+    if unknown or not names:
+        where = settings.config_path or "config"
+        known = ", ".join(settings.sources) or "none configured"
+        what = f"unknown source {unknown[0]!r}" if unknown else "no source configured"
+        err.print(f"{where}: sources: {what} (configured: {known})", markup=False)
+        raise typer.Exit(2)
+    engine = open_engine(settings)
+    progress, update = _progress_factory()
+    try:
+        if progress is not None:
+            with progress:
+                results = asyncio.run(run_sources(settings, engine, names, full, update))
+        else:
+            results = asyncio.run(run_sources(settings, engine, names, full))
+    finally:
+        engine.dispose()
+    failed = False
+    for result in results:
+        quarantined = sum(c.quarantined for c in result.counts.values())
+        stored = sum(c.stored for c in result.counts.values())
+        line = (
+            f"{result.source}: {result.status}: {stored} rows stored, "
+            f"{quarantined} quarantined, {result.requests} requests"
+        )
+        if result.error:
+            line += f": {result.error}"
+            failed = True
+        (err if result.error else out).print(line, markup=False, highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Cursors, last runs and row counts per source stream."""
+    from syncd.status import collect_status
+
+    settings = load()
+    engine = open_engine(settings)
+    try:
+        data = collect_status(engine, settings)
+    finally:
+        engine.dispose()
+    if json_output:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print_status(data)
+
+
+def print_status(data: dict[str, Any]) -> None:
+    table = Table(title=f"syncd status ({data['store']['dialect']}: {data['store']['url']})")
+    for col in ("source", "stream", "rows", "deleted", "quarantined", "cursor", "reconciled"):
+        table.add_column(
+            col, justify="right" if col in ("rows", "deleted", "quarantined") else "left"
+        )
+    for name, src in data["sources"].items():
+        for stream, s in src["streams"].items():
+            table.add_row(
+                name,
+                stream,
+                str(s["rows"]),
+                str(s["deleted"]),
+                str(s["quarantined"]),
+                s["cursor"] or "-",
+                s["reconciled_at"] or "-",
+            )
+    out.print(table)
+    for name, src in data["sources"].items():
+        run = src["last_run"]
+        if run:
+            when = run["finished_at"] or run["started_at"]
+            line = f"{name}: last run {run['status']} at {when} ({run['duration_s']} s)"
+            if run["error"]:
+                line += f": {run['error']}"
+            out.print(line, markup=False, highlight=False)
+    totals = data["totals"]
+    out.print(
+        f"people: {totals['customers']}  live orders: {totals['orders']}  "
+        f"quarantined: {totals['quarantined']}",
+        markup=False,
+        highlight=False,
+    )
+
+
+@app.command()
+def demo(
+    orders: Annotated[int, typer.Option(help="Orders in the sandbox store.")] = 2000,
+    store_url: Annotated[
+        str, typer.Option(help="Where the demo store lives.")
+    ] = "sqlite:///state/demo.db",
+) -> None:
+    """The whole loop against the built-in sandbox store, on the embedded store."""
+    from pydantic import SecretStr
+
+    from syncd.config import StoreSettings, WooCommerceSourceSettings
+    from syncd.sandbox.server import SandboxServer
+    from syncd.sandbox.store import SandboxStore
+
+    configure_logging(state.log_level or "warning", state.log_format or "auto")  # type: ignore[arg-type]
+    demo_db = (
+        Path(store_url.removeprefix("sqlite:///")) if store_url.startswith("sqlite:///") else None
+    )
+    if demo_db is not None:  # a fresh demo each time
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{demo_db}{suffix}").unlink(missing_ok=True)
+    out.print(f"Generating a sandbox WooCommerce store with {orders} orders…")
+    store = SandboxStore(seed=7, orders=orders)
+    with SandboxServer(store) as server:
+        out.print(f"Sandbox store at {server.url}/wp-json/wc/v3 (OAuth 1.0a over plain HTTP)")
+        source = WooCommerceSourceSettings(
+            url=server.url,
+            consumer_key=SecretStr(server.consumer_key),
+            consumer_secret=SecretStr(server.consumer_secret),
+        )
+        settings = Settings(store=StoreSettings(url=store_url), sources={"sandbox": source})
+        engine = open_engine(settings)
+        try:
+            progress, update = _progress_factory()
+            if progress is not None:
+                with progress:
+                    results = asyncio.run(run_sources(settings, engine, ["sandbox"], False, update))
+            else:
+                results = asyncio.run(run_sources(settings, engine, ["sandbox"], False))
+            from syncd.status import collect_status
+
+            print_status(collect_status(engine, settings))
+        finally:
+            engine.dispose()
+    if any(r.error for r in results):
+        raise typer.Exit(1)
+    out.print(f"Done. The store is {store_url}; query it with any SQL client.")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    os.environ.setdefault("COLUMNS", str(shutil.get_terminal_size((120, 20)).columns))
+    app(args=list(argv) if argv is not None else None, prog_name="syncd")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,822 @@
+"""Source sync: fetch by windows, normalize, resolve identity, upsert; cursors and run records.
+
+Invariants (see DESIGN.md, "Incremental sync"):
+
+* A stream's cursor is written in the same transaction as the rows it covers, so a crash
+  at any moment resumes without loss; upserts are idempotent, so re-read rows change nothing.
+* A window is bounded above by the run's start and starts ``overlap_seconds`` before the
+  cursor (clock skew, equal timestamps, WordPress's exclusive date bounds).
+* Pages are fetched concurrently (a bounded look-ahead) but committed in page order, and
+  the cursor advances to the last committed row only while every page so far reported the
+  window's initial ``X-WP-Total``. A smaller total means a row left the window mid-read (it
+  was modified), shifting later rows one place back across a page boundary: that pass is
+  read again from the last safe checkpoint, so no row is skipped.
+* Records that fail validation go to ``quarantine`` with the reason; the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, insert, select, update
+
+from syncd.config import WooCommerceSourceSettings
+from syncd.http import ApiError, AuthError
+from syncd.identity import (
+    link_identity,
+    refresh_people,
+    registered_people,
+    resolve_guests,
+    resolve_registered,
+)
+from syncd.log import get_logger, log_run
+from syncd.sources.woocommerce import (
+    STREAM_ORDER,
+    STREAMS,
+    BadRecord,
+    Page,
+    Stream,
+    WooCommerceClient,
+    is_variable,
+    modified_of,
+    parse_coupon,
+    parse_customer,
+    parse_order,
+    parse_product,
+    parse_refund,
+    record_key,
+    variations_path,
+)
+from syncd.store.models import (
+    Coupon,
+    CustomerRecord,
+    Order,
+    OrderItem,
+    Product,
+    Quarantine,
+    Refund,
+    SyncRun,
+    SyncState,
+)
+from syncd.store.upsert import upsert
+
+log = get_logger("syncd.ingest")
+
+ORDERS = Order.__table__  # type: ignore[attr-defined]
+ITEMS = OrderItem.__table__  # type: ignore[attr-defined]
+REFUNDS = Refund.__table__  # type: ignore[attr-defined]
+PRODUCTS = Product.__table__  # type: ignore[attr-defined]
+COUPONS = Coupon.__table__  # type: ignore[attr-defined]
+RECORDS = CustomerRecord.__table__  # type: ignore[attr-defined]
+STATE = SyncState.__table__  # type: ignore[attr-defined]
+RUNS = SyncRun.__table__  # type: ignore[attr-defined]
+QUARANTINE = Quarantine.__table__  # type: ignore[attr-defined]
+
+MAX_PASSES = 5  # re-reads of a window whose rows moved while it was read
+TABLE_OF_STREAM = {"orders": ORDERS, "products": PRODUCTS, "coupons": COUPONS, "refunds": REFUNDS}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@dataclass
+class StreamCounts:
+    fetched: int = 0  # records read from the source
+    stored: int = 0  # rows written (inserted or updated)
+    quarantined: int = 0
+    deleted: int = 0  # rows marked deleted by reconciliation
+    passes: int = 0  # window passes (more than one per variant: rows moved mid-read)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if v}
+
+
+@dataclass
+class SyncResult:
+    source: str
+    status: str  # success | partial | failed
+    counts: dict[str, StreamCounts] = field(default_factory=dict)
+    error: str | None = None
+    run_id: int | None = None
+    requests: int = 0
+
+    def flat_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for stream, c in self.counts.items():
+            for k, v in c.as_dict().items():
+                out[f"{stream}.{k}"] = v
+        out["requests"] = self.requests
+        return out
+
+
+# What a handler does with one page: an async step that may fetch more (variations, unknown
+# customers), then a synchronous commit on a connection, in a transaction shared with the cursor.
+Prepare = Callable[[list[Any]], Awaitable[Any]]
+Commit = Callable[[Connection, Any], None]
+
+
+class SourceSync:
+    """One run of one WooCommerce source into the store."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        settings: WooCommerceSourceSettings,
+        client: WooCommerceClient | None = None,
+        *,
+        progress: Callable[[str, int, int | None], None] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.name = name
+        self.settings = settings
+        self.client = client or WooCommerceClient(name, settings)
+        self.progress = progress
+        self.clock = clock
+        self.overlap = timedelta(seconds=settings.overlap_seconds)
+        self.lookahead = max(2, 2 * settings.concurrency)
+        self.currency: str | None = None
+        self.full = False
+        self.run_start = clock()
+        self.counts: dict[str, StreamCounts] = {}
+
+    # -- the run ----------------------------------------------------------------------
+
+    async def run(self, *, full: bool = False, streams: Sequence[str] | None = None) -> SyncResult:
+        self.full = full
+        self.run_start = self.clock()
+        started = time.monotonic()
+        wanted = [s for s in STREAM_ORDER if s in (streams or self.settings.streams)]
+        run_id = self._start_run()
+        result = SyncResult(source=self.name, status="success", run_id=run_id)
+        requests_before = self.client.http.stats.requests
+        try:
+            for name in wanted:
+                self.counts[name] = StreamCounts()
+                await self._sync_stream(STREAMS[name])
+            if any(c.quarantined for c in self.counts.values()):
+                result.status = "partial"
+        except AuthError as exc:
+            result.status, result.error = "failed", f"authentication failed: {exc}"
+        except ApiError as exc:
+            result.status, result.error = "failed", str(exc)
+        except Exception as exc:  # a bug or the store failing: the run is recorded as failed
+            log.exception("source sync crashed", source=self.name)
+            result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            result.counts = self.counts
+            result.requests = self.client.http.stats.requests - requests_before
+            self._finish_run(run_id, result)
+            log_run(
+                "source",
+                self.name,
+                result.status,
+                started,
+                result.flat_counts(),
+                error=result.error,
+            )
+        return result
+
+    def _start_run(self) -> int:
+        with self.engine.begin() as conn:
+            run_id: int = conn.execute(
+                insert(RUNS)
+                .values(
+                    kind="source", name=self.name, started_at=utcnow(), status="running", counts={}
+                )
+                .returning(RUNS.c.id)
+            ).scalar_one()
+        return run_id
+
+    def _finish_run(self, run_id: int, result: SyncResult) -> None:
+        counts: dict[str, Any] = {s: c.as_dict() for s, c in result.counts.items()}
+        counts["requests"] = result.requests
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(RUNS)
+                .where(RUNS.c.id == run_id)
+                .values(
+                    finished_at=utcnow(), status=result.status, counts=counts, error=result.error
+                )
+            )
+
+    async def _sync_stream(self, stream: Stream) -> None:
+        if stream.name == "customers":
+            await self._customers()
+            return
+        if stream.name in ("products", "coupons") and self.currency is None:
+            self.currency = await self._store_currency()
+        prepare, commit = self._handlers(stream.name)
+        for suffix, variant in stream.variants:
+            await self._windowed(stream, suffix, variant, prepare, commit)
+        if self._reconcile_due(stream.name):
+            await self._reconcile(stream)
+
+    def _handlers(self, stream: str) -> tuple[Prepare, Commit]:
+        handlers: dict[str, tuple[Prepare, Commit]] = {
+            "orders": (self._prepare_orders, self._commit_orders),
+            "products": (self._prepare_products, self._commit_products),
+            "coupons": (_no_prepare, self._commit_coupons),
+            "refunds": (_no_prepare, self._commit_refunds),
+        }
+        return handlers[stream]
+
+    # -- windows ----------------------------------------------------------------------
+
+    async def _windowed(
+        self,
+        stream: Stream,
+        suffix: str,
+        variant: Mapping[str, str],
+        prepare: Prepare,
+        commit: Commit,
+    ) -> None:
+        key = stream.name + suffix
+        cursor = None if self.full else self._cursor(key)
+        start = cursor - self.overlap if cursor is not None else None
+        upper = self.run_start
+        for _ in range(MAX_PASSES):
+            self.counts[stream.name].passes += 1
+            params = self.client.window_params(variant, start, upper)
+            stable, checkpoint = await self._read_window(
+                stream, key, params, upper, prepare, commit
+            )
+            if stable:
+                return
+            # Rows moved while the window was read: read on from the last safe checkpoint.
+            if checkpoint is not None:
+                start = checkpoint - self.overlap
+            log.info("window moved while read; reading it again", source=self.name, stream=key)
+        log.warning(
+            "window kept moving; the cursor stays at its last safe checkpoint",
+            source=self.name,
+            stream=key,
+            passes=MAX_PASSES,
+        )
+
+    async def _read_window(
+        self,
+        stream: Stream,
+        key: str,
+        params: Mapping[str, str],
+        upper: datetime,
+        prepare: Prepare,
+        commit: Commit,
+    ) -> tuple[bool, datetime | None]:
+        first = await self.client.page(stream.path, params, 1)
+        initial_total = first.total
+        total_pages = first.total_pages
+        if total_pages is None:  # a host that strips the paging headers: read on to a short page
+            return await self._read_sequential(stream, key, params, upper, first, prepare, commit)
+        total_pages = max(total_pages, 1)
+        stable = True
+        checkpoint: datetime | None = None
+        pending: dict[int, asyncio.Task[Page]] = {}
+        next_fetch = 2
+        try:
+            for number in range(1, total_pages + 1):
+                while next_fetch <= total_pages and next_fetch <= number + self.lookahead:
+                    pending[next_fetch] = asyncio.create_task(
+                        self.client.page(stream.path, params, next_fetch)
+                    )
+                    next_fetch += 1
+                page = first if number == 1 else await pending.pop(number)
+                if page.total != initial_total:
+                    stable = False
+                last = number == total_pages
+                new_cursor: datetime | None = None
+                if stable:
+                    if last:
+                        new_cursor = upper
+                    else:
+                        new_cursor = _max_modified(page.items)
+                        checkpoint = new_cursor or checkpoint
+                await self._apply(stream.name, key, page.items, new_cursor, prepare, commit)
+                if self.progress:
+                    self.progress(key, number, total_pages)
+        finally:
+            for task in pending.values():
+                task.cancel()
+        return stable, checkpoint
+
+    async def _read_sequential(
+        self,
+        stream: Stream,
+        key: str,
+        params: Mapping[str, str],
+        upper: datetime,
+        first: Page,
+        prepare: Prepare,
+        commit: Commit,
+    ) -> tuple[bool, datetime | None]:
+        page = first
+        while True:
+            last = len(page.items) < self.client.per_page
+            cursor = upper if last else _max_modified(page.items)
+            await self._apply(stream.name, key, page.items, cursor, prepare, commit)
+            if last:
+                return True, cursor
+            page = await self.client.page(stream.path, params, page.number + 1)
+
+    async def _apply(
+        self,
+        stream: str,
+        key: str,
+        items: list[Any],
+        cursor: datetime | None,
+        prepare: Prepare,
+        commit: Commit,
+    ) -> None:
+        """Commit one page's rows and, in the same transaction, the cursor that covers them."""
+        prepared = await prepare(items)
+        self.counts[stream].fetched += len(items)
+
+        def work() -> None:
+            with self.engine.begin() as conn:
+                commit(conn, prepared)
+                if cursor is not None:
+                    self._save_cursor(conn, key, cursor)
+
+        await asyncio.to_thread(work)
+
+    # -- cursors ----------------------------------------------------------------------
+
+    def _cursor(self, key: str) -> datetime | None:
+        with self.engine.connect() as conn:
+            value: datetime | None = conn.execute(
+                select(STATE.c.cursor).where(STATE.c.source == self.name, STATE.c.stream == key)
+            ).scalar()
+        return value
+
+    def _save_cursor(self, conn: Connection, key: str, cursor: datetime) -> None:
+        upsert(
+            conn,
+            STATE,
+            [{"source": self.name, "stream": key, "cursor": cursor, "updated_at": utcnow()}],
+            keys=("source", "stream"),
+            update=("cursor", "updated_at"),
+        )
+
+    # -- quarantine -------------------------------------------------------------------
+
+    def _quarantine(self, conn: Connection, stream: str, payload: Any, reason: str) -> None:
+        self.counts[stream].quarantined += 1
+        key = record_key(payload)
+        source_id = key if not key.startswith("sha256:") else None
+        now = utcnow()
+        log.warning(
+            "record quarantined",
+            source=self.name,
+            stream=stream,
+            source_id=source_id,
+            reason=reason,
+        )
+        row = {
+            "source": self.name,
+            "stream": stream,
+            "source_id": source_id,
+            "record_key": key,
+            "reason": reason,
+            "payload": payload,
+            "first_seen_at": now,
+            "seen_at": now,
+            "times_seen": 1,
+        }
+        upsert(
+            conn,
+            QUARANTINE,
+            [row],
+            keys=("source", "stream", "record_key"),
+            update=("reason", "payload", "seen_at"),
+        )
+        conn.execute(
+            update(QUARANTINE)
+            .where(
+                QUARANTINE.c.source == self.name,
+                QUARANTINE.c.stream == stream,
+                QUARANTINE.c.record_key == key,
+                QUARANTINE.c.first_seen_at != now,
+            )
+            .values(times_seen=QUARANTINE.c.times_seen + 1)
+        )
+
+    def _release(self, conn: Connection, stream: str, source_ids: Sequence[int]) -> None:
+        """Records that now arrived valid leave the quarantine."""
+        if source_ids:
+            conn.execute(
+                delete(QUARANTINE).where(
+                    QUARANTINE.c.source == self.name,
+                    QUARANTINE.c.stream == stream,
+                    QUARANTINE.c.record_key.in_([str(i) for i in source_ids]),
+                )
+            )
+
+    # -- customers: an id scan (the API has no date filter for them) -------------------
+
+    async def _customers(self) -> None:
+        counts = self.counts["customers"]
+        params = {"role": "all", "orderby": "id", "order": "asc", "_fields": "id,date_modified_gmt"}
+        scanned, stable = await self._scan(STREAMS["customers"].path, params)
+        with self.engine.connect() as conn:
+            stored = {
+                r.source_id: (r.modified_at, r.deleted_at)
+                for r in conn.execute(
+                    select(RECORDS.c.source_id, RECORDS.c.modified_at, RECORDS.c.deleted_at).where(
+                        RECORDS.c.source == self.name
+                    )
+                )
+            }
+        changed = sorted(
+            cid
+            for cid, modified in scanned.items()
+            if self.full
+            or cid not in stored
+            or stored[cid][1] is not None
+            or modified is None
+            or stored[cid][0] != modified
+        )
+        for start in range(0, len(changed), self.client.per_page):
+            chunk = changed[start : start + self.client.per_page]
+            payloads = await self.client.by_ids("customers", chunk, {"role": "all"})
+            counts.fetched += len(payloads)
+            await asyncio.to_thread(self._commit_in_tx, self._commit_customers, payloads)
+            if self.progress:
+                self.progress("customers", start + len(chunk), len(changed))
+        if stable:
+            gone = [
+                cid
+                for cid, (_, deleted) in stored.items()
+                if deleted is None and cid not in scanned
+            ]
+            if gone:
+                await asyncio.to_thread(self._mark_customers_deleted, gone)
+
+    async def _scan(
+        self, path: str, params: Mapping[str, str]
+    ) -> tuple[dict[int, datetime | None], bool]:
+        """Every id (and modification time) of a collection; ``stable`` when no page saw the
+        total change (only then may absent ids be taken as deleted)."""
+        first = await self.client.page(path, params, 1)
+        pages = [first]
+        if first.total_pages is None:
+            page = first
+            while len(page.items) >= self.client.per_page:
+                page = await self.client.page(path, params, page.number + 1)
+                pages.append(page)
+        elif first.total_pages > 1:
+            pages += await asyncio.gather(
+                *(self.client.page(path, params, n) for n in range(2, first.total_pages + 1))
+            )
+        out: dict[int, datetime | None] = {}
+        for page in pages:
+            for item in page.items:
+                if isinstance(item, Mapping) and isinstance(item.get("id"), int):
+                    out[item["id"]] = modified_of(item)
+        stable = all(p.total == first.total for p in pages) and (
+            first.total is None or first.total == len(out)
+        )
+        return out, stable
+
+    def _commit_in_tx(self, commit: Commit, prepared: Any) -> None:
+        with self.engine.begin() as conn:
+            commit(conn, prepared)
+
+    def _commit_customers(self, conn: Connection, payloads: list[Any]) -> None:
+        counts = self.counts["customers"]
+        ok: list[int] = []
+        for payload in payloads:
+            try:
+                if not isinstance(payload, Mapping):
+                    raise BadRecord("expected a JSON object")
+                row = parse_customer(payload, self.name)
+            except BadRecord as exc:
+                self._quarantine(conn, "customers", payload, str(exc))
+                continue
+            person = resolve_registered(conn, self.name, row.source_id, row.person)
+            upsert(
+                conn, RECORDS, [{**row.record, "customer_id": person}], keys=("source", "source_id")
+            )
+            counts.stored += 1
+            ok.append(row.source_id)
+        self._release(conn, "customers", ok)
+
+    def _mark_customers_deleted(self, ids: list[int]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(RECORDS)
+                .where(RECORDS.c.source == self.name, RECORDS.c.source_id.in_(ids))
+                .values(deleted_at=utcnow())
+            )
+            people = [
+                r.customer_id
+                for r in conn.execute(
+                    select(RECORDS.c.customer_id).where(
+                        RECORDS.c.source == self.name, RECORDS.c.source_id.in_(ids)
+                    )
+                )
+            ]
+            refresh_people(conn, people)
+        self.counts["customers"].deleted += len(ids)
+
+    # -- orders -----------------------------------------------------------------------
+
+    async def _prepare_orders(self, items: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Registered buyers the store does not know yet are fetched first, so an order always
+        links to its account (not to a person guessed from the billing email)."""
+        cids = {
+            i["customer_id"]
+            for i in items
+            if isinstance(i, Mapping)
+            and isinstance(i.get("customer_id"), int)
+            and i["customer_id"] > 0
+        }
+        customers: list[Any] = []
+        if cids:
+            known = await asyncio.to_thread(self._known_customers, cids)
+            unknown = sorted(cids - known)
+            if unknown:
+                customers = await self.client.by_ids("customers", unknown, {"role": "all"})
+        return items, customers
+
+    def _known_customers(self, cids: set[int]) -> set[int]:
+        with self.engine.connect() as conn:
+            return set(registered_people(conn, self.name, cids))
+
+    def _commit_orders(self, conn: Connection, prepared: tuple[list[Any], list[Any]]) -> None:
+        items, customers = prepared
+        if customers:
+            self.counts.setdefault("customers", StreamCounts())
+            self._commit_customers(conn, customers)
+        counts = self.counts["orders"]
+        parsed = []
+        for payload in items:
+            try:
+                if not isinstance(payload, Mapping):
+                    raise BadRecord("expected a JSON object")
+                parsed.append(parse_order(payload, self.name))
+            except BadRecord as exc:
+                self._quarantine(conn, "orders", payload, str(exc))
+        if not parsed:
+            return
+        # One order per id in a page (a page can't repeat one, but be safe for upserts).
+        by_id = {o.row["source_id"]: o for o in parsed}
+        parsed = list(by_id.values())
+
+        registered = registered_people(
+            conn, self.name, [o.customer_source_id for o in parsed if o.customer_source_id]
+        )
+        # Guests go by email. So do orders of an account the source no longer has (a deleted
+        # user): the account id is then linked to that person, so the two stay one.
+        by_email = resolve_guests(
+            conn,
+            self.name,
+            [o.person() for o in parsed if o.customer_source_id not in registered],
+        )
+        rows = []
+        for o in parsed:
+            cid = o.customer_source_id
+            person: int | None
+            if cid and cid in registered:
+                person = registered[cid]
+            else:
+                person = by_email.get(o.row["email"] or "")
+                if cid and person is not None:
+                    registered[cid] = person
+                    link_identity(conn, person, self.name, "customer_id", str(cid))
+            rows.append({**o.row, "customer_id": person})
+        stored = upsert(
+            conn, ORDERS, rows, keys=("source", "source_id"), returning=("id", "source_id")
+        )
+        order_ids = {r.source_id: r.id for r in stored}
+        conn.execute(delete(ITEMS).where(ITEMS.c.order_id.in_(list(order_ids.values()))))
+        item_rows = [
+            {**item, "order_id": order_ids[o.row["source_id"]]} for o in parsed for item in o.items
+        ]
+        if item_rows:
+            conn.execute(insert(ITEMS), item_rows)
+        self._link_refunds(conn, list(order_ids))
+        self._release(conn, "orders", list(order_ids))
+        counts.stored += len(rows)
+
+    def _link_refunds(self, conn: Connection, order_source_ids: list[int]) -> None:
+        """Refunds read before their order get its id and currency (amounts re-read if needed)."""
+        rows = conn.execute(
+            select(
+                REFUNDS.c.id,
+                REFUNDS.c.raw,
+                REFUNDS.c.currency,
+                ORDERS.c.id.label("oid"),
+                ORDERS.c.currency.label("oc"),
+            )
+            .join(
+                ORDERS,
+                (ORDERS.c.source == REFUNDS.c.source)
+                & (ORDERS.c.source_id == REFUNDS.c.order_source_id),
+            )
+            .where(
+                REFUNDS.c.source == self.name,
+                REFUNDS.c.order_source_id.in_(order_source_ids),
+                (REFUNDS.c.order_id.is_(None))
+                | (REFUNDS.c.currency.is_(None))
+                | (REFUNDS.c.currency != ORDERS.c.currency),
+            )
+        ).all()
+        for r in rows:
+            values: dict[str, Any] = {"order_id": r.oid}
+            if r.currency != r.oc:
+                fixed = parse_refund(r.raw, self.name, r.oc)
+                values.update(currency=r.oc, amount_minor=fixed["amount_minor"])
+            conn.execute(update(REFUNDS).where(REFUNDS.c.id == r.id).values(**values))
+
+    # -- refunds, products, coupons ---------------------------------------------------
+
+    def _commit_refunds(self, conn: Connection, items: list[Any]) -> None:
+        counts = self.counts["refunds"]
+        parents = {i.get("parent_id") for i in items if isinstance(i, Mapping)}
+        currencies = {
+            r.source_id: (r.id, r.currency)
+            for r in conn.execute(
+                select(ORDERS.c.source_id, ORDERS.c.id, ORDERS.c.currency).where(
+                    ORDERS.c.source == self.name,
+                    ORDERS.c.source_id.in_([p for p in parents if isinstance(p, int)]),
+                )
+            )
+        }
+        rows = []
+        for payload in items:
+            try:
+                if not isinstance(payload, Mapping):
+                    raise BadRecord("expected a JSON object")
+                order = currencies.get(payload.get("parent_id"))
+                row = parse_refund(payload, self.name, order[1] if order else self.currency)
+                row["order_id"] = order[0] if order else None
+                rows.append(row)
+            except BadRecord as exc:
+                self._quarantine(conn, "refunds", payload, str(exc))
+        upsert(conn, REFUNDS, rows, keys=("source", "source_id"))
+        self._release(conn, "refunds", [r["source_id"] for r in rows])
+        counts.stored += len(rows)
+
+    async def _prepare_products(self, items: list[Any]) -> tuple[list[Any], dict[int, list[Any]]]:
+        """Variations are read with their variable product (they are rows of ``products`` too)."""
+        variations: dict[int, list[Any]] = {}
+        for item in items:
+            if isinstance(item, Mapping) and isinstance(item.get("id"), int) and is_variable(item):
+                path = variations_path(item["id"])
+                first = await self.client.page(path, {}, 1)
+                found = list(first.items)
+                for n in range(2, (first.total_pages or 1) + 1):
+                    found += (await self.client.page(path, {}, n)).items
+                variations[item["id"]] = found
+        return items, variations
+
+    def _commit_products(
+        self, conn: Connection, prepared: tuple[list[Any], dict[int, list[Any]]]
+    ) -> None:
+        items, variations = prepared
+        counts = self.counts["products"]
+        currency = self.currency or "USD"
+        rows = []
+        for payload in items:
+            try:
+                if not isinstance(payload, Mapping):
+                    raise BadRecord("expected a JSON object")
+                rows.append(parse_product(payload, self.name, currency))
+                for variation in variations.get(payload["id"], ()):
+                    rows.append(
+                        parse_product(
+                            variation, self.name, currency, parent_source_id=payload["id"]
+                        )
+                    )
+            except BadRecord as exc:
+                self._quarantine(conn, "products", payload, str(exc))
+        upsert(conn, PRODUCTS, rows, keys=("source", "source_id"))
+        self._release(conn, "products", [r["source_id"] for r in rows])
+        counts.stored += len(rows)
+
+    def _commit_coupons(self, conn: Connection, items: list[Any]) -> None:
+        counts = self.counts["coupons"]
+        rows = []
+        for payload in items:
+            try:
+                if not isinstance(payload, Mapping):
+                    raise BadRecord("expected a JSON object")
+                rows.append(parse_coupon(payload, self.name, self.currency or "USD"))
+            except BadRecord as exc:
+                self._quarantine(conn, "coupons", payload, str(exc))
+        upsert(conn, COUPONS, rows, keys=("source", "source_id"))
+        self._release(conn, "coupons", [r["source_id"] for r in rows])
+        counts.stored += len(rows)
+
+    async def _store_currency(self) -> str:
+        code = await self.client.store_currency()
+        if code:
+            return code
+        # Older stores: the currency of the newest order is the store's.
+        page = await self.client.page("orders", {"orderby": "date", "order": "desc"}, 1)
+        for item in page.items:
+            if isinstance(item, Mapping) and isinstance(item.get("currency"), str):
+                return str(item["currency"])
+        return "USD"
+
+    # -- reconciliation of hard deletes ----------------------------------------------
+
+    def _reconcile_due(self, stream: str) -> bool:
+        if self.full:
+            return True
+        every = self.settings.reconcile_every_hours
+        with self.engine.connect() as conn:
+            last = conn.execute(
+                select(STATE.c.reconciled_at).where(
+                    STATE.c.source == self.name, STATE.c.stream == stream
+                )
+            ).scalar()
+        return last is None or every <= 0 or self.clock() - last >= timedelta(hours=every)
+
+    async def _reconcile(self, stream: Stream) -> None:
+        """Rows the source no longer has (force-deleted: invisible to date windows) are marked
+        deleted. Only a scan that saw every page with the same total may conclude absence."""
+        table = TABLE_OF_STREAM[stream.name]
+        seen: set[int] = set()
+        for _suffix, variant in stream.variants:
+            ids, stable = await self._scan(
+                stream.path, {**variant, "orderby": "id", "order": "asc", "_fields": "id"}
+            )
+            if not stable:
+                log.info(
+                    "reconciliation skipped: the collection changed while scanned",
+                    source=self.name,
+                    stream=stream.name,
+                )
+                return
+            seen |= set(ids)
+        now = utcnow()
+
+        def work() -> None:
+            with self.engine.begin() as conn:
+                live = conn.execute(
+                    select(table.c.source_id).where(
+                        table.c.source == self.name, table.c.deleted_at.is_(None)
+                    )
+                )
+                gone = [r.source_id for r in live if r.source_id not in seen]
+                if stream.name == "products":
+                    # Variations are not in the products collection: they go with their parent.
+                    parents = conn.execute(
+                        select(PRODUCTS.c.source_id, PRODUCTS.c.parent_source_id).where(
+                            PRODUCTS.c.source == self.name, PRODUCTS.c.parent_source_id.is_not(None)
+                        )
+                    ).all()
+                    gone = [
+                        g
+                        for g in gone
+                        if g not in {p.source_id for p in parents if p.parent_source_id in seen}
+                    ]
+                if gone:
+                    conn.execute(
+                        update(table)
+                        .where(table.c.source == self.name, table.c.source_id.in_(gone))
+                        .values(deleted_at=now)
+                    )
+                    if stream.name == "orders":
+                        people = conn.execute(
+                            select(ORDERS.c.customer_id).where(
+                                ORDERS.c.source == self.name,
+                                ORDERS.c.source_id.in_(gone),
+                                ORDERS.c.customer_id.is_not(None),
+                            )
+                        ).scalars()
+                        refresh_people(conn, list(people))
+                upsert(
+                    conn,
+                    STATE,
+                    [
+                        {
+                            "source": self.name,
+                            "stream": stream.name,
+                            "reconciled_at": now,
+                            "updated_at": now,
+                        }
+                    ],
+                    keys=("source", "stream"),
+                    update=("reconciled_at", "updated_at"),
+                )
+                self.counts[stream.name].deleted += len(gone)
+
+        await asyncio.to_thread(work)
+
+
+async def _no_prepare(items: list[Any]) -> list[Any]:
+    return items
+
+
+def _max_modified(items: Sequence[Any]) -> datetime | None:
+    stamps = [m for m in (modified_of(i) for i in items if isinstance(i, Mapping)) if m is not None]
+    return max(stamps) if stamps else None

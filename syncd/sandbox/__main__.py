@@ -1,0 +1,97 @@
+"""Run the sandbox WooCommerce store alone: ``python -m syncd.sandbox``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from syncd.sandbox.server import API_PREFIX, FaultConfig, SandboxServer
+from syncd.sandbox.store import SandboxStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m syncd.sandbox",
+        description="Serve a generated WooCommerce store (wc/v3 REST API) until Ctrl-C.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8899, help="0 picks a free port")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--customers", type=int, default=300)
+    parser.add_argument("--guests", type=int, default=150)
+    parser.add_argument("--orders", type=int, default=2000)
+    parser.add_argument("--products", type=int, default=40)
+    parser.add_argument("--currency", default="USD")
+    parser.add_argument("--timezone", default="America/New_York")
+    parser.add_argument("--key", default="ck_sandbox", help="consumer key")
+    parser.add_argument("--secret", default="cs_sandbox", help="consumer secret")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--rate-429", type=float, default=0.0)
+    parser.add_argument("--rate-5xx", type=float, default=0.0)
+    parser.add_argument("--rate-drop", type=float, default=0.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        faults = FaultConfig(
+            latency_ms=args.latency_ms,
+            rate_429=args.rate_429,
+            rate_5xx=args.rate_5xx,
+            rate_drop=args.rate_drop,
+            seed=args.seed,
+        )
+        store = SandboxStore(
+            seed=args.seed,
+            customers=args.customers,
+            guests=args.guests,
+            orders=args.orders,
+            products=args.products,
+            currency=args.currency,
+            timezone=args.timezone,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = SandboxServer(
+        store,
+        consumer_key=args.key,
+        consumer_secret=args.secret,
+        faults=faults,
+        host=args.host,
+        port=args.port,
+    )
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+
+    stopped = threading.Event()
+    # SIGTERM (docker stop, systemd) ends the process as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    print(f"WooCommerce sandbox store: {server.url}", flush=True)
+    print(f"REST API:                  {server.url}{API_PREFIX}", flush=True)
+    print(f"consumer key:              {args.key}", flush=True)
+    print(f"consumer secret:           {args.secret}", flush=True)
+    print(
+        f"{len(store.customers)} customers, {len(store.orders)} orders, "
+        f"{len(store.products)} products; Ctrl-C to stop",
+        flush=True,
+    )
+    try:
+        while not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""What the store holds and how fresh it is: the data behind ``syncd status`` (and ``/status``).
+
+The JSON shape is a documented contract (README, "syncd status --json"): keys are only
+ever added.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from syncd.config import Settings
+from syncd.sources.woocommerce import STREAM_ORDER
+from syncd.store.engine import _redact_url
+from syncd.store.migrate import current_revision
+from syncd.store.models import (
+    Coupon,
+    Customer,
+    CustomerRecord,
+    Order,
+    Product,
+    Quarantine,
+    Refund,
+    SyncRun,
+    SyncState,
+)
+
+STATUS_VERSION = 1
+
+_STREAM_TABLES: dict[str, Any] = {
+    "customers": CustomerRecord.__table__,  # type: ignore[attr-defined]
+    "orders": Order.__table__,  # type: ignore[attr-defined]
+    "refunds": Refund.__table__,  # type: ignore[attr-defined]
+    "products": Product.__table__,  # type: ignore[attr-defined]
+    "coupons": Coupon.__table__,  # type: ignore[attr-defined]
+}
+RUNS = SyncRun.__table__  # type: ignore[attr-defined]
+STATE = SyncState.__table__  # type: ignore[attr-defined]
+QUARANTINE = Quarantine.__table__  # type: ignore[attr-defined]
+CUSTOMERS = Customer.__table__  # type: ignore[attr-defined]
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def _run_json(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    duration = (
+        (row.finished_at - row.started_at).total_seconds()
+        if row.finished_at and row.started_at
+        else None
+    )
+    return {
+        "id": row.id,
+        "status": row.status,
+        "started_at": iso(row.started_at),
+        "finished_at": iso(row.finished_at),
+        "duration_s": round(duration, 3) if duration is not None else None,
+        "counts": row.counts or {},
+        "error": row.error,
+    }
+
+
+def collect_status(
+    engine: Engine, settings: Settings, now: datetime | None = None
+) -> dict[str, Any]:
+    now = now or datetime.now(UTC)
+    out: dict[str, Any] = {
+        "version": STATUS_VERSION,
+        "generated_at": iso(now),
+        "store": {
+            "url": _redact_url(settings.store.url),
+            "dialect": engine.dialect.name,
+            "schema_revision": current_revision(engine),
+        },
+        "sources": {},
+        "totals": {},
+    }
+    with engine.connect() as conn:
+        names = sorted(
+            set(settings.sources)
+            | {r[0] for r in conn.execute(select(STATE.c.source).distinct())}
+            | {
+                r[0]
+                for r in conn.execute(select(RUNS.c.name).where(RUNS.c.kind == "source").distinct())
+            }
+        )
+        for name in names:
+            last = conn.execute(
+                select(RUNS)
+                .where(RUNS.c.kind == "source", RUNS.c.name == name)
+                .order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc())
+                .limit(1)
+            ).first()
+            last_ok = conn.execute(
+                select(func.max(RUNS.c.finished_at)).where(
+                    RUNS.c.kind == "source",
+                    RUNS.c.name == name,
+                    RUNS.c.status.in_(("success", "partial")),
+                )
+            ).scalar()
+            states = {
+                r.stream: r for r in conn.execute(select(STATE).where(STATE.c.source == name))
+            }
+            quarantined: dict[str, int] = dict(
+                conn.execute(
+                    select(QUARANTINE.c.stream, func.count())
+                    .where(QUARANTINE.c.source == name)
+                    .group_by(QUARANTINE.c.stream)
+                ).all()
+            )
+            streams: dict[str, Any] = {}
+            for stream in STREAM_ORDER:
+                table = _STREAM_TABLES[stream]
+                rows = conn.execute(
+                    select(func.count()).where(table.c.source == name, table.c.deleted_at.is_(None))
+                ).scalar()
+                deleted = conn.execute(
+                    select(func.count()).where(
+                        table.c.source == name, table.c.deleted_at.is_not(None)
+                    )
+                ).scalar()
+                main = states.get(stream)
+                streams[stream] = {
+                    "cursor": iso(main.cursor) if main else None,
+                    "cursors": {
+                        k: iso(v.cursor)
+                        for k, v in sorted(states.items())
+                        if k.split(":")[0] == stream and v.cursor
+                    },
+                    "rows": rows,
+                    "deleted": deleted,
+                    "quarantined": quarantined.get(stream, 0),
+                    "reconciled_at": iso(main.reconciled_at) if main else None,
+                }
+            out["sources"][name] = {
+                "configured": name in settings.sources,
+                "last_run": _run_json(last),
+                "last_success_at": iso(last_ok),
+                "streams": streams,
+            }
+        out["totals"] = {
+            "customers": conn.execute(select(func.count()).select_from(CUSTOMERS)).scalar(),
+            "orders": conn.execute(
+                select(func.count()).where(_STREAM_TABLES["orders"].c.deleted_at.is_(None))
+            ).scalar(),
+            "quarantined": conn.execute(select(func.count()).select_from(QUARANTINE)).scalar(),
+        }
+    return out

@@ -1,0 +1,88 @@
+"""Engines for the embedded SQLite store and Postgres, migrated to the current schema on open."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+
+from syncd.store.types import json_dumps, json_loads
+
+
+class StoreError(Exception):
+    """The store cannot be opened or migrated."""
+
+
+def _sqlite_file(url: str) -> Path | None:
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return None
+    rest = url[len(prefix) :].split("?", 1)[0]
+    if rest in ("", ":memory:"):
+        return None
+    return Path(rest)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``sqlite:///path`` or ``postgresql+psycopg://…``, not yet migrated."""
+    if url.startswith("sqlite:"):
+        path = _sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            json_serializer=json_dumps,
+            json_deserializer=json_loads,
+            connect_args={"timeout": 30},
+            **kwargs,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cur = dbapi_connection.cursor()
+            # WAL: readers (status, the HTTP side) never block the writer.
+            cur.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across application crashes in WAL mode (only an OS crash can
+            # lose the last transactions) and several times faster than FULL for bulk upserts.
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql+psycopg://"):
+        return create_engine(
+            url,
+            json_serializer=json_dumps,
+            json_deserializer=json_loads,
+            pool_pre_ping=True,
+            **kwargs,
+        )
+    raise StoreError(
+        f"unsupported store url {url!r}: expected sqlite:///… or postgresql+psycopg://…"
+    )
+
+
+def open_store(url: str, **kwargs: Any) -> Engine:
+    """Open the store and bring its schema to the current version (migrations at start-up)."""
+    from syncd.store.migrate import upgrade
+
+    engine = make_engine(url, **kwargs)
+    try:
+        upgrade(engine)
+    except Exception as exc:
+        engine.dispose()
+        raise StoreError(f"cannot open the store at {_redact_url(url)}: {exc}") from exc
+    return engine
+
+
+def _redact_url(url: str) -> str:
+    """Hide a password in a database URL (``user:secret@host`` → ``user:***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, at, host = rest.rpartition("@")
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}{at}{host}"

@@ -1,0 +1,269 @@
+"""The store's tables: the public contract users write segments and dashboards against.
+
+Every table and column here is documented in the README. Change them only
+through a migration (``syncd/store/migrations/versions``).
+
+Conventions: money is integer minor units next to its ISO 4217 currency code;
+times are UTC; every source row keeps ``source`` (the configured source name),
+``source_id`` (the id at the source) and ``raw`` (the payload it came from),
+and ``(source, source_id)`` is unique, so several stores can be synced side by
+side. ``deleted_at`` marks rows that disappeared (trashed or deleted) at the
+source: they are kept for history but stop counting.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlmodel import Field, SQLModel
+
+from syncd.store.types import JSONType, UTCDateTime
+
+
+def _utc(nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_type=UTCDateTime, nullable=nullable, index=index)
+
+
+def _json() -> Any:
+    return Field(default=None, sa_type=JSONType, nullable=True)
+
+
+class Customer(SQLModel, table=True):
+    """One row per person: registered customers and guest buyers merged on normalized email."""
+
+    __tablename__ = "customers"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str | None = Field(default=None, unique=True)
+    first_name: str | None = None
+    last_name: str | None = None
+    phone: str | None = None  # E.164, or null when the shopper's input is not a valid number
+    country: str | None = Field(default=None, max_length=2)  # ISO 3166-1 alpha-2
+    city: str | None = None
+    postcode: str | None = None
+    created_at: datetime | None = _utc()  # registration, or the first order of a guest
+    updated_at: datetime | None = _utc()  # source time of the data the attributes came from
+    # Which record the attributes came from: 2 = registered customer record, 1 = an order's
+    # billing address. A higher rank wins, then the newer record: the result is the same
+    # whatever order the records arrive in.
+    attrs_rank: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+
+
+class CustomerIdentity(SQLModel, table=True):
+    """How source records map to people: a source's customer id or a normalized email."""
+
+    __tablename__ = "customer_identities"
+    __table_args__ = (UniqueConstraint("source", "kind", "value"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: int = Field(
+        sa_column=Column(
+            Integer, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+    source: str
+    kind: str  # "customer_id" | "email"
+    value: str
+
+
+class CustomerRecord(SQLModel, table=True):
+    """Registered customer accounts as the source has them (raw payload kept)."""
+
+    __tablename__ = "customer_records"
+    __table_args__ = (UniqueConstraint("source", "source_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str
+    source_id: int = Field(sa_type=BigInteger)
+    customer_id: int = Field(
+        sa_column=Column(
+            Integer, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+    email: str | None = None
+    role: str | None = None
+    created_at: datetime | None = _utc()
+    modified_at: datetime | None = _utc()
+    deleted_at: datetime | None = _utc()
+    raw: Any = _json()
+
+
+class Order(SQLModel, table=True):
+    __tablename__ = "orders"
+    __table_args__ = (
+        UniqueConstraint("source", "source_id"),
+        Index("ix_orders_customer_created", "customer_id", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str
+    source_id: int = Field(sa_type=BigInteger)
+    customer_id: int | None = Field(
+        default=None,
+        sa_column=Column(Integer, ForeignKey("customers.id", ondelete="SET NULL"), nullable=True),
+    )
+    customer_source_id: int | None = Field(default=None, sa_type=BigInteger)  # 0 = guest
+    email: str | None = None  # normalized billing email
+    status: str
+    currency: str = Field(max_length=3)
+    total_minor: int = Field(sa_type=BigInteger)
+    subtotal_minor: int = Field(default=0, sa_type=BigInteger)  # line items before discounts
+    discount_minor: int = Field(default=0, sa_type=BigInteger)
+    shipping_minor: int = Field(default=0, sa_type=BigInteger)
+    tax_minor: int = Field(default=0, sa_type=BigInteger)
+    refunded_minor: int = Field(default=0, sa_type=BigInteger)
+    coupon_codes: Any = _json()  # JSON list of the codes applied
+    payment_method: str | None = None
+    created_via: str | None = None
+    created_at: datetime | None = _utc(index=True)
+    paid_at: datetime | None = _utc()
+    completed_at: datetime | None = _utc()
+    modified_at: datetime | None = _utc(index=True)
+    deleted_at: datetime | None = _utc()
+    raw: Any = _json()
+
+
+class OrderItem(SQLModel, table=True):
+    __tablename__ = "order_items"
+    __table_args__ = (UniqueConstraint("order_id", "source_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    order_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False)
+    )
+    source_id: int = Field(sa_type=BigInteger)
+    product_source_id: int | None = Field(default=None, sa_type=BigInteger, index=True)
+    variation_source_id: int | None = Field(default=None, sa_type=BigInteger)
+    sku: str | None = None
+    name: str | None = None
+    quantity: int = 0
+    subtotal_minor: int = Field(default=0, sa_type=BigInteger)  # before discounts
+    total_minor: int = Field(default=0, sa_type=BigInteger)  # after discounts, before tax
+
+
+class Refund(SQLModel, table=True):
+    __tablename__ = "refunds"
+    __table_args__ = (UniqueConstraint("source", "source_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str
+    source_id: int = Field(sa_type=BigInteger)
+    # Null until the order itself is synced; order_source_id always says which order it is.
+    order_id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            Integer, ForeignKey("orders.id", ondelete="SET NULL"), nullable=True, index=True
+        ),
+    )
+    order_source_id: int = Field(sa_type=BigInteger)
+    amount_minor: int = Field(sa_type=BigInteger)
+    currency: str | None = Field(default=None, max_length=3)
+    reason: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime | None = _utc()
+    deleted_at: datetime | None = _utc()
+    raw: Any = _json()
+
+
+class Product(SQLModel, table=True):
+    """Products and their variations (a variation has ``parent_source_id``)."""
+
+    __tablename__ = "products"
+    __table_args__ = (UniqueConstraint("source", "source_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str
+    source_id: int = Field(sa_type=BigInteger)
+    parent_source_id: int | None = Field(default=None, sa_type=BigInteger)
+    sku: str | None = None
+    name: str | None = None
+    type: str | None = None
+    status: str | None = None
+    price_minor: int | None = Field(default=None, sa_type=BigInteger)
+    currency: str | None = Field(default=None, max_length=3)
+    categories: Any = _json()  # JSON list of category names
+    stock_status: str | None = None
+    created_at: datetime | None = _utc()
+    modified_at: datetime | None = _utc()
+    deleted_at: datetime | None = _utc()
+    raw: Any = _json()
+
+
+class Coupon(SQLModel, table=True):
+    __tablename__ = "coupons"
+    __table_args__ = (UniqueConstraint("source", "source_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str
+    source_id: int = Field(sa_type=BigInteger)
+    code: str
+    discount_type: str | None = None  # percent | fixed_cart | fixed_product
+    amount_minor: int | None = Field(default=None, sa_type=BigInteger)  # fixed_* types
+    percent_bp: int | None = None  # percent type, in basis points (12.5 % = 1250)
+    currency: str | None = Field(default=None, max_length=3)
+    usage_count: int = 0
+    date_expires: datetime | None = _utc()
+    created_at: datetime | None = _utc()
+    modified_at: datetime | None = _utc()
+    deleted_at: datetime | None = _utc()
+    raw: Any = _json()
+
+
+class SyncState(SQLModel, table=True):
+    """One cursor per source stream. Written in the same transaction as the rows it covers."""
+
+    __tablename__ = "sync_state"
+
+    source: str = Field(primary_key=True)
+    stream: str = Field(primary_key=True)
+    cursor: datetime | None = _utc()  # the stream's rows modified before this are in the store
+    reconciled_at: datetime | None = _utc()  # last id reconciliation (hard deletes)
+    state: Any = _json()  # stream-specific extras
+    updated_at: datetime | None = _utc()
+
+
+class SyncRun(SQLModel, table=True):
+    """Every run of anything: source syncs now; segment recomputes and pushes later."""
+
+    __tablename__ = "sync_runs"
+    __table_args__ = (Index("ix_sync_runs_kind_name_started", "kind", "name", "started_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str  # "source" | "segments" | "destination"
+    name: str
+    started_at: datetime | None = _utc()
+    finished_at: datetime | None = _utc()
+    status: str  # running | success | partial | failed
+    counts: Any = _json()
+    error: str | None = Field(default=None, sa_type=Text)
+
+
+class Quarantine(SQLModel, table=True):
+    """Input that failed validation, with the reason. One row per bad record, refreshed on re-read;
+    removed when the record later arrives valid."""
+
+    __tablename__ = "quarantine"
+    __table_args__ = (UniqueConstraint("source", "stream", "record_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str
+    stream: str
+    source_id: str | None = None
+    record_key: str = Field(
+        sa_type=String(80)
+    )  # source_id, or a hash of the payload when it has none
+    reason: str = Field(sa_type=Text)
+    payload: Any = _json()
+    first_seen_at: datetime | None = _utc()
+    seen_at: datetime | None = _utc()
+    times_seen: int = 1

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, inspect, select, text
+
+from syncd.store.engine import StoreError, make_engine, open_store
+from syncd.store.migrate import current_revision, head_revision
+from syncd.store.models import Order, Product, SyncState
+from syncd.store.upsert import upsert
+
+ORDERS = Order.__table__  # type: ignore[attr-defined]
+PRODUCTS = Product.__table__  # type: ignore[attr-defined]
+STATE = SyncState.__table__  # type: ignore[attr-defined]
+
+PUBLIC_TABLES = {
+    "customers",
+    "customer_identities",
+    "customer_records",
+    "orders",
+    "order_items",
+    "refunds",
+    "products",
+    "coupons",
+    "sync_state",
+    "sync_runs",
+    "quarantine",
+}
+
+
+def _order(
+    source_id: int, total: int, status: str = "processing", source: str = "wc"
+) -> dict[str, object]:
+    return {
+        "source": source,
+        "source_id": source_id,
+        "status": status,
+        "currency": "USD",
+        "total_minor": total,
+        "created_at": datetime(2024, 1, 1, 12, tzinfo=UTC),
+        "raw": {"id": source_id, "total": f"{total / 100:.2f}"},
+    }
+
+
+def test_migrations_create_the_public_tables(engine: Engine) -> None:
+    assert set(inspect(engine).get_table_names()) >= PUBLIC_TABLES
+    assert current_revision(engine) == head_revision()
+
+
+def test_open_store_twice_is_a_no_op(store_url: str) -> None:
+    first = open_store(store_url)
+    with first.begin() as conn:
+        upsert(conn, ORDERS, [_order(1, 100)], keys=("source", "source_id"))
+    first.dispose()
+    again = open_store(store_url)
+    with again.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ORDERS)).scalar() == 1
+    again.dispose()
+
+
+def test_sqlite_pragmas(tmp_path: object) -> None:
+    eng = open_store(f"sqlite:///{tmp_path}/s.db")
+    with eng.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+    eng.dispose()
+
+
+def test_unsupported_url() -> None:
+    with pytest.raises(StoreError, match="mysql"):
+        make_engine("mysql://x")
+
+
+def test_upsert_inserts_then_updates_in_batches(engine: Engine) -> None:
+    rows = [_order(i, i * 100) for i in range(1, 2501)]
+    with engine.begin() as conn:
+        upsert(conn, ORDERS, rows, keys=("source", "source_id"), batch_size=700)
+    changed = [_order(i, i * 100 + 1, status="completed") for i in range(2001, 3001)]
+    with engine.begin() as conn:
+        upsert(conn, ORDERS, changed, keys=("source", "source_id"), batch_size=700)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ORDERS)).scalar() == 3000
+        assert (
+            conn.execute(select(ORDERS.c.total_minor).where(ORDERS.c.source_id == 2000)).scalar()
+            == 200000
+        )
+        assert (
+            conn.execute(select(ORDERS.c.total_minor).where(ORDERS.c.source_id == 2001)).scalar()
+            == 200101
+        )
+        assert (
+            conn.execute(select(ORDERS.c.status).where(ORDERS.c.source_id == 2500)).scalar()
+            == "completed"
+        )
+        # JSON survives the round trip on both dialects
+        assert conn.execute(select(ORDERS.c.raw).where(ORDERS.c.source_id == 7)).scalar() == {
+            "id": 7,
+            "total": "7.00",
+        }
+
+
+def test_same_source_id_in_two_sources_is_two_rows(engine: Engine) -> None:
+    with engine.begin() as conn:
+        upsert(
+            conn,
+            ORDERS,
+            [_order(1, 100, source="shop_us"), _order(1, 200, source="shop_eu")],
+            keys=("source", "source_id"),
+        )
+    with engine.connect() as conn:
+        totals = dict(conn.execute(select(ORDERS.c.source, ORDERS.c.total_minor)).all())
+    assert totals == {"shop_us": 100, "shop_eu": 200}
+
+
+def test_upsert_returning_gives_ids_of_inserted_and_updated_rows(engine: Engine) -> None:
+    with engine.begin() as conn:
+        upsert(conn, ORDERS, [_order(5, 1), _order(3, 1)], keys=("source", "source_id"))
+        back = upsert(
+            conn,
+            ORDERS,
+            [_order(9, 1), _order(3, 2), _order(5, 2)],
+            keys=("source", "source_id"),
+            returning=("id", "source_id"),
+        )
+    with engine.connect() as conn:
+        stored = dict(conn.execute(select(ORDERS.c.source_id, ORDERS.c.id)).all())
+    assert {r.source_id: r.id for r in back} == {9: stored[9], 3: stored[3], 5: stored[5]}
+    assert len(stored) == 3
+
+
+def _moves_forward(new: Any) -> Any:
+    return new.cursor > STATE.c.cursor
+
+
+def test_upsert_guarded_update_and_do_nothing(engine: Engine) -> None:
+    old = datetime(2024, 1, 1, tzinfo=UTC)
+    new = old + timedelta(hours=1)
+    with engine.begin() as conn:
+        upsert(
+            conn,
+            STATE,
+            [{"source": "wc", "stream": "orders", "cursor": new}],
+            keys=("source", "stream"),
+        )
+        # only move forward: the stored cursor is newer, so nothing changes
+        upsert(
+            conn,
+            STATE,
+            [{"source": "wc", "stream": "orders", "cursor": old}],
+            keys=("source", "stream"),
+            where=_moves_forward,
+        )
+        upsert(
+            conn,
+            STATE,
+            [{"source": "wc", "stream": "orders", "cursor": old}],
+            keys=("source", "stream"),
+            update=[],
+        )
+    with engine.connect() as conn:
+        assert conn.execute(select(STATE.c.cursor)).scalar() == new
+
+
+def test_times_are_utc_and_aware(engine: Engine) -> None:
+    plus2 = timezone(timedelta(hours=2))
+    with engine.begin() as conn:
+        row = _order(1, 1)
+        row["created_at"] = datetime(2024, 6, 1, 14, 0, tzinfo=plus2)
+        upsert(conn, ORDERS, [row], keys=("source", "source_id"))
+    with engine.connect() as conn:
+        got = conn.execute(select(ORDERS.c.created_at)).scalar()
+    assert got == datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+    assert got.tzinfo is not None and got.utcoffset() == timedelta(0)
+
+
+def test_naive_datetimes_are_refused(engine: Engine) -> None:
+    row = _order(1, 1)
+    row["created_at"] = datetime(2024, 6, 1, 14, 0)
+    with pytest.raises(Exception, match="naive"), engine.begin() as conn:
+        upsert(conn, ORDERS, [row], keys=("source", "source_id"))
