@@ -31,8 +31,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+# soft_wrap: a message line is never broken at the terminal width (file: key: expected
+# lines must stay one line in logs and pipes); tables still fit the terminal.
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
+
+
+def say(line: str) -> None:
+    """A plain line on stdout, never wrapped or styled."""
+    print(line, flush=True)
 
 
 class State:
@@ -100,7 +107,7 @@ def validate() -> None:
     settings = load()
     path = settings.config_path or "config"
     sources = ", ".join(settings.sources) or "none"
-    out.print(f"{path}: ok (sources: {sources})", markup=False)
+    say(f"{path}: ok (sources: {sources})")
 
 
 def _progress_factory() -> tuple[Progress | None, Callable[[str, int, int | None], None] | None]:
@@ -183,7 +190,10 @@ def sync(
         if result.error:
             line += f": {result.error}"
             failed = True
-        (err if result.error else out).print(line, markup=False, highlight=False)
+        if result.error:
+            err.print(line, markup=False, highlight=False)
+        else:
+            say(line)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -231,13 +241,11 @@ def print_status(data: dict[str, Any]) -> None:
             line = f"{name}: last run {run['status']} at {when} ({run['duration_s']} s)"
             if run["error"]:
                 line += f": {run['error']}"
-            out.print(line, markup=False, highlight=False)
+            say(line)
     totals = data["totals"]
-    out.print(
+    say(
         f"people: {totals['customers']}  live orders: {totals['orders']}  "
-        f"quarantined: {totals['quarantined']}",
-        markup=False,
-        highlight=False,
+        f"quarantined: {totals['quarantined']}"
     )
 
 
@@ -262,10 +270,10 @@ def demo(
     if demo_db is not None:  # a fresh demo each time
         for suffix in ("", "-wal", "-shm"):
             Path(f"{demo_db}{suffix}").unlink(missing_ok=True)
-    out.print(f"Generating a sandbox WooCommerce store with {orders} orders…")
+    say(f"Generating a sandbox WooCommerce store with {orders} orders…")
     store = SandboxStore(seed=7, orders=orders)
     with SandboxServer(store) as server:
-        out.print(f"Sandbox store at {server.url}/wp-json/wc/v3 (OAuth 1.0a over plain HTTP)")
+        say(f"Sandbox store at {server.url}/wp-json/wc/v3 (OAuth 1.0a over plain HTTP)")
         source = WooCommerceSourceSettings(
             url=server.url,
             consumer_key=SecretStr(server.consumer_key),
@@ -287,7 +295,7 @@ def demo(
             engine.dispose()
     if any(r.error for r in results):
         raise typer.Exit(1)
-    out.print(f"Done. The store is {store_url}; query it with any SQL client.")
+    say(f"Done. The store is {store_url}; query it with any SQL client.")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

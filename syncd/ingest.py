@@ -82,7 +82,13 @@ TABLE_OF_STREAM = {"orders": ORDERS, "products": PRODUCTS, "coupons": COUPONS, "
 
 
 def utcnow() -> datetime:
+    """Now, to the second: WooCommerce's date filters have second precision."""
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def _now() -> datetime:
+    """Now, to the microsecond: for run records, whose durations matter."""
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -186,10 +192,23 @@ class SourceSync:
 
     def _start_run(self) -> int:
         with self.engine.begin() as conn:
+            # A run still "running" was cut off (killed, power loss): its committed pages and
+            # cursors stand, the rest is read again now. Say so in its record.
+            conn.execute(
+                update(RUNS)
+                .where(
+                    RUNS.c.kind == "source", RUNS.c.name == self.name, RUNS.c.status == "running"
+                )
+                .values(
+                    status="abandoned",
+                    finished_at=_now(),
+                    error="the process stopped before the run finished",
+                )
+            )
             run_id: int = conn.execute(
                 insert(RUNS)
                 .values(
-                    kind="source", name=self.name, started_at=utcnow(), status="running", counts={}
+                    kind="source", name=self.name, started_at=_now(), status="running", counts={}
                 )
                 .returning(RUNS.c.id)
             ).scalar_one()
@@ -202,9 +221,7 @@ class SourceSync:
             conn.execute(
                 update(RUNS)
                 .where(RUNS.c.id == run_id)
-                .values(
-                    finished_at=utcnow(), status=result.status, counts=counts, error=result.error
-                )
+                .values(finished_at=_now(), status=result.status, counts=counts, error=result.error)
             )
 
     async def _sync_stream(self, stream: Stream) -> None:
@@ -407,6 +424,13 @@ class SourceSync:
             .values(times_seen=QUARANTINE.c.times_seen + 1)
         )
 
+    def _quarantine_all(self, conn: Connection, batch: tuple[str, list[Any]]) -> None:
+        stream, items = batch
+        for item in items:
+            self._quarantine(
+                conn, stream, item, f"id: expected a positive integer id, got {_id_of(item)!r}"
+            )
+
     def _release(self, conn: Connection, stream: str, source_ids: Sequence[int]) -> None:
         """Records that now arrived valid leave the quarantine."""
         if source_ids:
@@ -423,7 +447,10 @@ class SourceSync:
     async def _customers(self) -> None:
         counts = self.counts["customers"]
         params = {"role": "all", "orderby": "id", "order": "asc", "_fields": "id,date_modified_gmt"}
-        scanned, stable = await self._scan(STREAMS["customers"].path, params)
+        scanned, bad, stable = await self._scan(STREAMS["customers"].path, params)
+        if bad:
+            # A record without an id cannot be fetched or stored: it is kept with the reason.
+            await asyncio.to_thread(self._commit_in_tx, self._quarantine_all, ("customers", bad))
         with self.engine.connect() as conn:
             stored = {
                 r.source_id: (r.modified_at, r.deleted_at)
@@ -460,9 +487,10 @@ class SourceSync:
 
     async def _scan(
         self, path: str, params: Mapping[str, str]
-    ) -> tuple[dict[int, datetime | None], bool]:
-        """Every id (and modification time) of a collection; ``stable`` when no page saw the
-        total change (only then may absent ids be taken as deleted)."""
+    ) -> tuple[dict[int, datetime | None], list[Any], bool]:
+        """Every id (and modification time) of a collection, the items that have no usable id,
+        and ``stable``: no page saw the total change (only then may absent ids be taken as
+        deleted)."""
         first = await self.client.page(path, params, 1)
         pages = [first]
         if first.total_pages is None:
@@ -475,14 +503,17 @@ class SourceSync:
                 *(self.client.page(path, params, n) for n in range(2, first.total_pages + 1))
             )
         out: dict[int, datetime | None] = {}
+        bad: list[Any] = []
         for page in pages:
             for item in page.items:
-                if isinstance(item, Mapping) and isinstance(item.get("id"), int):
+                if isinstance(item, Mapping) and isinstance(item.get("id"), int) and item["id"] > 0:
                     out[item["id"]] = modified_of(item)
+                else:
+                    bad.append(item)
         stable = all(p.total == first.total for p in pages) and (
-            first.total is None or first.total == len(out)
+            first.total is None or first.total == len(out) + len(bad)
         )
-        return out, stable
+        return out, bad, stable
 
     def _commit_in_tx(self, commit: Commit, prepared: Any) -> None:
         with self.engine.begin() as conn:
@@ -746,7 +777,7 @@ class SourceSync:
         table = TABLE_OF_STREAM[stream.name]
         seen: set[int] = set()
         for _suffix, variant in stream.variants:
-            ids, stable = await self._scan(
+            ids, _bad, stable = await self._scan(
                 stream.path, {**variant, "orderby": "id", "order": "asc", "_fields": "id"}
             )
             if not stable:
@@ -815,6 +846,10 @@ class SourceSync:
 
 async def _no_prepare(items: list[Any]) -> list[Any]:
     return items
+
+
+def _id_of(item: Any) -> Any:
+    return item.get("id") if isinstance(item, Mapping) else None
 
 
 def _max_modified(items: Sequence[Any]) -> datetime | None:

@@ -781,6 +781,14 @@ class _Handler(BaseHTTPRequestHandler):
         authenticated = app._authenticate(
             self.command, raw_path, pairs, self.headers.get("Authorization", "")
         )
+        if self.command == "GET" and path.strip("/") == "data/currencies/current":
+            # WooCommerce's data controller: the store's currency, which prices are in.
+            if not authenticated:
+                raise _Reply(
+                    401, "woocommerce_rest_cannot_view", "Sorry, you cannot view this resource."
+                )
+            code = app.store.currency
+            return 200, orjson.dumps({"code": code, "name": code, "symbol": code}), {}
         route = app._route(self.command, path)
         # WordPress validates arguments before the permission callback runs, so a bad
         # per_page is a 400 even without credentials.

@@ -1,0 +1,730 @@
+"""Ingest benchmarks for syncd's WooCommerce source sync (issue #2).
+
+Run ``python benchmarks/ingest.py`` (about 4-5 minutes on a 2-core machine; ``--quick``
+for a smoke run of well under a minute). It prints figures and never asserts: each
+target is shown with PASS or FAIL next to the measurement.
+
+What it measures, against the sandbox store (``python -m syncd.sandbox``) run in a
+separate process on 127.0.0.1, with temporary SQLite stores that are removed at the end:
+
+(a) Throughput: orders per second of ``SourceSync.run(streams=["orders"])`` from a
+    zero-latency sandbox into a fresh SQLite store (customers are synced first, untimed,
+    so that orders do not fetch buyers on the fly). The run includes everything syncd
+    does on a first run: paging, parsing, identity resolution, order items, the id scan
+    that reconciles deletes. Next to it, the floor measured on the same data:
+    ``json.loads`` of every order page plus an ``executemany`` of the very rows syncd
+    stored into an empty ``orders`` table, committed per page of 100 as syncd commits.
+    Targets: at least 20,000 orders/s, and syncd's time at most 2x the floor's.
+    The breakdown line gives single-threaded costs of some parts of the work on the same
+    data (fetching the pages over HTTP, orjson, ``parse_order``) and the share of the run
+    spent in the reconciliation id scan; they help to see where the time goes.
+
+(b) Latency hiding: wall time of a full orders sync (``full=True``) with 100 ms of
+    latency per request, at concurrency 1 and 8 (unpaced). Target: a speed-up of 6x.
+
+(c) Memory: peak RSS (``ru_maxrss``) of a full orders sync of 10k and of 100k orders,
+    each in a fresh child process, with the child's RSS after imports and store open as
+    baseline. Target: the 100k peak within +25 % of the 10k peak (streaming, not buffering).
+    The sandbox's data generation time is shown separately (it is not syncd's).
+
+Requests authenticate with ``auth="query"`` (consumer key and secret in the query string):
+no OAuth 1.0a signing, whose cost is not what is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import queue
+import re
+import resource
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, NoReturn
+
+import httpx
+import orjson
+from pydantic import SecretStr
+from sqlalchemy import Engine
+
+from syncd.config import WooCommerceSourceSettings
+from syncd.ingest import SourceSync, SyncResult
+from syncd.log import configure_logging
+from syncd.sources.woocommerce import API_ROOT, Stream, parse_order
+from syncd.store.engine import open_store
+
+HOST = "127.0.0.1"
+KEY = "ck_sandbox"
+SECRET = "cs_sandbox"
+SOURCE = "bench"
+PER_PAGE = 100
+# The order query syncd's first window sends (modified_before aside, which changes nothing
+# on a store whose history lies in the past).
+ORDER_QUERY = {
+    "status": "any",
+    "orderby": "modified",
+    "order": "asc",
+    "dates_are_gmt": "true",
+    "per_page": str(PER_PAGE),
+}
+SANDBOX_START_TIMEOUT = 600.0  # 100k orders take ~1.5 min to generate on a 2-core machine
+CHILD_TIMEOUT = 600.0
+TARGET_ORDERS_PER_S = 20_000
+TARGET_FLOOR_RATIO = 2.0
+TARGET_SPEEDUP = 6.0
+TARGET_GROWTH = 0.25
+LATENCY_MS = 100.0
+
+
+class BenchmarkError(Exception):
+    """A step of the benchmark could not run (sandbox did not start, a sync failed...)."""
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def num(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def mib(kib: float) -> str:
+    return f"{kib / 1024:,.1f}"
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  " + "  ".join(parts).rstrip()
+
+    print(line(header))
+    print("  " + "  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+
+
+def heading(text: str) -> None:
+    print()
+    print(text)
+    print("=" * len(text))
+
+
+# ---------------------------------------------------------------------------
+# The sandbox store, in its own process
+# ---------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the benchmark dies (even by SIGKILL)."""
+    with contextlib.suppress(Exception):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _child_process_options() -> dict[str, Any]:
+    # A session of its own: a Ctrl-C reaches only the benchmark, which stops its children.
+    options: dict[str, Any] = {"start_new_session": True}
+    if sys.platform.startswith("linux"):
+        options["preexec_fn"] = _die_with_parent
+    return options
+
+
+def _stop_process(proc: subprocess.Popen[Any], grace: float = 10.0, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after ``grace``; ``group``: to the process group it leads.
+
+    The group is signalled only while its leader is not reaped, so its id cannot have been
+    reused by a process this benchmark did not start.
+    """
+    if proc.poll() is not None:
+        return
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait(timeout=grace)
+
+
+class Sandbox:
+    """``python -m syncd.sandbox`` on 127.0.0.1 (a free port), stopped on exit."""
+
+    def __init__(self, orders: int, latency_ms: float = 0.0) -> None:
+        self.orders = orders
+        self.latency_ms = latency_ms
+        self.url = ""
+        self.startup_s = 0.0
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Sandbox:
+        started = time.perf_counter()
+        command = [
+            sys.executable,
+            "-m",
+            "syncd.sandbox",
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--orders",
+            str(self.orders),
+            "--latency-ms",
+            str(self.latency_ms),
+            "--key",
+            KEY,
+            "--secret",
+            SECRET,
+        ]
+        self._proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            **_child_process_options(),
+        )
+        try:
+            self.url = self._wait_ready(self._proc, started + SANDBOX_START_TIMEOUT)
+        except BaseException:
+            _stop_process(self._proc)
+            raise
+        self.startup_s = time.perf_counter() - started
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._proc is not None:
+            _stop_process(self._proc)
+            self._proc = None
+
+    @staticmethod
+    def _wait_ready(proc: subprocess.Popen[str], deadline: float) -> str:
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = proc.stdout
+        assert stdout is not None
+
+        def drain() -> None:  # also keeps the pipe from filling up later
+            for text in stdout:
+                lines.put(text)
+
+        threading.Thread(target=drain, daemon=True, name="sandbox-stdout").start()
+        url = ""
+        while not url:
+            if time.perf_counter() > deadline:
+                raise BenchmarkError("the sandbox did not start in time")
+            if proc.poll() is not None:
+                raise BenchmarkError(f"the sandbox exited with status {proc.returncode}")
+            try:
+                text = lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            match = re.search(r"http://127\.0\.0\.1:(\d+)", text)
+            if match:
+                url = f"http://{HOST}:{match.group(1)}"
+        port = int(url.rsplit(":", 1)[1])
+        # It says it listens: wait until the port answers an authenticated API request.
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            while True:
+                try:
+                    with socket.create_connection((HOST, port), timeout=1):
+                        pass
+                    response = client.get(
+                        url + API_ROOT + "/orders",
+                        params={"per_page": "1", "consumer_key": KEY, "consumer_secret": SECRET},
+                    )
+                    if response.status_code == 200:
+                        return url
+                except (OSError, httpx.HTTPError):
+                    pass
+                if time.perf_counter() > deadline or proc.poll() is not None:
+                    raise BenchmarkError(f"the sandbox at {url} does not answer")
+                time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------
+# syncd runs
+# ---------------------------------------------------------------------------
+
+
+def source_settings(url: str, concurrency: int = 4) -> WooCommerceSourceSettings:
+    return WooCommerceSourceSettings(
+        url=url,
+        consumer_key=SecretStr(KEY),
+        consumer_secret=SecretStr(SECRET),
+        auth="query",
+        concurrency=concurrency,
+        requests_per_second=0,  # unpaced
+    )
+
+
+def store_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@contextlib.contextmanager
+def store(path: Path) -> Iterator[Engine]:
+    engine = open_store(store_url(path))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class SyncRun:
+    result: SyncResult
+    wall_s: float
+    reconcile_s: float  # of wall_s: the id scan that finds hard deletes
+
+    def fetched(self, stream: str) -> int:
+        counts = self.result.counts.get(stream)
+        return counts.fetched if counts else 0
+
+
+async def _sync(
+    engine: Engine, settings: WooCommerceSourceSettings, streams: list[str], full: bool
+) -> SyncRun:
+    sync = SourceSync(engine, SOURCE, settings)
+    reconcile_s = 0.0
+    reconcile = sync._reconcile
+
+    async def timed_reconcile(stream: Stream) -> None:
+        # Instrumentation only: the same method, timed (nothing in syncd is changed).
+        nonlocal reconcile_s
+        started = time.perf_counter()
+        try:
+            await reconcile(stream)
+        finally:
+            reconcile_s += time.perf_counter() - started
+
+    sync._reconcile = timed_reconcile  # type: ignore[method-assign]
+    try:
+        started = time.perf_counter()
+        result = await sync.run(streams=streams, full=full)
+        wall_s = time.perf_counter() - started
+    finally:
+        await sync.client.aclose()
+    if result.status != "success":
+        raise BenchmarkError(f"sync of {streams} ended {result.status}: {result.error}")
+    return SyncRun(result, wall_s, reconcile_s)
+
+
+def run_sync(
+    engine: Engine,
+    settings: WooCommerceSourceSettings,
+    streams: list[str],
+    *,
+    full: bool = False,
+) -> SyncRun:
+    return asyncio.run(_sync(engine, settings, streams, full))
+
+
+# ---------------------------------------------------------------------------
+# (a) throughput and floor
+# ---------------------------------------------------------------------------
+
+
+def fetch_order_pages(url: str) -> tuple[list[bytes], float]:
+    """Raw bodies of every order page (one connection, one after another) and the time."""
+    params = {**ORDER_QUERY, "consumer_key": KEY, "consumer_secret": SECRET}
+    pages: list[bytes] = []
+    started = time.perf_counter()
+    with httpx.Client(base_url=url + API_ROOT, trust_env=False, timeout=60) as client:
+        number, total_pages = 1, 1
+        while number <= total_pages:
+            response = client.get("/orders", params={**params, "page": str(number)})
+            response.raise_for_status()
+            total_pages = int(response.headers.get("X-WP-TotalPages", "1"))
+            pages.append(response.content)
+            number += 1
+    return pages, time.perf_counter() - started
+
+
+def stored_order_rows(path: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The ``orders`` rows syncd stored, every column but ``id``, as SQLite holds them."""
+    conn = sqlite3.connect(path)
+    try:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(orders)") if r[1] != "id"]
+        names = ", ".join(f'"{c}"' for c in columns)
+        rows = conn.execute(f"SELECT {names} FROM orders ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return columns, rows
+
+
+def floor_time(path: Path, pages: list[bytes], columns: list[str], rows: list[Any]) -> float:
+    """``json.loads`` of each page plus a bulk insert of its 100 rows, committed per page."""
+    with store(path):
+        pass  # an empty schema made by syncd's migrations
+    conn = sqlite3.connect(path)
+    try:
+        # The pragmas syncd's engine sets, but foreign keys: the floor store has no customers.
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join("?" for _ in columns)
+        sql = f"INSERT INTO orders ({names}) VALUES ({marks})"
+        chunks = [rows[i : i + PER_PAGE] for i in range(0, len(rows), PER_PAGE)]
+        started = time.perf_counter()
+        for n in range(max(len(pages), len(chunks))):
+            if n < len(pages):
+                json.loads(pages[n])
+            if n < len(chunks):
+                conn.executemany(sql, chunks[n])
+                conn.commit()
+        elapsed = time.perf_counter() - started
+        stored = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+    finally:
+        conn.close()
+    if stored != len(rows):
+        raise BenchmarkError(f"the floor stored {stored} rows, expected {len(rows)}")
+    return elapsed
+
+
+def bench_throughput(orders: int, tmp: Path) -> None:
+    heading(f"(a) Throughput: {orders:,} orders, zero-latency sandbox -> SQLite")
+    with Sandbox(orders) as sandbox:
+        settings = source_settings(sandbox.url)
+        syncd_db = tmp / "a-syncd.db"
+        with store(syncd_db) as engine:
+            customers = run_sync(engine, settings, ["customers"])
+            timed = run_sync(engine, settings, ["orders"])
+        pages, fetch_s = fetch_order_pages(sandbox.url)
+    fetched = timed.fetched("orders")
+    columns, rows = stored_order_rows(syncd_db)
+    floor_s = floor_time(tmp / "a-floor.db", pages, columns, rows)
+
+    payloads = [orjson.loads(p) for p in pages]  # warm-up, and the input of parse_order
+    started = time.perf_counter()
+    for page in pages:
+        orjson.loads(page)
+    orjson_s = time.perf_counter() - started
+    items = [item for page in payloads for item in page]
+    started = time.perf_counter()
+    for item in items:
+        parse_order(item, SOURCE)
+    parse_s = time.perf_counter() - started
+
+    syncd_rate = fetched / timed.wall_s
+    floor_rate = len(rows) / floor_s
+    ratio = timed.wall_s / floor_s
+    print(
+        f"  sandbox: {orders:,} orders generated and serving in {sandbox.startup_s:.1f} s; "
+        f"{customers.fetched('customers'):,} customers synced first "
+        f"({customers.wall_s:.2f} s, untimed)"
+    )
+    print(
+        f"  settings: auth=query (no OAuth signing; auth cost not measured), "
+        f"concurrency={settings.concurrency}, unpaced"
+    )
+    print_table(
+        ["", "orders", "time (s)", "orders/s", "target", "result"],
+        [
+            [
+                'syncd run(streams=["orders"])',
+                num(fetched),
+                f"{timed.wall_s:.2f}",
+                num(syncd_rate),
+                f">= {TARGET_ORDERS_PER_S:,}/s",
+                verdict(syncd_rate >= TARGET_ORDERS_PER_S),
+            ],
+            [
+                "floor: json.loads + executemany",
+                num(len(rows)),
+                f"{floor_s:.2f}",
+                num(floor_rate),
+                "",
+                "",
+            ],
+            [
+                "ratio syncd / floor (time)",
+                "",
+                f"{ratio:.2f}x",
+                "",
+                f"<= {TARGET_FLOOR_RATIO:g}x",
+                verdict(ratio <= TARGET_FLOOR_RATIO),
+            ],
+        ],
+    )
+    print(
+        f"  run: {timed.result.requests:,} requests, of which the reconciliation id scan took "
+        f"{timed.reconcile_s:.2f} s of the {timed.wall_s:.2f} s"
+    )
+    print(
+        f"  single-threaded costs on the same data: HTTP fetch of the {len(pages)} pages "
+        f"{fetch_s:.2f} s | orjson.loads {orjson_s:.2f} s | parse_order x{len(items):,} "
+        f"{parse_s:.2f} s"
+    )
+
+
+# ---------------------------------------------------------------------------
+# (b) latency hiding
+# ---------------------------------------------------------------------------
+
+
+def bench_latency(orders: int, tmp: Path) -> None:
+    heading(f"(b) Backfill with {LATENCY_MS:g} ms latency per request: {orders:,} orders")
+    runs: dict[int, SyncRun] = {}
+    with Sandbox(orders, latency_ms=LATENCY_MS) as sandbox:
+        print(f"  sandbox: generated and serving in {sandbox.startup_s:.1f} s")
+        for concurrency in (1, 8):
+            settings = source_settings(sandbox.url, concurrency=concurrency)
+            with store(tmp / f"b-c{concurrency}.db") as engine:
+                run_sync(engine, settings, ["customers"])  # untimed, as in (a)
+                runs[concurrency] = run_sync(engine, settings, ["orders"], full=True)
+    print(
+        "  full=True sync of the orders stream into a fresh store (customers synced first, "
+        "untimed); auth=query, unpaced"
+    )
+    rows = []
+    for concurrency, run in runs.items():
+        rows.append(
+            [
+                f"concurrency {concurrency}",
+                num(run.fetched("orders")),
+                num(run.result.requests),
+                f"{run.wall_s:.2f}",
+                f"{run.reconcile_s:.2f}",
+                f"{run.wall_s / max(run.result.requests, 1) * 1000:.0f}",
+            ]
+        )
+    print_table(
+        ["", "orders", "requests", "wall (s)", "of it id scan", "ms/request"],
+        rows,
+    )
+    speedup = runs[1].wall_s / runs[8].wall_s
+    print(
+        f"  speed-up 8 vs 1: {speedup:.2f}x   target >= {TARGET_SPEEDUP:g}x   "
+        f"{verdict(speedup >= TARGET_SPEEDUP)}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# (c) memory
+# ---------------------------------------------------------------------------
+
+
+def child_sync(url: str, db: Path) -> int:
+    """In a fresh process: baseline RSS, then a full orders sync; one JSON line on stdout."""
+    if sys.platform.startswith("linux"):
+        _die_with_parent()  # the launching shell: stop with it
+    configure_logging("warning", stream=sys.stderr)
+    settings = source_settings(url)
+    with store(db) as engine:
+        baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run_sync(engine, settings, ["customers"])
+        run = run_sync(engine, settings, ["orders"], full=True)
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    report = {
+        "baseline_kib": baseline_kib,
+        "peak_kib": peak_kib,
+        "vmhwm_kib": _vmhwm_kib(),
+        "orders": run.fetched("orders"),
+        "wall_s": run.wall_s,
+    }
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def _vmhwm_kib() -> int | None:
+    """This process's own RSS high-water mark from /proc (Linux), to check ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def run_child_sync(url: str, db: Path) -> dict[str, Any]:
+    """Run :func:`child_sync` in a new process, launched through ``/bin/sh``.
+
+    Linux carries ``ru_maxrss`` over fork + exec: a child forked straight from this
+    process would report this process's high-water mark (100+ MiB after (a) and (b))
+    instead of its own. The shell, a small process, forks the child, so the child's
+    ``ru_maxrss`` is its own (checked against ``VmHWM`` in /proc).
+    """
+    command = [
+        "/bin/sh",
+        "-c",
+        '"$@"; exit $?',  # not the last command: the shell forks instead of exec'ing it
+        "sh",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-sync",
+        "--url",
+        url,
+        "--db",
+        str(db),
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        **_child_process_options(),
+    )
+    try:
+        out, _ = proc.communicate(timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"the child sync did not finish in {CHILD_TIMEOUT:g} s") from None
+    finally:
+        _stop_process(proc, group=True)
+    if proc.returncode != 0:
+        raise BenchmarkError(f"the child sync exited with status {proc.returncode}")
+    report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return report
+
+
+def bench_memory(sizes: Sequence[int], tmp: Path) -> None:
+    heading(f"(c) Peak memory of a full orders sync: {' and '.join(f'{n:,}' for n in sizes)}")
+    rows = []
+    peaks: list[int] = []
+    for orders in sizes:
+        with Sandbox(orders) as sandbox:
+            report = run_child_sync(sandbox.url, tmp / f"c-{orders}.db")
+        peaks.append(report["peak_kib"])
+        vmhwm = report.get("vmhwm_kib")
+        if vmhwm and abs(vmhwm - report["peak_kib"]) > 0.1 * vmhwm:
+            print(
+                f"  note: ru_maxrss {mib(report['peak_kib'])} MiB but VmHWM {mib(vmhwm)} MiB "
+                f"at {orders:,}: ru_maxrss may not be the child's own"
+            )
+        rows.append(
+            [
+                f"{orders:,} orders",
+                f"{sandbox.startup_s:.1f}",
+                f"{report['wall_s']:.2f}",
+                num(report["orders"]),
+                mib(report["baseline_kib"]),
+                mib(report["peak_kib"]),
+                mib(report["peak_kib"] - report["baseline_kib"]),
+            ]
+        )
+    print(
+        "  each sync in a fresh child process (customers first, then orders full=True); "
+        "RSS is the child's ru_maxrss"
+    )
+    print_table(
+        [
+            "",
+            "sandbox gen (s)",
+            "sync (s)",
+            "fetched",
+            "baseline MiB",
+            "peak MiB",
+            "peak-baseline",
+        ],
+        rows,
+    )
+    growth = peaks[-1] / peaks[0] - 1
+    print(
+        f"  peak growth {sizes[-1]:,} vs {sizes[0]:,}: {growth:+.1%}   "
+        f"target <= +{TARGET_GROWTH:.0%}   {verdict(growth <= TARGET_GROWTH)}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Measure syncd's WooCommerce ingest: throughput, latency hiding, memory."
+    )
+    parser.add_argument(
+        "--orders", type=int, default=None, help="orders for (a) (default 20000; 2000 if --quick)"
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--only", choices=("a", "b", "c"), help="run one part only")
+    parser.add_argument("--child-sync", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _local_only() -> None:
+    """Every request goes to 127.0.0.1 directly, never through a configured proxy."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        os.environ.pop(name, None)
+        os.environ.pop(name.lower(), None)
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _local_only()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.child_sync:
+        if not args.url or not args.db:
+            raise SystemExit("--child-sync needs --url and --db")
+        return child_sync(args.url, args.db)
+
+    configure_logging("warning", stream=sys.stderr)
+    orders_a = args.orders or (2_000 if args.quick else 20_000)
+    orders_b = 1_000 if args.quick else 5_000
+    sizes_c = (1_000, 10_000) if args.quick else (10_000, 100_000)
+    started = time.perf_counter()
+    print(f"syncd ingest benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="syncd-bench-") as tmp:
+            if args.only in (None, "a"):
+                bench_throughput(orders_a, Path(tmp))
+            if args.only in (None, "b"):
+                bench_latency(orders_b, Path(tmp))
+            if args.only in (None, "c"):
+                bench_memory(sizes_c, Path(tmp))
+    except KeyboardInterrupt:
+        print("\ninterrupted; sandbox and temporary files cleaned up", file=sys.stderr)
+        return 130
+    except BenchmarkError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    print(f"\ntotal runtime: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

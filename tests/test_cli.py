@@ -1,0 +1,535 @@
+"""The ``syncd`` command end to end: real subprocesses against the sandbox store.
+
+Exit codes, stderr wording and the ``syncd status --json`` shape are contracts
+(README, "Using it on your store" and "syncd status --json"), so they are checked
+on the process as a user or a script sees it: stderr and stdout are pipes, the
+config comes from a file plus the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncd.config import STREAMS
+from syncd.sandbox.server import SandboxServer
+from syncd.sandbox.store import SandboxStore
+from tests.conftest import POSTGRES_URL, _drop_postgres_database, _fresh_postgres_database
+
+ORDERS = 300
+KEY = "ck_sandbox"
+SECRET = "cs_sandbox"
+SUMMARY_RE = re.compile(
+    r"^woocommerce: success: (?P<stored>\d+) rows stored, "
+    r"(?P<quarantined>\d+) quarantined, (?P<requests>\d+) requests$"
+)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    def stdout_lines(self) -> list[str]:
+        return [line for line in self.stdout.splitlines() if line.strip()]
+
+    def json_logs(self) -> list[dict[str, Any]]:
+        logs = []
+        for line in self.stderr_lines():
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                logs.append(value)
+        return logs
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without SYNCD_* (which would override the test config)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SYNCD_")}
+    for name in ("WC_KEY", "WC_SECRET", "WC_WEBHOOK_SECRET"):
+        env.pop(name, None)
+    # A fixed width: rich wraps at the terminal width (120 when piped), and the
+    # one-line-per-problem contract must hold however narrow the terminal is.
+    env["COLUMNS"] = "80"
+    env["WC_KEY"] = KEY
+    env["WC_SECRET"] = SECRET
+    env.update(extra)
+    return env
+
+
+def syncd(*args: str, env: Mapping[str, str], cwd: Path | None = None, timeout: float = 60) -> Run:
+    cmd = [sys.executable, "-m", "syncd", *args]
+    started = time.monotonic()
+    proc = subprocess.run(
+        cmd,
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    return Run(list(args), proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def write_config(directory: Path, store_url: str, source_url: str, extra: str = "") -> Path:
+    path = directory / "config.toml"
+    path.write_text(
+        f"""\
+[store]
+url = "{store_url}"
+
+[sources.woocommerce]
+url = "{source_url}"
+consumer_key = "env:WC_KEY"
+consumer_secret = "env:WC_SECRET"
+requests_per_second = 0
+{extra}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def parse_iso(value: str) -> datetime:
+    assert value.endswith("Z"), value
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def sqlite_orders(db: Path) -> tuple[int, int, int]:
+    """(all rows, live rows, rows with status 'trash') in a SQLite store's orders table."""
+    with sqlite3.connect(db) as conn:
+        row = conn.execute(
+            "SELECT count(*), sum(deleted_at IS NULL), sum(status = 'trash') FROM orders"
+        ).fetchone()
+    return int(row[0]), int(row[1] or 0), int(row[2] or 0)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxStore(orders=ORDERS)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def expected(sandbox: SandboxServer) -> dict[str, int]:
+    store = sandbox.store
+    with store.lock:
+        trashed = sum(1 for o in store.orders.values() if o["status"] == "trash")
+        return {
+            "orders": len(store.orders),
+            "live_orders": len(store.orders) - trashed,
+            "trashed_orders": trashed,
+            "refunds": len(store.refunds),
+            "coupons": len(store.coupons),
+            "products": len(store.products) + sum(len(v) for v in store.variations.values()),
+            "customers": len(store.customers),
+            "accounts": len(store.customers) + len(store.staff),
+        }
+
+
+@dataclass
+class Synced:
+    dialect: str
+    store_url: str
+    config: Path
+    sync: Run
+    sandbox_requests: int
+    status_json: Run
+    status_console: Run
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def synced(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    sandbox: SandboxServer,
+) -> Iterator[Synced]:
+    """One `syncd sync`, then `syncd status --json` and `syncd status`, per dialect."""
+    directory = tmp_path_factory.mktemp(f"synced_{request.param}")
+    pg_name = None
+    if request.param == "sqlite":
+        store_url = f"sqlite:///{directory}/store.db"
+    else:
+        if not POSTGRES_URL:
+            pytest.skip("SYNCD_TEST_POSTGRES_URL is not set")
+        pg_name, store_url = _fresh_postgres_database()
+    try:
+        config = write_config(directory, store_url, sandbox.url)
+        env = base_env(SYNCD_CONFIG=str(config))
+        before = len(sandbox.requests)
+        sync = syncd("sync", env=env, cwd=directory)
+        sandbox_requests = len(sandbox.requests) - before
+        status_json = syncd("status", "--json", env=env, cwd=directory)
+        status_console = syncd("status", env=base_env(SYNCD_CONFIG=str(config), COLUMNS="160"))
+        yield Synced(
+            request.param, store_url, config, sync, sandbox_requests, status_json, status_console
+        )
+    finally:
+        if pg_name is not None:
+            _drop_postgres_database(pg_name)
+
+
+# ---------------------------------------------------------------------------
+# syncd validate
+# ---------------------------------------------------------------------------
+
+
+def test_validate_good_config(tmp_path: Path, sandbox: SandboxServer) -> None:
+    write_config(tmp_path, "sqlite:///store.db", sandbox.url)
+    run = syncd("--config", "config.toml", "validate", env=base_env(), cwd=tmp_path)
+    assert run.returncode == 0, run.output
+    assert run.stdout_lines() == ["config.toml: ok (sources: woocommerce)"]
+    assert KEY not in run.output and SECRET not in run.output
+    # validate reads the config only: no store is created, the source is not called.
+    assert not (tmp_path / "store.db").exists()
+
+
+def test_validate_ok_line_is_one_line_however_long(tmp_path: Path, sandbox: SandboxServer) -> None:
+    config = write_config(tmp_path, "sqlite:///store.db", sandbox.url)
+    run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)), cwd=tmp_path)
+    assert run.returncode == 0, run.output
+    assert run.stdout_lines() == [f"{config}: ok (sources: woocommerce)"]
+
+
+def test_validate_unknown_key_relative_config(tmp_path: Path, sandbox: SandboxServer) -> None:
+    write_config(tmp_path, "sqlite:///store.db", sandbox.url, extra="per_pag = 5")
+    run = syncd("--config", "config.toml", "validate", env=base_env(), cwd=tmp_path)
+    assert run.returncode == 2, run.output
+    assert run.stderr_lines() == [
+        "config.toml: sources.woocommerce.per_pag: unknown key (did you mean 'per_page'?)"
+    ]
+    assert run.stdout == ""
+
+
+def test_validate_unknown_key_long_path_is_one_line(tmp_path: Path, sandbox: SandboxServer) -> None:
+    # An absolute path makes the line longer than the terminal: it must not be wrapped,
+    # or `file: key: expected` is no longer one line a script can read.
+    directory = tmp_path / ("a_long_folder_name_" * 4)
+    directory.mkdir()
+    config = write_config(directory, "sqlite:///store.db", sandbox.url, extra="per_pag = 5")
+    run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)), cwd=tmp_path)
+    assert run.returncode == 2, run.output
+    assert run.stderr_lines() == [
+        f"{config}: sources.woocommerce.per_pag: unknown key (did you mean 'per_page'?)"
+    ]
+
+
+def test_validate_misspelled_secret_key_never_echoes_the_value(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    literal = "cs_literal_value_4f9a1c"
+    config = write_config(
+        tmp_path,
+        "sqlite:///store.db",
+        sandbox.url,
+        extra=f'webhook_secrett = "{literal}"',
+    )
+    run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)), cwd=tmp_path)
+    assert run.returncode == 2, run.output
+    assert run.stderr_lines() == [
+        f"{config}: sources.woocommerce.webhook_secrett: unknown key "
+        "(did you mean 'webhook_secret'?)"
+    ]
+    assert literal not in run.output
+
+
+def test_validate_missing_secret_env_var(tmp_path: Path, sandbox: SandboxServer) -> None:
+    key_value = "ck_present_value_7d1e0b"
+    config = write_config(tmp_path, "sqlite:///store.db", sandbox.url)
+    env = base_env(SYNCD_CONFIG=str(config), WC_KEY=key_value)
+    del env["WC_SECRET"]
+    run = syncd("validate", env=env, cwd=tmp_path)
+    assert run.returncode == 2, run.output
+    assert run.stderr_lines() == [
+        f"{config}: sources.woocommerce.consumer_secret: environment variable WC_SECRET is not set"
+    ]
+    assert key_value not in run.output
+    assert run.stdout == ""
+
+
+@pytest.mark.parametrize("how", ["--config", "SYNCD_CONFIG", "default"])
+def test_validate_missing_config_file(tmp_path: Path, how: str) -> None:
+    missing = tmp_path / "nowhere" / "config.toml"
+    env = base_env()
+    args = ["validate"]
+    if how == "--config":
+        args = ["--config", str(missing), "validate"]
+    elif how == "SYNCD_CONFIG":
+        env["SYNCD_CONFIG"] = str(missing)
+    run = syncd(*args, env=env, cwd=tmp_path)  # the default is ./config.toml: not there
+    assert run.returncode == 2, run.output
+    lines = run.stderr_lines()
+    assert len(lines) == 1, lines
+    named = "config.toml" if how == "default" else str(missing)
+    assert lines[0].startswith(f"{named}: "), lines
+    assert "not found" in lines[0]
+    assert "Traceback" not in run.output
+
+
+# ---------------------------------------------------------------------------
+# syncd sync / syncd status
+# ---------------------------------------------------------------------------
+
+
+def test_sync_succeeds_and_reports_rows_stored(synced: Synced) -> None:
+    run = synced.sync
+    assert run.returncode == 0, run.output
+    lines = run.stdout_lines()
+    assert len(lines) == 1, lines
+    match = SUMMARY_RE.match(lines[0])
+    assert match, lines[0]
+    assert int(match["quarantined"]) == 0
+    assert int(match["stored"]) >= ORDERS
+    # The request count is what the store actually saw.
+    assert int(match["requests"]) == synced.sandbox_requests > 0
+    assert KEY not in run.output and SECRET not in run.output
+
+
+def test_sync_logs_json_lines_with_run_finished(synced: Synced) -> None:
+    run = synced.sync
+    assert run.returncode == 0, run.output
+    lines = run.stderr_lines()
+    assert lines, "no log lines on stderr"
+    # Not a terminal: every stderr line is a JSON object (no console rendering mixed in).
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
+    finished = [log for log in run.json_logs() if log.get("event") == "run finished"]
+    assert len(finished) == 1, finished
+    log = finished[0]
+    assert log["kind"] == "source"
+    assert log["name"] == "woocommerce"
+    assert log["status"] == "success"
+    assert log["error"] is None
+    assert isinstance(log["duration_s"], int | float) and 0 <= log["duration_s"] < 60
+    assert isinstance(log["counts"], dict) and log["counts"]
+    assert log["counts"]["orders.stored"] == ORDERS
+    assert log["counts"]["requests"] == synced.sandbox_requests
+
+
+def test_status_json_has_documented_shape_and_counts(
+    synced: Synced, expected: dict[str, int]
+) -> None:
+    assert synced.sync.returncode == 0, synced.sync.output
+    run = synced.status_json
+    assert run.returncode == 0, run.output
+    data = json.loads(run.stdout)
+
+    assert set(data) >= {"version", "generated_at", "store", "sources", "totals"}
+    assert data["version"] == 1
+    parse_iso(data["generated_at"])
+    assert set(data["store"]) >= {"url", "dialect", "schema_revision"}
+    assert data["store"]["dialect"] == ("sqlite" if synced.dialect == "sqlite" else "postgresql")
+    assert data["store"]["url"] == synced.store_url
+    assert data["store"]["schema_revision"]
+
+    assert set(data["sources"]) == {"woocommerce"}
+    src = data["sources"]["woocommerce"]
+    assert set(src) >= {"configured", "last_run", "last_success_at", "streams"}
+    assert src["configured"] is True
+
+    last = src["last_run"]
+    assert set(last) >= {
+        "id",
+        "status",
+        "started_at",
+        "finished_at",
+        "duration_s",
+        "counts",
+        "error",
+    }
+    assert last["status"] == "success"
+    assert last["error"] is None
+    assert isinstance(last["id"], int)
+    started, finished = parse_iso(last["started_at"]), parse_iso(last["finished_at"])
+    assert started <= finished
+    assert isinstance(last["duration_s"], int | float) and 0 <= last["duration_s"] < 60
+    assert src["last_success_at"] == last["finished_at"]
+
+    counts = last["counts"]
+    assert counts["orders"]["fetched"] == expected["orders"]
+    assert counts["orders"]["stored"] == expected["orders"]
+    summary = SUMMARY_RE.match(synced.sync.stdout_lines()[0])
+    assert summary
+    assert counts["requests"] == int(summary["requests"])
+    stored = sum(c.get("stored", 0) for name, c in counts.items() if name != "requests")
+    assert stored == int(summary["stored"])
+
+    streams = src["streams"]
+    assert set(streams) == set(STREAMS)
+    for name, stream in streams.items():
+        assert set(stream) >= {
+            "cursor",
+            "cursors",
+            "rows",
+            "deleted",
+            "quarantined",
+            "reconciled_at",
+        }, name
+        assert stream["quarantined"] == 0, name
+        assert isinstance(stream["cursors"], dict), name
+
+    orders = streams["orders"]
+    assert orders["rows"] == expected["live_orders"]
+    assert orders["deleted"] == expected["trashed_orders"]
+    assert set(orders["cursors"]) >= {"orders", "orders:trash"}
+    assert orders["cursor"] == orders["cursors"]["orders"]
+    assert parse_iso(orders["cursor"]) <= finished
+    assert streams["refunds"]["rows"] == expected["refunds"]
+    assert streams["coupons"]["rows"] == expected["coupons"]
+    assert streams["products"]["rows"] == expected["products"]
+    assert expected["customers"] <= streams["customers"]["rows"] <= expected["accounts"]
+
+    totals = data["totals"]
+    assert set(totals) >= {"customers", "orders", "quarantined"}
+    assert totals["orders"] == expected["live_orders"]
+    assert totals["quarantined"] == 0
+    # People: every account plus the guests.
+    assert totals["customers"] > streams["customers"]["rows"]
+
+
+def test_status_console_table(synced: Synced, expected: dict[str, int]) -> None:
+    assert synced.sync.returncode == 0, synced.sync.output
+    run = synced.status_console
+    assert run.returncode == 0, run.output
+    table_rows = [line for line in run.stdout_lines() if "woocommerce" in line]
+    for stream in STREAMS:
+        assert any(re.search(rf"\b{stream}\b", line) for line in table_rows), (stream, run.stdout)
+    orders_row = next(line for line in table_rows if re.search(r"\borders\b", line))
+    assert re.search(rf"\b{expected['live_orders']}\b", orders_row), orders_row
+    assert "woocommerce: last run success" in run.stdout
+    assert f"live orders: {expected['live_orders']}" in run.stdout
+
+
+def test_sync_wrong_secret_fails_fast_without_leaking(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    wrong = "cs_wrong_0b5e77a1c2d3"
+    config = write_config(tmp_path, f"sqlite:///{tmp_path}/store.db", sandbox.url)
+    env = base_env(SYNCD_CONFIG=str(config), WC_SECRET=wrong)
+    before = len(sandbox.requests)
+    run = syncd("--log-level", "debug", "sync", env=env, cwd=tmp_path, timeout=30)
+    seen = sandbox.requests[before:]
+    assert run.returncode == 1, run.output
+    assert run.seconds < 10, run.seconds
+    # A 401 is not retried.
+    assert 1 <= len(seen) <= 2, seen
+    assert all(r.status == 401 for r in seen), seen
+
+    assert run.stdout == ""
+    human = [line for line in run.stderr_lines() if line.startswith("woocommerce: failed: ")]
+    assert len(human) == 1, run.stderr
+    assert "authentication failed" in human[0]
+    assert "401" in human[0]
+    # WooCommerce's own message, as the store gave it.
+    assert "Invalid signature - provided signature does not match." in human[0]
+
+    finished = [log for log in run.json_logs() if log.get("event") == "run finished"]
+    assert len(finished) == 1, run.stderr
+    assert finished[0]["status"] == "failed"
+    assert "authentication" in finished[0]["error"]
+
+    status = syncd("status", "--json", env=env, cwd=tmp_path)
+    assert status.returncode == 0, status.output
+    last = json.loads(status.stdout)["sources"]["woocommerce"]["last_run"]
+    assert last["status"] == "failed"
+    assert "authentication" in last["error"]
+
+    for text in (run.stdout, run.stderr, status.stdout, status.stderr):
+        assert wrong not in text
+        assert KEY not in text
+        assert "oauth_signature" not in text
+
+
+def test_sync_unknown_source_is_a_usage_error(tmp_path: Path, sandbox: SandboxServer) -> None:
+    config = write_config(tmp_path, f"sqlite:///{tmp_path}/store.db", sandbox.url)
+    before = len(sandbox.requests)
+    run = syncd("sync", "unknown_source", env=base_env(SYNCD_CONFIG=str(config)), cwd=tmp_path)
+    assert run.returncode == 2, run.output
+    assert run.stderr_lines() == [
+        f"{config}: sources: unknown source 'unknown_source' (configured: woocommerce)"
+    ]
+    assert run.stdout == ""
+    assert len(sandbox.requests) == before
+    assert not (tmp_path / "store.db").exists()
+
+
+def test_environment_store_url_wins_over_file(
+    tmp_path: Path, sandbox: SandboxServer, expected: dict[str, int]
+) -> None:
+    file_db = tmp_path / "from_file.db"
+    env_db = tmp_path / "from_env.db"
+    config = write_config(tmp_path, f"sqlite:///{file_db}", sandbox.url)
+    env = base_env(SYNCD_CONFIG=str(config), SYNCD_STORE__URL=f"sqlite:///{env_db}")
+    run = syncd("sync", env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.output
+    assert env_db.exists()
+    assert not file_db.exists()
+    total, live, trashed = sqlite_orders(env_db)
+    assert (total, live, trashed) == (
+        expected["orders"],
+        expected["live_orders"],
+        expected["trashed_orders"],
+    )
+
+
+# ---------------------------------------------------------------------------
+# syncd demo
+# ---------------------------------------------------------------------------
+
+
+def test_demo_builds_the_store(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    db.write_bytes(b"not a database: the demo starts afresh")
+    work = tmp_path / "work"  # no config.toml here: the demo needs none
+    work.mkdir()
+    run = syncd(
+        "demo", "--orders", str(ORDERS), "--store-url", f"sqlite:///{db}", env=base_env(), cwd=work
+    )
+    assert run.returncode == 0, run.output
+    assert f"sqlite:///{db}" in run.stdout
+    for stream in STREAMS:
+        assert re.search(rf"\b{stream}\b", run.stdout), stream
+    total, live, trashed = sqlite_orders(db)
+    demo_store = SandboxStore(seed=7, orders=ORDERS)
+    want_trashed = sum(1 for o in demo_store.orders.values() if o["status"] == "trash")
+    assert want_trashed >= 1
+    assert total == ORDERS  # trashed orders are rows too
+    assert trashed == want_trashed
+    assert live == ORDERS - want_trashed
+    assert f"live orders: {live}" in run.stdout
+    assert not (work / "state").exists()
