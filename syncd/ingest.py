@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -78,6 +79,7 @@ RUNS = SyncRun.__table__  # type: ignore[attr-defined]
 QUARANTINE = Quarantine.__table__  # type: ignore[attr-defined]
 
 MAX_PASSES = 5  # re-reads of a window whose rows moved while it was read
+FLUSH_ROWS = 1000  # rows per transaction while pages keep arriving (a commit costs ~ms)
 TABLE_OF_STREAM = {"orders": ORDERS, "products": PRODUCTS, "coupons": COUPONS, "refunds": REFUNDS}
 
 
@@ -152,6 +154,11 @@ class SourceSync:
         self.full = False
         self.run_start = clock()
         self.counts: dict[str, StreamCounts] = {}
+        # Skip per-page bookkeeping that has nothing to do (the common case): streams with
+        # quarantined records, and refunds still waiting for their order.
+        self._quarantined: set[str] = set()
+        self._unlinked_refunds = True
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-store-{name}")
 
     # -- the run ----------------------------------------------------------------------
 
@@ -161,6 +168,7 @@ class SourceSync:
         started = time.monotonic()
         wanted = [s for s in STREAM_ORDER if s in (streams or self.settings.streams)]
         run_id = self._start_run()
+        self._load_bookkeeping()
         result = SyncResult(source=self.name, status="success", run_id=run_id)
         requests_before = self.client.http.stats.requests
         try:
@@ -188,7 +196,24 @@ class SourceSync:
                 result.flat_counts(),
                 error=result.error,
             )
+            self._db.shutdown(wait=True)
         return result
+
+    def _load_bookkeeping(self) -> None:
+        with self.engine.connect() as conn:
+            self._quarantined = set(
+                conn.execute(
+                    select(QUARANTINE.c.stream).where(QUARANTINE.c.source == self.name).distinct()
+                ).scalars()
+            )
+            self._unlinked_refunds = (
+                conn.execute(
+                    select(REFUNDS.c.id)
+                    .where(REFUNDS.c.source == self.name, REFUNDS.c.order_id.is_(None))
+                    .limit(1)
+                ).first()
+                is not None
+            )
 
     def _start_run(self) -> int:
         with self.engine.begin() as conn:
@@ -231,10 +256,14 @@ class SourceSync:
         if stream.name in ("products", "coupons") and self.currency is None:
             self.currency = await self._store_currency()
         prepare, commit = self._handlers(stream.name)
+        had_rows = self._has_rows(stream.name)
         for suffix, variant in stream.variants:
             await self._windowed(stream, suffix, variant, prepare, commit)
         if self._reconcile_due(stream.name):
-            await self._reconcile(stream)
+            if had_rows:
+                await self._reconcile(stream)
+            else:  # a first sync read everything there is: nothing can be missing yet
+                self._stamp_reconciled(stream.name, self.run_start)
 
     def _handlers(self, stream: str) -> tuple[Prepare, Commit]:
         handlers: dict[str, tuple[Prepare, Commit]] = {
@@ -297,6 +326,7 @@ class SourceSync:
         checkpoint: datetime | None = None
         pending: dict[int, asyncio.Task[Page]] = {}
         next_fetch = 2
+        writer = _PageWriter(self.engine)
         try:
             for number in range(1, total_pages + 1):
                 while next_fetch <= total_pages and next_fetch <= number + self.lookahead:
@@ -315,10 +345,21 @@ class SourceSync:
                     else:
                         new_cursor = _max_modified(page.items)
                         checkpoint = new_cursor or checkpoint
-                await self._apply(stream.name, key, page.items, new_cursor, prepare, commit)
+                await self._apply(writer, stream.name, key, page.items, new_cursor, prepare, commit)
+                # Commit when enough rows are pending, or when the next page is not here yet
+                # (the wait would otherwise hold committed-looking work in an open transaction).
+                following = pending.get(number + 1)
+                if (
+                    last
+                    or writer.rows >= FLUSH_ROWS
+                    or (following is not None and not following.done())
+                ):
+                    writer.flush()
                 if self.progress:
                     self.progress(key, number, total_pages)
+            writer.flush()
         finally:
+            writer.abort()
             for task in pending.values():
                 task.cancel()
         return stable, checkpoint
@@ -334,16 +375,22 @@ class SourceSync:
         commit: Commit,
     ) -> tuple[bool, datetime | None]:
         page = first
-        while True:
-            last = len(page.items) < self.client.per_page
-            cursor = upper if last else _max_modified(page.items)
-            await self._apply(stream.name, key, page.items, cursor, prepare, commit)
-            if last:
-                return True, cursor
-            page = await self.client.page(stream.path, params, page.number + 1)
+        writer = _PageWriter(self.engine)
+        try:
+            while True:
+                last = len(page.items) < self.client.per_page
+                cursor = upper if last else _max_modified(page.items)
+                await self._apply(writer, stream.name, key, page.items, cursor, prepare, commit)
+                await self._in_db_thread(writer.flush)
+                if last:
+                    return True, cursor
+                page = await self.client.page(stream.path, params, page.number + 1)
+        finally:
+            await self._in_db_thread(writer.abort)
 
     async def _apply(
         self,
+        writer: _PageWriter,
         stream: str,
         key: str,
         items: list[Any],
@@ -351,17 +398,23 @@ class SourceSync:
         prepare: Prepare,
         commit: Commit,
     ) -> None:
-        """Commit one page's rows and, in the same transaction, the cursor that covers them."""
+        """Write one page's rows and, in the same transaction, the cursor that covers them."""
         prepared = await prepare(items)
         self.counts[stream].fetched += len(items)
 
         def work() -> None:
-            with self.engine.begin() as conn:
-                commit(conn, prepared)
-                if cursor is not None:
-                    self._save_cursor(conn, key, cursor)
+            conn = writer.connection()
+            commit(conn, prepared)
+            if cursor is not None:
+                self._save_cursor(conn, key, cursor)
 
-        await asyncio.to_thread(work)
+        await self._in_db_thread(work)
+        writer.rows += len(items)
+
+    async def _in_db_thread(self, fn: Callable[[], None]) -> None:
+        """Store work off the event loop, so responses keep arriving while pages are written;
+        one thread, so a transaction stays on the connection's own thread."""
+        await asyncio.get_running_loop().run_in_executor(self._db, fn)
 
     # -- cursors ----------------------------------------------------------------------
 
@@ -385,6 +438,7 @@ class SourceSync:
 
     def _quarantine(self, conn: Connection, stream: str, payload: Any, reason: str) -> None:
         self.counts[stream].quarantined += 1
+        self._quarantined.add(stream)
         key = record_key(payload)
         source_id = key if not key.startswith("sha256:") else None
         now = utcnow()
@@ -433,7 +487,7 @@ class SourceSync:
 
     def _release(self, conn: Connection, stream: str, source_ids: Sequence[int]) -> None:
         """Records that now arrived valid leave the quarantine."""
-        if source_ids:
+        if source_ids and stream in self._quarantined:
             conn.execute(
                 delete(QUARANTINE).where(
                     QUARANTINE.c.source == self.name,
@@ -570,7 +624,7 @@ class SourceSync:
         }
         customers: list[Any] = []
         if cids:
-            known = await asyncio.to_thread(self._known_customers, cids)
+            known = self._known_customers(cids)
             unknown = sorted(cids - known)
             if unknown:
                 customers = await self.client.by_ids("customers", unknown, {"role": "all"})
@@ -622,22 +676,28 @@ class SourceSync:
                     registered[cid] = person
                     link_identity(conn, person, self.name, "customer_id", str(cid))
             rows.append({**o.row, "customer_id": person})
-        stored = upsert(
-            conn, ORDERS, rows, keys=("source", "source_id"), returning=("id", "source_id")
+        upsert(conn, ORDERS, rows, keys=("source", "source_id"))
+        order_ids: dict[int, int] = dict(
+            conn.execute(
+                select(ORDERS.c.source_id, ORDERS.c.id).where(
+                    ORDERS.c.source == self.name, ORDERS.c.source_id.in_(list(by_id))
+                )
+            ).all()
         )
-        order_ids = {r.source_id: r.id for r in stored}
+        # Items are replaced: an edited order can lose lines.
         conn.execute(delete(ITEMS).where(ITEMS.c.order_id.in_(list(order_ids.values()))))
         item_rows = [
             {**item, "order_id": order_ids[o.row["source_id"]]} for o in parsed for item in o.items
         ]
-        if item_rows:
-            conn.execute(insert(ITEMS), item_rows)
+        upsert(conn, ITEMS, item_rows, keys=("order_id", "source_id"))
         self._link_refunds(conn, list(order_ids))
         self._release(conn, "orders", list(order_ids))
         counts.stored += len(rows)
 
     def _link_refunds(self, conn: Connection, order_source_ids: list[int]) -> None:
         """Refunds read before their order get its id and currency (amounts re-read if needed)."""
+        if not self._unlinked_refunds:
+            return
         rows = conn.execute(
             select(
                 REFUNDS.c.id,
@@ -688,6 +748,7 @@ class SourceSync:
                 order = currencies.get(payload.get("parent_id"))
                 row = parse_refund(payload, self.name, order[1] if order else self.currency)
                 row["order_id"] = order[0] if order else None
+                self._unlinked_refunds |= order is None
                 rows.append(row)
             except BadRecord as exc:
                 self._quarantine(conn, "refunds", payload, str(exc))
@@ -759,6 +820,36 @@ class SourceSync:
 
     # -- reconciliation of hard deletes ----------------------------------------------
 
+    def _has_rows(self, stream: str) -> bool:
+        table = TABLE_OF_STREAM[stream]
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(select(table.c.id).where(table.c.source == self.name).limit(1)).first()
+                is not None
+            )
+
+    def _stamp_reconciled(
+        self, stream: str, when: datetime, conn: Connection | None = None
+    ) -> None:
+        row = {"source": self.name, "stream": stream, "reconciled_at": when, "updated_at": utcnow()}
+        if conn is None:
+            with self.engine.begin() as own:
+                upsert(
+                    own,
+                    STATE,
+                    [row],
+                    keys=("source", "stream"),
+                    update=("reconciled_at", "updated_at"),
+                )
+        else:
+            upsert(
+                conn,
+                STATE,
+                [row],
+                keys=("source", "stream"),
+                update=("reconciled_at", "updated_at"),
+            )
+
     def _reconcile_due(self, stream: str) -> bool:
         if self.full:
             return True
@@ -825,23 +916,42 @@ class SourceSync:
                             )
                         ).scalars()
                         refresh_people(conn, list(people))
-                upsert(
-                    conn,
-                    STATE,
-                    [
-                        {
-                            "source": self.name,
-                            "stream": stream.name,
-                            "reconciled_at": now,
-                            "updated_at": now,
-                        }
-                    ],
-                    keys=("source", "stream"),
-                    update=("reconciled_at", "updated_at"),
-                )
+                self._stamp_reconciled(stream.name, now, conn)
                 self.counts[stream.name].deleted += len(gone)
 
         await asyncio.to_thread(work)
+
+
+class _PageWriter:
+    """Pages written in one transaction until flushed: rows and their cursor commit together,
+    so a crash loses only uncommitted pages, which the next run reads again."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.rows = 0
+        self._conn: Connection | None = None
+        self._trans: Any = None
+
+    def connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self.engine.connect()
+            self._trans = self._conn.begin()
+        return self._conn
+
+    def flush(self) -> None:
+        if self._conn is not None:
+            self._trans.commit()
+            self._conn.close()
+            self._conn = self._trans = None
+        self.rows = 0
+
+    def abort(self) -> None:
+        """Roll back what was not flushed (a failure mid-window); a no-op after flush()."""
+        if self._conn is not None:
+            self._trans.rollback()
+            self._conn.close()
+            self._conn = self._trans = None
+        self.rows = 0
 
 
 async def _no_prepare(items: list[Any]) -> list[Any]:

@@ -233,7 +233,7 @@ def test_faults_do_not_change_the_result(store_url: str, tmp_path: Any) -> None:
     with SandboxServer(store) as server:
         clean = open_store(f"sqlite:///{tmp_path}/clean.db")
         # small pages: hundreds of requests, so every kind of fault shows up many times
-        settings = settings_for(server, per_page=10)
+        settings = settings_for(server, per_page=5)
         assert sync(clean, settings).status == "success"
         server.faults = FaultConfig(
             rate_5xx=0.10, rate_429=0.05, rate_drop=0.02, retry_after="0", seed=3
