@@ -543,6 +543,9 @@ class SourceSync:
             ]
             if gone:
                 await asyncio.to_thread(self._mark_customers_deleted, gone)
+        # The customers "cursor" says how fresh the accounts are: every change the store
+        # had when this scan began is now in.
+        await asyncio.to_thread(self._commit_in_tx, self._save_scan_cursor, self.run_start)
 
     async def _scan(
         self, path: str, params: Mapping[str, str]
@@ -607,6 +610,9 @@ class SourceSync:
             counts.stored += 1
             ok.append(row.source_id)
         self._release(conn, "customers", ok)
+
+    def _save_scan_cursor(self, conn: Connection, when: datetime) -> None:
+        self._save_cursor(conn, "customers", when)
 
     def _mark_customers_deleted(self, ids: list[int]) -> None:
         with self.engine.begin() as conn:

@@ -17,13 +17,14 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, func, select
 
-from syncd.config import WooCommerceSourceSettings
+from syncd.config import Settings, WooCommerceSourceSettings
 from syncd.http import ServiceClient, ServiceLimits
 from syncd.ingest import SourceSync, SyncResult
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.sources.woocommerce import API_ROOT, WooCommerceClient
 from syncd.sources.woocommerce_auth import make_auth
+from syncd.status import collect_status
 from syncd.store.engine import open_store
 from syncd.store.models import Customer, CustomerRecord, Order, OrderItem, Quarantine, Refund
 from tests.storedump import diff, dump
@@ -219,6 +220,13 @@ def test_incremental_reads_only_what_changed_and_equals_a_fresh_sync(
         -sum(o["status"] != "trash" for o in store.orders.values()) // 100
     ) + max(1, -(-sum(o["status"] == "trash" for o in store.orders.values()) // 100))
     assert second.counts["orders"].fetched < total_orders / 10
+
+    # every stream says how fresh it is: cursors at most a few seconds behind the second run
+    status = collect_status(engine, Settings(sources={"wc": settings}))
+    for name, stream in status["sources"]["wc"]["streams"].items():
+        cursor = datetime.fromisoformat(stream["cursor"].replace("Z", "+00:00"))
+        assert datetime.now(UTC) - cursor < timedelta(seconds=30), name
+    assert status["sources"]["wc"]["last_run"]["status"] == "success"
 
     fresh = open_store(f"sqlite:///{tmp_path}/fresh.db")
     assert sync(fresh, settings).status == "success"
