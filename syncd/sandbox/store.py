@@ -429,6 +429,13 @@ class SandboxStore:
         with self.lock:
             self._reindex(kind, record_id)
 
+    def delete_customer(self, customer_id: int) -> None:
+        """Delete a customer account as WordPress does: no trash, no trace in the API (their
+        orders keep the customer id)."""
+        with self.lock:
+            del self.customers[customer_id]
+            self._remove("customers", customer_id)
+
     def mutate(self, fraction: float = 0.01, seed: int | None = None) -> dict[str, list[int]]:
         """Change about ``fraction`` of the records the way a live store changes.
 
