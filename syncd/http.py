@@ -40,6 +40,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from syncd import __version__
+from syncd.log import SECRET_PARAMS
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -72,27 +73,8 @@ if _httpx_logger.level == logging.NOTSET:
 Primitive = str | int | float | bool | None
 Params = Mapping[str, Primitive | Sequence[Primitive]] | list[tuple[str, Primitive]]
 
-# Query parameter names whose values never reach a log line or an exception.
-_SECRET_PARAMS: Final = frozenset(
-    {
-        "consumer_key",
-        "consumer_secret",
-        "oauth_consumer_key",
-        "oauth_signature",
-        "oauth_token",
-        "api_key",
-        "apikey",
-        "access_token",
-        "refresh_token",
-        "client_secret",
-        "token",
-        "key",
-        "secret",
-        "password",
-        "signature",
-        "sig",
-    }
-)
+# Query parameter names whose values never reach a log line or an exception: the same
+# list the log redaction uses (syncd.log.SECRET_PARAMS), plus the suffixes below.
 # Vendor-specific spellings (hapikey_token, x_api_secret, ...) are caught by suffix.
 _SECRET_SUFFIXES: Final = ("_secret", "_token", "_password", "_signature")
 _REDACTED: Final = "***"
@@ -262,7 +244,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 def _is_secret_param(name: str) -> bool:
     normalized = unquote_plus(name).strip().lower().replace("-", "_")
-    return normalized in _SECRET_PARAMS or normalized.endswith(_SECRET_SUFFIXES)
+    return normalized in SECRET_PARAMS or normalized.endswith(_SECRET_SUFFIXES)
 
 
 def _redact_query(query: str) -> str:

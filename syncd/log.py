@@ -90,7 +90,7 @@ _NOT_SECRET_KEYS = frozenset({"primary_key", "foreign_key", "idempotency_key", "
 # Query-string / form parameters that carry a credential or a signature. WooCommerce
 # puts consumer_key/consumer_secret in the query string in "query" auth mode and
 # OAuth 1.0a puts oauth_signature/oauth_nonce there over plain HTTP.
-_SECRET_PARAMS = frozenset(
+SECRET_PARAMS = frozenset(
     {
         "consumer_key",
         "consumer_secret",
@@ -121,7 +121,7 @@ def _is_secret_key(key: str) -> bool:
 
 
 def _is_secret_param(name: str) -> bool:
-    return name.lower() in _SECRET_PARAMS or _is_secret_key(name)
+    return name.lower() in SECRET_PARAMS or _is_secret_key(name)
 
 
 # user:password@ in any scheme://; the user name is kept (it helps debugging).

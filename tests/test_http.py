@@ -909,7 +909,7 @@ def test_parse_retry_after_reads_any_http_date(when: datetime, now: datetime) ->
         ),
         (
             "http://h/x?oauth_consumer_key=a&oauth_signature=b%3D&oauth_nonce=n",
-            "http://h/x?oauth_consumer_key=***&oauth_signature=***&oauth_nonce=n",
+            "http://h/x?oauth_consumer_key=***&oauth_signature=***&oauth_nonce=***",
         ),
         (
             "http://h/x?API_KEY=a&access_token=b&Token=c&key=d&secret=e&password=f&signature=g",

@@ -2,50 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
-from syncd.config import WooCommerceSourceSettings
-from syncd.ingest import SourceSync, SyncResult
 from syncd.sandbox.server import SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.store.engine import open_store
 from syncd.store.models import Customer, CustomerRecord, Order
-from tests.test_sync_e2e import wait_next_second
+from tests.test_sync_e2e import settings_for, sync, wait_next_second
 
 ORDERS = Order.__table__  # type: ignore[attr-defined]
 RECORDS = CustomerRecord.__table__  # type: ignore[attr-defined]
 CUSTOMERS = Customer.__table__  # type: ignore[attr-defined]
 
 pytestmark = pytest.mark.slow
-
-
-def settings_for(server: SandboxServer, **overrides: Any) -> WooCommerceSourceSettings:
-    return WooCommerceSourceSettings(
-        url=server.url,
-        consumer_key=SecretStr(server.consumer_key),
-        consumer_secret=SecretStr(server.consumer_secret),
-        requests_per_second=0,
-        **overrides,
-    )
-
-
-def sync(engine: Engine, settings: WooCommerceSourceSettings, **kw: Any) -> SyncResult:
-    async def go() -> SyncResult:
-        runner = SourceSync(engine, "wc", settings)
-        try:
-            return await runner.run(**kw)
-        finally:
-            await runner.client.aclose()
-
-    return asyncio.run(go())
 
 
 def stamp_now(store: SandboxStore, payload: dict[str, Any], field: str = "date_modified") -> None:

@@ -60,6 +60,14 @@ def parse_gmt(value: object, name: str) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
+def trashed_at(status: str | None, modified: datetime | None) -> datetime | None:
+    """Trashed records are kept for history but stop counting from their trash time (the
+    modification that trashed them)."""
+    if status != TRASH:
+        return None
+    return modified or datetime.now(UTC)
+
+
 def _id(payload: Mapping[str, Any], key: str = "id") -> int:
     value = payload.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -193,8 +201,7 @@ def parse_order(payload: Mapping[str, Any], source: str) -> OrderRow:
         "paid_at": parse_gmt(payload.get("date_paid_gmt"), "date_paid_gmt"),
         "completed_at": parse_gmt(payload.get("date_completed_gmt"), "date_completed_gmt"),
         "modified_at": modified,
-        # Trashed orders are kept for history but stop counting from their trash time.
-        "deleted_at": (modified or datetime.now(UTC)) if status == TRASH else None,
+        "deleted_at": trashed_at(status, modified),
         "raw": payload,
     }
     return OrderRow(row=row, items=items, customer_source_id=customer)
@@ -293,7 +300,7 @@ def parse_product(
         "stock_status": clean_text(payload.get("stock_status")),
         "created_at": parse_gmt(payload.get("date_created_gmt"), "date_created_gmt"),
         "modified_at": modified,
-        "deleted_at": (modified or datetime.now(UTC)) if status == TRASH else None,
+        "deleted_at": trashed_at(status, modified),
         "raw": payload,
     }
 
@@ -327,7 +334,7 @@ def parse_coupon(payload: Mapping[str, Any], source: str, currency: str) -> dict
         "date_expires": parse_gmt(payload.get("date_expires_gmt"), "date_expires_gmt"),
         "created_at": parse_gmt(payload.get("date_created_gmt"), "date_created_gmt"),
         "modified_at": modified,
-        "deleted_at": (modified or datetime.now(UTC)) if status == TRASH else None,
+        "deleted_at": trashed_at(status, modified),
         "raw": payload,
     }
 
