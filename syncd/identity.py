@@ -20,13 +20,13 @@ from typing import Any
 import phonenumbers
 from sqlalchemy import Connection, and_, delete, or_, select, tuple_, update
 
-from syncd.store.models import Customer, CustomerIdentity, CustomerRecord, Order
+from syncd.store.models import CUSTOMER_RECORDS as RECORDS
+from syncd.store.models import (
+    CUSTOMERS,
+    IDENTITIES,
+    ORDERS,
+)
 from syncd.store.upsert import upsert
-
-CUSTOMERS = Customer.__table__  # type: ignore[attr-defined]
-IDENTITIES = CustomerIdentity.__table__  # type: ignore[attr-defined]
-RECORDS = CustomerRecord.__table__  # type: ignore[attr-defined]
-ORDERS = Order.__table__  # type: ignore[attr-defined]
 
 # Attribute precedence (customers.attrs_rank): a registered customer's own record beats
 # the billing address of an order.

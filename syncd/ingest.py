@@ -56,31 +56,21 @@ from syncd.sources.woocommerce import (
     variations_path,
 )
 from syncd.store.models import (
-    Coupon,
-    CustomerIdentity,
-    CustomerRecord,
-    Order,
-    OrderItem,
-    Product,
-    Quarantine,
-    Refund,
-    SyncRun,
-    SyncState,
+    COUPONS,
+    IDENTITIES,
+    ORDERS,
+    PRODUCTS,
+    QUARANTINE,
+    REFUNDS,
 )
+from syncd.store.models import CUSTOMER_RECORDS as RECORDS
+from syncd.store.models import ORDER_ITEMS as ITEMS
+from syncd.store.models import SYNC_RUNS as RUNS
+from syncd.store.models import SYNC_STATE as STATE
 from syncd.store.upsert import upsert
 
 log = get_logger("syncd.ingest")
 
-ORDERS = Order.__table__  # type: ignore[attr-defined]
-ITEMS = OrderItem.__table__  # type: ignore[attr-defined]
-REFUNDS = Refund.__table__  # type: ignore[attr-defined]
-PRODUCTS = Product.__table__  # type: ignore[attr-defined]
-COUPONS = Coupon.__table__  # type: ignore[attr-defined]
-RECORDS = CustomerRecord.__table__  # type: ignore[attr-defined]
-IDENTITIES = CustomerIdentity.__table__  # type: ignore[attr-defined]
-STATE = SyncState.__table__  # type: ignore[attr-defined]
-RUNS = SyncRun.__table__  # type: ignore[attr-defined]
-QUARANTINE = Quarantine.__table__  # type: ignore[attr-defined]
 
 MAX_PASSES = 5  # re-reads of a window whose rows moved while it was read
 FLUSH_ROWS = 2000  # rows per transaction while pages keep arriving (a commit costs ~5 ms)
@@ -865,23 +855,17 @@ class SourceSync:
         self, stream: str, when: datetime, conn: Connection | None = None
     ) -> None:
         row = {"source": self.name, "stream": stream, "reconciled_at": when, "updated_at": utcnow()}
-        if conn is None:
-            with self.engine.begin() as own:
-                upsert(
-                    own,
-                    STATE,
-                    [row],
-                    keys=("source", "stream"),
-                    update=("reconciled_at", "updated_at"),
-                )
-        else:
+
+        def write(c: Connection) -> None:
             upsert(
-                conn,
-                STATE,
-                [row],
-                keys=("source", "stream"),
-                update=("reconciled_at", "updated_at"),
+                c, STATE, [row], keys=("source", "stream"), update=("reconciled_at", "updated_at")
             )
+
+        if conn is not None:
+            write(conn)
+            return
+        with self.engine.begin() as own:
+            write(own)
 
     def _reconcile_due(self, stream: str) -> bool:
         if self.full:

@@ -16,30 +16,26 @@ from syncd.sources.woocommerce import STREAM_ORDER
 from syncd.store.engine import _redact_url
 from syncd.store.migrate import current_revision
 from syncd.store.models import (
-    Coupon,
-    Customer,
-    CustomerRecord,
-    Order,
-    Product,
-    Quarantine,
-    Refund,
-    SyncRun,
-    SyncState,
+    COUPONS,
+    CUSTOMER_RECORDS,
+    CUSTOMERS,
+    ORDERS,
+    PRODUCTS,
+    QUARANTINE,
+    REFUNDS,
 )
+from syncd.store.models import SYNC_RUNS as RUNS
+from syncd.store.models import SYNC_STATE as STATE
 
 STATUS_VERSION = 1
 
 _STREAM_TABLES: dict[str, Any] = {
-    "customers": CustomerRecord.__table__,  # type: ignore[attr-defined]
-    "orders": Order.__table__,  # type: ignore[attr-defined]
-    "refunds": Refund.__table__,  # type: ignore[attr-defined]
-    "products": Product.__table__,  # type: ignore[attr-defined]
-    "coupons": Coupon.__table__,  # type: ignore[attr-defined]
+    "customers": CUSTOMER_RECORDS,
+    "orders": ORDERS,
+    "refunds": REFUNDS,
+    "products": PRODUCTS,
+    "coupons": COUPONS,
 }
-RUNS = SyncRun.__table__  # type: ignore[attr-defined]
-STATE = SyncState.__table__  # type: ignore[attr-defined]
-QUARANTINE = Quarantine.__table__  # type: ignore[attr-defined]
-CUSTOMERS = Customer.__table__  # type: ignore[attr-defined]
 
 
 def iso(value: datetime | None) -> str | None:

@@ -10,15 +10,15 @@ from typing import Any
 
 from sqlalchemy import Engine, or_, select
 
-from syncd.store.models import Coupon, Customer, CustomerRecord, Order, OrderItem, Product, Refund
-
-ORDERS = Order.__table__  # type: ignore[attr-defined]
-ITEMS = OrderItem.__table__  # type: ignore[attr-defined]
-REFUNDS = Refund.__table__  # type: ignore[attr-defined]
-PRODUCTS = Product.__table__  # type: ignore[attr-defined]
-COUPONS = Coupon.__table__  # type: ignore[attr-defined]
-CUSTOMERS = Customer.__table__  # type: ignore[attr-defined]
-RECORDS = CustomerRecord.__table__  # type: ignore[attr-defined]
+from syncd.store.models import (
+    COUPONS,
+    CUSTOMERS,
+    ORDERS,
+    PRODUCTS,
+    REFUNDS,
+)
+from syncd.store.models import CUSTOMER_RECORDS as RECORDS
+from syncd.store.models import ORDER_ITEMS as ITEMS
 
 
 def _live(table: Any) -> Any:

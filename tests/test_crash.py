@@ -17,10 +17,8 @@ from sqlalchemy import select
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.store.engine import open_store
-from syncd.store.models import SyncRun
+from syncd.store.models import SYNC_RUNS as RUNS
 from tests.storedump import diff, dump
-
-RUNS = SyncRun.__table__  # type: ignore[attr-defined]
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,8 @@ from sqlalchemy import Engine, func, select
 
 from syncd.config import WooCommerceSourceSettings
 from syncd.ingest import SourceSync, StreamCounts
-from syncd.store.models import Customer, CustomerIdentity, Order
+from syncd.store.models import CUSTOMERS, IDENTITIES, ORDERS
 from tests.conftest import fixture
-
-CUSTOMERS = Customer.__table__  # type: ignore[attr-defined]
-ORDERS = Order.__table__  # type: ignore[attr-defined]
-IDENTITIES = CustomerIdentity.__table__  # type: ignore[attr-defined]
 
 
 def _sync(engine: Engine) -> SourceSync:

@@ -8,12 +8,9 @@ from sqlalchemy import Engine, func, inspect, select, text
 
 from syncd.store.engine import StoreError, make_engine, open_store
 from syncd.store.migrate import current_revision, head_revision
-from syncd.store.models import Order, Product, SyncState
+from syncd.store.models import ORDERS
+from syncd.store.models import SYNC_STATE as STATE
 from syncd.store.upsert import upsert
-
-ORDERS = Order.__table__  # type: ignore[attr-defined]
-PRODUCTS = Product.__table__  # type: ignore[attr-defined]
-STATE = SyncState.__table__  # type: ignore[attr-defined]
 
 PUBLIC_TABLES = {
     "customers",

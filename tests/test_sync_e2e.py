@@ -26,15 +26,15 @@ from syncd.sources.woocommerce import API_ROOT, WooCommerceClient
 from syncd.sources.woocommerce_auth import make_auth
 from syncd.status import collect_status
 from syncd.store.engine import open_store
-from syncd.store.models import Customer, CustomerRecord, Order, OrderItem, Quarantine, Refund
+from syncd.store.models import CUSTOMER_RECORDS as RECORDS
+from syncd.store.models import (
+    CUSTOMERS,
+    ORDERS,
+    QUARANTINE,
+    REFUNDS,
+)
+from syncd.store.models import ORDER_ITEMS as ITEMS
 from tests.storedump import diff, dump
-
-ORDERS = Order.__table__  # type: ignore[attr-defined]
-ITEMS = OrderItem.__table__  # type: ignore[attr-defined]
-REFUNDS = Refund.__table__  # type: ignore[attr-defined]
-CUSTOMERS = Customer.__table__  # type: ignore[attr-defined]
-RECORDS = CustomerRecord.__table__  # type: ignore[attr-defined]
-QUARANTINE = Quarantine.__table__  # type: ignore[attr-defined]
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,9 @@ from sqlalchemy import Engine, select
 from syncd.sandbox.server import SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.store.engine import open_store
-from syncd.store.models import Customer, CustomerRecord, Order
+from syncd.store.models import CUSTOMER_RECORDS as RECORDS
+from syncd.store.models import ORDERS
 from tests.test_sync_e2e import settings_for, sync, wait_next_second
-
-ORDERS = Order.__table__  # type: ignore[attr-defined]
-RECORDS = CustomerRecord.__table__  # type: ignore[attr-defined]
-CUSTOMERS = Customer.__table__  # type: ignore[attr-defined]
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +25,14 @@ def stamp_now(store: SandboxStore, payload: dict[str, Any], field: str = "date_m
     now = datetime.now(UTC).replace(microsecond=0)
     payload[f"{field}_gmt"] = now.strftime("%Y-%m-%dT%H:%M:%S")
     payload[field] = now.astimezone(store.timezone).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def set_status(store: SandboxStore, order_id: int, status: str) -> None:
+    """Change an order's status now, as WooCommerce does (trash and restore included)."""
+    with store.lock:
+        store.orders[order_id]["status"] = status
+        stamp_now(store, store.orders[order_id])
+        store.touch("orders", order_id)
 
 
 def stored_orders(engine: Engine) -> dict[int, Any]:
@@ -94,18 +99,12 @@ def test_trash_then_restore(store_url: str) -> None:
         engine = open_store(store_url)
         settings = settings_for(server)
         assert sync(engine, settings).status == "success"
-        with store.lock:
-            store.orders[victim]["status"] = "trash"
-            stamp_now(store, store.orders[victim])
-            store.touch("orders", victim)
+        set_status(store, victim, "trash")
         wait_next_second()
         assert sync(engine, settings).status == "success"
         row = stored_orders(engine)[victim]
         assert row.status == "trash" and row.deleted_at is not None
-        with store.lock:
-            store.orders[victim]["status"] = "completed"
-            stamp_now(store, store.orders[victim])
-            store.touch("orders", victim)
+        set_status(store, victim, "completed")
         wait_next_second()
         assert sync(engine, settings).status == "success"
         row = stored_orders(engine)[victim]

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -267,3 +268,22 @@ class Quarantine(SQLModel, table=True):
     first_seen_at: datetime | None = _utc()
     seen_at: datetime | None = _utc()
     times_seen: int = 1
+
+
+def _table(model: type[SQLModel]) -> Table:
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
+# The tables as SQLAlchemy Core objects, for the set-based SQL and bulk upserts.
+CUSTOMERS = _table(Customer)
+IDENTITIES = _table(CustomerIdentity)
+CUSTOMER_RECORDS = _table(CustomerRecord)
+ORDERS = _table(Order)
+ORDER_ITEMS = _table(OrderItem)
+REFUNDS = _table(Refund)
+PRODUCTS = _table(Product)
+COUPONS = _table(Coupon)
+SYNC_STATE = _table(SyncState)
+SYNC_RUNS = _table(SyncRun)
+QUARANTINE = _table(Quarantine)
