@@ -154,7 +154,7 @@ class SourceSync:
         self._quarantined: set[str] = set()
         self._unlinked_refunds = True
         self._known: set[int] | None = None
-        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-store-{name}")
+        self._db: ThreadPoolExecutor | None = None
 
     # -- the run ----------------------------------------------------------------------
 
@@ -169,6 +169,8 @@ class SourceSync:
         wanted = [s for s in STREAM_ORDER if s in (streams or self.settings.streams)]
         run_id = self._start_run()
         self._load_bookkeeping()
+        self._known = None
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-store-{self.name}")
         result = SyncResult(source=self.name, status="success", run_id=run_id)
         requests_before = self.client.http.stats.requests
         try:
@@ -197,6 +199,7 @@ class SourceSync:
                 error=result.error,
             )
             self._db.shutdown(wait=True)
+            self._db = None
         return result
 
     def _load_bookkeeping(self) -> None:
@@ -409,6 +412,7 @@ class SourceSync:
     async def _in_db_thread(self, fn: Callable[[], None]) -> None:
         """Store work off the event loop, so responses keep arriving while pages are written;
         one thread, so a transaction stays on the connection's own thread."""
+        assert self._db is not None, "store work happens inside a run"
         await asyncio.get_running_loop().run_in_executor(self._db, fn)
 
     # -- cursors ----------------------------------------------------------------------

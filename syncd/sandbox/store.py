@@ -8,6 +8,7 @@ seed, plus the edits a live store goes through (``mutate``) and records a sync m
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import random
 import threading
@@ -1111,15 +1112,20 @@ class _Generator:
 
         statuses = [self._status_for(moment) for moment, _ in planned]
         self._ensure_every_status(statuses)
-        refund_plans: list[tuple[datetime, int, Decimal | None]] = []
+        # A heap of (when, sequence, order id, amount): refunds come due in date order, ties
+        # in the order they were planned (the sequence), whatever the store's size.
+        refund_plans: list[tuple[datetime, int, int, Decimal | None]] = []
+        sequence = 0
         for n, ((moment, buyer), status) in enumerate(zip(planned, statuses, strict=True)):
             order = self._build_order(moment, buyer, status)
             store.orders[order["id"]] = order
-            refund_plans.extend(self._plan_refunds(n, order, moment))
+            for when, order_id, amount in self._plan_refunds(n, order, moment):
+                heapq.heappush(refund_plans, (when, sequence, order_id, amount))
+                sequence += 1
             # Refund posts are created when refunded, so their ids interleave with later
             # orders; flush refunds dated before the next order before taking its id.
             next_moment = planned[n + 1][0] if n + 1 < len(planned) else None
-            refund_plans = self._flush_refunds(refund_plans, next_moment)
+            self._flush_refunds(refund_plans, next_moment)
         self._flush_refunds(refund_plans, None)
         self._trash_some()
 
@@ -1253,17 +1259,13 @@ class _Generator:
         return plans
 
     def _flush_refunds(
-        self, plans: list[tuple[datetime, int, Decimal | None]], before: datetime | None
-    ) -> list[tuple[datetime, int, Decimal | None]]:
-        plans.sort(key=lambda plan: plan[0])
-        remaining: list[tuple[datetime, int, Decimal | None]] = []
-        for moment, order_id, amount in plans:
-            if before is not None and moment >= before:
-                remaining.append((moment, order_id, amount))
-                continue
+        self, plans: list[tuple[datetime, int, int, Decimal | None]], before: datetime | None
+    ) -> None:
+        """Create the planned refunds dated before ``before`` (all when None), oldest first."""
+        while plans and (before is None or plans[0][0] < before):
+            moment, _sequence, order_id, amount = heapq.heappop(plans)
             order = self.store.orders[order_id]
             _add_refund(self.store, self.rng, order, self._stamp(moment), amount)
-        return remaining
 
     def _trash_some(self) -> None:
         store, rng = self.store, self.rng
