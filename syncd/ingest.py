@@ -165,6 +165,7 @@ class SourceSync:
     async def _run(self, full: bool, streams: Sequence[str] | None) -> SyncResult:
         self.full = full
         self.run_start = self.clock()
+        self.counts = {}  # this run's: each result keeps its own
         started = time.monotonic()
         wanted = [s for s in STREAM_ORDER if s in (streams or self.settings.streams)]
         run_id = self._start_run()

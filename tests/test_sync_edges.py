@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import orjson
 import pytest
 from sqlalchemy import Engine, select
 
+from syncd.ingest import SourceSync, SyncResult
 from syncd.sandbox.server import SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.store.engine import open_store
@@ -136,4 +138,27 @@ def test_a_deleted_account_is_marked_and_its_person_keeps_its_orders(store_url: 
             )
         assert record.deleted_at is not None
         assert orders and set(orders) == {record.customer_id}  # history stays with the person
+        engine.dispose()
+
+
+def test_one_source_sync_object_runs_again(tmp_path: Path) -> None:
+    """The daemon keeps one SourceSync per source and runs it on every schedule tick."""
+    store = SandboxStore(seed=45, customers=10, guests=5, orders=60)
+    with SandboxServer(store) as server:
+        engine = open_store(f"sqlite:///{tmp_path}/s.db")
+
+        async def twice() -> list[SyncResult]:
+            runner = SourceSync(engine, "wc", settings_for(server))
+            try:
+                first = await runner.run()
+                store.mutate(0.05, seed=1)
+                await asyncio.sleep(1.05)  # past the mutation's second (windows end at run start)
+                return [first, await runner.run()]
+            finally:
+                await runner.client.aclose()
+
+        first, second = asyncio.run(twice())
+        assert first.status == second.status == "success", (first.error, second.error)
+        assert second.counts["orders"].fetched < first.counts["orders"].fetched
+        assert set(stored_orders(engine)) == set(store.orders) | store.deleted["orders"]
         engine.dispose()
