@@ -533,3 +533,20 @@ def test_demo_builds_the_store(tmp_path: Path) -> None:
     assert live == ORDERS - want_trashed
     assert f"live orders: {live}" in run.stdout
     assert not (work / "state").exists()
+
+
+def test_sync_with_bad_records_exits_0_and_reports_the_quarantine(tmp_path: Path) -> None:
+    store = SandboxStore(seed=8, customers=20, guests=10, orders=80)
+    store.add_malformed()  # three bad orders and a customer without an id
+    time.sleep(1.05)  # windows end at the run's start, to the second
+    with SandboxServer(store) as server:
+        write_config(tmp_path, "sqlite:///store.db", server.url)
+        run = syncd("sync", env=base_env(WC_KEY=KEY, WC_SECRET=SECRET), cwd=tmp_path)
+    assert run.returncode == 0, run.output
+    (line,) = run.stdout_lines()
+    assert line.startswith("woocommerce: partial: "), line
+    assert " 4 quarantined, " in line
+    with sqlite3.connect(tmp_path / "store.db") as conn:
+        reasons = sorted(r for (r,) in conn.execute("SELECT reason FROM quarantine"))
+    assert len(reasons) == 4
+    assert any("12,34abc" in r for r in reasons) and any("XYZ" in r for r in reasons)
