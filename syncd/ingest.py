@@ -17,11 +17,9 @@ Invariants (see DESIGN.md, "Incremental sync"):
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -159,10 +157,6 @@ class SourceSync:
     # -- the run ----------------------------------------------------------------------
 
     async def run(self, *, full: bool = False, streams: Sequence[str] | None = None) -> SyncResult:
-        with relaxed_gc():
-            return await self._run(full, streams)
-
-    async def _run(self, full: bool, streams: Sequence[str] | None) -> SyncResult:
         self.full = full
         self.run_start = self.clock()
         self.counts = {}  # this run's: each result keeps its own
@@ -942,32 +936,6 @@ class SourceSync:
                 self.counts[stream.name].deleted += len(gone)
 
         await asyncio.to_thread(work)
-
-
-_gc_users = 0
-_gc_saved: tuple[int, int, int] | None = None
-
-
-@contextmanager
-def relaxed_gc() -> Iterator[None]:
-    """Fewer cyclic-GC passes while ingesting.
-
-    Decoded JSON is millions of short-lived, acyclic objects; with the default gen-0
-    threshold (700 allocations) the collector runs thousands of times per backfill and
-    took a sixth of its time. Reference counting frees these objects anyway; the collector
-    still runs, every 50,000 allocations. Nested and concurrent runs share one setting.
-    """
-    global _gc_users, _gc_saved
-    if _gc_users == 0:
-        _gc_saved = gc.get_threshold()
-        gc.set_threshold(50_000, 20, 20)
-    _gc_users += 1
-    try:
-        yield
-    finally:
-        _gc_users -= 1
-        if _gc_users == 0 and _gc_saved is not None:
-            gc.set_threshold(*_gc_saved)
 
 
 class _PageWriter:
