@@ -199,7 +199,8 @@ SecretRef = Annotated[SecretStr, BeforeValidator(_resolve_secret_field)]
 """A secret given literally, as ``env:NAME`` or as ``file:PATH``."""
 
 
-def _mask_url_password(url: str) -> str:
+def mask_url_password(url: str) -> str:
+    """``user:secret@host`` → ``user:***@host``; any other URL unchanged."""
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -258,13 +259,13 @@ class StoreSettings(BaseModel):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # A Postgres URL may carry a password; repr() must not.
         for name, value in super().__repr_args__():
-            yield name, _mask_url_password(value) if name == "url" else value
+            yield name, mask_url_password(value) if name == "url" else value
 
     @field_serializer("url", when_used="json")
     def _serialize_url(self, url: str) -> str:
         # JSON dumps (status output, diagnostics) mask the password like SecretStr
         # masks secrets; Python-mode dumps keep the working URL.
-        return _mask_url_password(url)
+        return mask_url_password(url)
 
     @field_validator("url")
     @classmethod
@@ -280,7 +281,7 @@ class StoreSettings(BaseModel):
         raise PydanticCustomError(
             "store_url",
             "expected sqlite:///… or postgresql+psycopg://…, got {url}",
-            {"url": _shown(_mask_url_password(url))},
+            {"url": _shown(mask_url_password(url))},
         )
 
 
@@ -350,7 +351,7 @@ class WooCommerceSourceSettings(BaseModel):
             raise PydanticCustomError(
                 "source_url",
                 "expected the store's http:// or https:// URL, got {url}",
-                {"url": _shown(_mask_url_password(url))},
+                {"url": _shown(mask_url_password(url))},
             )
         if parts.username is not None or parts.password is not None:
             raise PydanticCustomError(

@@ -73,7 +73,14 @@ log = get_logger("syncd.ingest")
 MAX_PASSES = 5  # re-reads of a window whose rows moved while it was read
 FLUSH_ROWS = 2000  # rows per transaction while pages keep arriving (a commit costs ~5 ms)
 FLUSH_SECONDS = 2.0  # ... or this long, so progress is durable during slow reads
-TABLE_OF_STREAM = {"orders": ORDERS, "products": PRODUCTS, "coupons": COUPONS, "refunds": REFUNDS}
+# The table each stream's rows land in (customers: the accounts as the source has them).
+TABLE_OF_STREAM = {
+    "customers": RECORDS,
+    "orders": ORDERS,
+    "products": PRODUCTS,
+    "coupons": COUPONS,
+    "refunds": REFUNDS,
+}
 
 
 def utcnow() -> datetime:
@@ -404,11 +411,11 @@ class SourceSync:
         await self._in_db_thread(work)
         writer.rows += len(items)
 
-    async def _in_db_thread(self, fn: Callable[[], None]) -> None:
+    async def _in_db_thread(self, fn: Callable[..., None], *args: Any) -> None:
         """Store work off the event loop, so responses keep arriving while pages are written;
         one thread, so a transaction stays on the connection's own thread."""
         assert self._db is not None, "store work happens inside a run"
-        await asyncio.get_running_loop().run_in_executor(self._db, fn)
+        await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
 
     # -- cursors ----------------------------------------------------------------------
 
@@ -498,7 +505,7 @@ class SourceSync:
         scanned, bad, stable = await self._scan(STREAMS["customers"].path, params)
         if bad:
             # A record without an id cannot be fetched or stored: it is kept with the reason.
-            await asyncio.to_thread(self._commit_in_tx, self._quarantine_all, ("customers", bad))
+            await self._in_db_thread(self._commit_in_tx, self._quarantine_all, ("customers", bad))
         with self.engine.connect() as conn:
             stored = {
                 r.source_id: (r.modified_at, r.deleted_at)
@@ -521,7 +528,7 @@ class SourceSync:
             chunk = changed[start : start + self.client.per_page]
             payloads = await self.client.by_ids("customers", chunk, {"role": "all"})
             counts.fetched += len(payloads)
-            await asyncio.to_thread(self._commit_in_tx, self._commit_customers, payloads)
+            await self._in_db_thread(self._commit_in_tx, self._commit_customers, payloads)
             if self.progress:
                 self.progress("customers", start + len(chunk), len(changed))
         if stable:
@@ -531,10 +538,10 @@ class SourceSync:
                 if deleted is None and cid not in scanned
             ]
             if gone:
-                await asyncio.to_thread(self._mark_customers_deleted, gone)
+                await self._in_db_thread(self._mark_customers_deleted, gone)
         # The customers "cursor" says how fresh the accounts are: every change the store
         # had when this scan began is now in.
-        await asyncio.to_thread(self._commit_in_tx, self._save_scan_cursor, self.run_start)
+        await self._in_db_thread(self._commit_in_tx, self._save_scan_cursor, self.run_start)
 
     async def _scan(
         self, path: str, params: Mapping[str, str]
@@ -935,7 +942,7 @@ class SourceSync:
                 self._stamp_reconciled(stream.name, now, conn)
                 self.counts[stream.name].deleted += len(gone)
 
-        await asyncio.to_thread(work)
+        await self._in_db_thread(work)
 
 
 class _PageWriter:
@@ -963,16 +970,18 @@ class _PageWriter:
         )
 
     def flush(self) -> None:
-        if self._conn is not None:
-            self._trans.commit()
-            self._conn.close()
-            self._conn = self._trans = None
-        self.rows = 0
+        self._end(commit=True)
 
     def abort(self) -> None:
         """Roll back what was not flushed (a failure mid-window); a no-op after flush()."""
+        self._end(commit=False)
+
+    def _end(self, commit: bool) -> None:
         if self._conn is not None:
-            self._trans.rollback()
+            if commit:
+                self._trans.commit()
+            else:
+                self._trans.rollback()
             self._conn.close()
             self._conn = self._trans = None
         self.rows = 0

@@ -11,31 +11,19 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from syncd.config import Settings
+from syncd.config import Settings, mask_url_password
+from syncd.ingest import TABLE_OF_STREAM
 from syncd.sources.woocommerce import STREAM_ORDER
-from syncd.store.engine import _redact_url
 from syncd.store.migrate import current_revision
 from syncd.store.models import (
-    COUPONS,
-    CUSTOMER_RECORDS,
     CUSTOMERS,
     ORDERS,
-    PRODUCTS,
     QUARANTINE,
-    REFUNDS,
 )
 from syncd.store.models import SYNC_RUNS as RUNS
 from syncd.store.models import SYNC_STATE as STATE
 
 STATUS_VERSION = 1
-
-_STREAM_TABLES: dict[str, Any] = {
-    "customers": CUSTOMER_RECORDS,
-    "orders": ORDERS,
-    "refunds": REFUNDS,
-    "products": PRODUCTS,
-    "coupons": COUPONS,
-}
 
 
 def iso(value: datetime | None) -> str | None:
@@ -69,7 +57,7 @@ def collect_status(
         "version": STATUS_VERSION,
         "generated_at": iso(now),
         "store": {
-            "url": _redact_url(settings.store.url),
+            "url": mask_url_password(settings.store.url),
             "dialect": engine.dialect.name,
             "schema_revision": current_revision(engine),
         },
@@ -111,7 +99,7 @@ def collect_status(
             )
             streams: dict[str, Any] = {}
             for stream in STREAM_ORDER:
-                table = _STREAM_TABLES[stream]
+                table = TABLE_OF_STREAM[stream]
                 rows = conn.execute(
                     select(func.count()).where(table.c.source == name, table.c.deleted_at.is_(None))
                 ).scalar()
@@ -142,7 +130,7 @@ def collect_status(
         out["totals"] = {
             "customers": conn.execute(select(func.count()).select_from(CUSTOMERS)).scalar(),
             "orders": conn.execute(
-                select(func.count()).where(_STREAM_TABLES["orders"].c.deleted_at.is_(None))
+                select(func.count()).where(ORDERS.c.deleted_at.is_(None))
             ).scalar(),
             "quarantined": conn.execute(select(func.count()).select_from(QUARANTINE)).scalar(),
         }

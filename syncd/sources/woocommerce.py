@@ -12,8 +12,8 @@ and customers have no modified-date filter.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -396,7 +396,6 @@ class Page:
     total: int | None  # X-WP-Total: rows matching the query when this page was read
     total_pages: int | None  # X-WP-TotalPages
     number: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def gmt_param(value: datetime) -> str:
@@ -507,7 +506,3 @@ def variations_path(product_id: int) -> str:
 
 def is_variable(payload: Mapping[str, Any]) -> bool:
     return payload.get("type") == "variable" or bool(payload.get("variations"))
-
-
-def ids_of(items: Iterable[Any]) -> list[int]:
-    return [i["id"] for i in items if isinstance(i, Mapping) and isinstance(i.get("id"), int)]

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 
+from syncd.config import mask_url_password
 from syncd.store.types import json_dumps, json_loads
 
 
@@ -73,16 +74,5 @@ def open_store(url: str, **kwargs: Any) -> Engine:
         upgrade(engine)
     except Exception as exc:
         engine.dispose()
-        raise StoreError(f"cannot open the store at {_redact_url(url)}: {exc}") from exc
+        raise StoreError(f"cannot open the store at {mask_url_password(url)}: {exc}") from exc
     return engine
-
-
-def _redact_url(url: str) -> str:
-    """Hide a password in a database URL (``user:secret@host`` → ``user:***@host``)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, at, host = rest.rpartition("@")
-    if ":" in creds:
-        creds = creds.split(":", 1)[0] + ":***"
-    return f"{scheme}://{creds}{at}{host}"
