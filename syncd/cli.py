@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -245,8 +246,109 @@ def print_status(data: dict[str, Any]) -> None:
     totals = data["totals"]
     say(
         f"people: {totals['customers']}  live orders: {totals['orders']}  "
-        f"quarantined: {totals['quarantined']}"
+        f"quarantined: {totals['quarantined']}  profiles: {totals['profiles']}"
     )
+    segs = data["segments"]
+    if segs["sizes"]:
+        say("segments: " + "  ".join(f"{n}: {v['size']}" for n, v in segs["sizes"].items()))
+    run = segs["last_run"]
+    if run:
+        when = run["finished_at"] or run["started_at"]
+        line = f"segments: last recompute {run['status']} at {when} ({run['duration_s']} s)"
+        if run["error"]:
+            line += f": {run['error']}"
+        say(line)
+
+
+def _parse_day(value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        err.print(f"--as-of: expected a date YYYY-MM-DD, got {value!r}", markup=False)
+        raise typer.Exit(2) from None
+
+
+def run_segments(settings: Settings, engine: Any, as_of: date | None = None) -> Any:
+    """Recompute; a definition that cannot run exits 2 (file: key: …), a failure exits 1."""
+    from syncd.segments.recompute import ProfileError, SegmentError, recompute
+
+    try:
+        return recompute(engine, settings, as_of)
+    except (ProfileError, SegmentError) as exc:
+        err.print(f"{settings.config_path or 'config'}: {exc}", markup=False)
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        err.print(f"segments: failed: {exc!r}", markup=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def segments(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            "--as-of",
+            metavar="DATE",
+            help="Compute as of the end of this UTC day (YYYY-MM-DD): a backtest. "
+            "Memberships are compared, not recorded.",
+        ),
+    ] = None,
+) -> None:
+    """Recompute profiles and segments; print sizes, changes and the fitted models."""
+    settings = load()
+    day = _parse_day(as_of)
+    engine = open_engine(settings)
+    try:
+        result = run_segments(settings, engine, day)
+    finally:
+        engine.dispose()
+    if json_output:
+        print(json.dumps(result.as_json(), indent=2, sort_keys=True))
+    else:
+        print_segments(result)
+
+
+def print_segments(result: Any) -> None:
+    title = f"segments as of {result.as_of.isoformat()}"
+    if not result.written:
+        title += " (backtest: memberships not recorded)"
+    table = Table(title=title)
+    for col in ("segment", "size", "entered", "exited"):
+        table.add_column(col, justify="left" if col == "segment" else "right")
+    for name, change in result.segments.items():
+        table.add_row(name, str(change.size), f"+{change.entered}", f"-{change.exited}")
+    out.print(table)
+    say(f"profiles: {result.profiles} ({result.buyers} buyers), currency {result.currency or '-'}")
+    bg, gg = result.models.get("bgnbd", {}), result.models.get("gamma_gamma", {})
+    if bg.get("r") is not None:
+        say(
+            f"BG/NBD (days): r={bg['r']:.4g} alpha={bg['alpha']:.4g} a={bg['a']:.4g} "
+            f"b={bg['b']:.4g} log-likelihood={bg['log_likelihood']:.6g}"
+        )
+    else:
+        say(f"BG/NBD: not fitted: {bg.get('error')}")
+    if gg.get("p") is not None:
+        say(f"Gamma-Gamma: p={gg['p']:.4g} q={gg['q']:.4g} v={gg['v']:.4g}")
+    else:
+        say(f"Gamma-Gamma: not fitted: {gg.get('error')}")
+
+
+# The demo's segments: a taste of the rule language and of an exclusive group.
+DEMO_SEGMENTS: dict[str, dict[str, Any]] = {
+    "champions": {"rule": "rfm_segment = 'champions'"},
+    "open_carts": {"rule": "has_open_cart and cart_value_minor > 0"},
+    "big_spenders": {"rule": "net_revenue_minor >= 50000"},
+    "win_back": {
+        "rule": "lifecycle_stage in ('at_risk', 'lapsed')",
+        "group": "lifecycle",
+        "priority": 2,
+    },
+    "welcome": {"rule": "lifecycle_stage = 'new'", "group": "lifecycle", "priority": 1},
+    "quiet_for_90_days": {"rule": "last_order_at < now() - 90d", "group": "lifecycle"},
+}
 
 
 @app.command()
@@ -279,7 +381,11 @@ def demo(
             consumer_key=SecretStr(server.consumer_key),
             consumer_secret=SecretStr(server.consumer_secret),
         )
-        settings = Settings(store=StoreSettings(url=store_url), sources={"sandbox": source})
+        settings = Settings(
+            store=StoreSettings(url=store_url),
+            sources={"sandbox": source},
+            segments=DEMO_SEGMENTS,
+        )
         engine = open_engine(settings)
         try:
             progress, update = _progress_factory()
@@ -288,13 +394,15 @@ def demo(
                     results = asyncio.run(run_sources(settings, engine, ["sandbox"], False, update))
             else:
                 results = asyncio.run(run_sources(settings, engine, ["sandbox"], False))
+            if any(r.error for r in results):
+                raise typer.Exit(1)
+            say("Recomputing profiles and segments…")
+            print_segments(run_segments(settings, engine))
             from syncd.status import collect_status
 
             print_status(collect_status(engine, settings))
         finally:
             engine.dispose()
-    if any(r.error for r in results):
-        raise typer.Exit(1)
     say(f"Done. The store is {store_url}; query it with any SQL client.")
 
 

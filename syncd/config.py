@@ -22,6 +22,7 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -424,6 +425,22 @@ class SegmentSettings(BaseModel):
     group: str | None = None
     priority: int = 0
 
+    @field_validator("rule")
+    @classmethod
+    def _rule_compiles(cls, rule: str | None) -> str | None:
+        # Checked against customer_profiles' columns and types without a database, so
+        # `syncd validate` catches a typo in a rule before any recompute runs.
+        if rule is None:
+            return None
+        from syncd.segments.rules import RuleError, check_rule
+        from syncd.store.models import PROFILES
+
+        try:
+            check_rule(rule, PROFILES)
+        except RuleError as exc:
+            raise PydanticCustomError("segment_rule", "{message}", {"message": str(exc)}) from None
+        return rule
+
     @model_validator(mode="after")
     def _exactly_one_definition(self) -> SegmentSettings:
         if (self.rule is None) == (self.sql is None):
@@ -432,6 +449,97 @@ class SegmentSettings(BaseModel):
                 "segment_definition", "expected exactly one of rule or sql, got {got}", {"got": got}
             )
         return self
+
+
+class LifecycleSettings(BaseModel):
+    """Thresholds of the lifecycle stages (see the README's "Lifecycle stages")."""
+
+    model_config = _MODEL_CONFIG
+
+    # A one-order customer is "new" for this many days after the order.
+    new_days: Annotated[int, Field(ge=0)] = 30
+    # The purchase rhythm assumed for one-order customers (repeat buyers have their own:
+    # the average days between their orders).
+    default_rhythm_days: Annotated[int, Field(ge=1)] = 60
+    # Rhythms shorter than this are raised to it (a burst of same-week orders is not a rhythm).
+    min_rhythm_days: Annotated[int, Field(ge=1)] = 7
+    # days since the last order, as a multiple of the rhythm, past which a customer is ...
+    at_risk_ratio: Annotated[float, Field(gt=0)] = 1.5
+    lapsed_ratio: Annotated[float, Field(gt=0)] = 3.0
+    churned_ratio: Annotated[float, Field(gt=0)] = 6.0
+    # ... or P(alive) below which (when the BG/NBD model is fitted) a customer is ...
+    at_risk_p_alive: Annotated[float, Field(ge=0, le=1)] = 0.5
+    lapsed_p_alive: Annotated[float, Field(ge=0, le=1)] = 0.3
+    churned_p_alive: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LifecycleSettings:
+        if not self.at_risk_ratio <= self.lapsed_ratio <= self.churned_ratio:
+            raise PydanticCustomError(
+                "lifecycle_order", "expected at_risk_ratio <= lapsed_ratio <= churned_ratio"
+            )
+        if not self.at_risk_p_alive >= self.lapsed_p_alive >= self.churned_p_alive:
+            raise PydanticCustomError(
+                "lifecycle_order",
+                "expected at_risk_p_alive >= lapsed_p_alive >= churned_p_alive",
+            )
+        return self
+
+
+class ClvSettings(BaseModel):
+    """The predictive CLV models (BG/NBD and Gamma-Gamma)."""
+
+    model_config = _MODEL_CONFIG
+
+    # Monthly discount rate of the 12-month CLV (0.01 = 1 % a month).
+    discount_rate_monthly: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    # Below these many customers (repeat buyers for Gamma-Gamma) a model is not fitted.
+    min_customers: Annotated[int, Field(ge=10)] = 50
+    min_repeat_buyers: Annotated[int, Field(ge=10)] = 30
+
+
+def _check_currency(code: str) -> str:
+    from syncd.money import MoneyError, exponent
+
+    try:
+        exponent(code)
+    except MoneyError:
+        raise PydanticCustomError(
+            "currency", "expected an ISO 4217 currency code, got {code}", {"code": _shown(code)}
+        ) from None
+    return code
+
+
+Currency = Annotated[str, AfterValidator(_check_currency)]
+
+
+def _check_rate(rate: Decimal) -> Decimal:
+    if not rate.is_finite() or rate <= 0:
+        raise PydanticCustomError("rate", "expected a positive exchange rate")
+    if -int(rate.as_tuple().exponent) > 8:
+        raise PydanticCustomError("rate", "expected at most 8 decimal places")
+    return rate
+
+
+Rate = Annotated[Decimal, AfterValidator(_check_rate)]
+
+
+class ProfileSettings(BaseModel):
+    """How customer profiles are computed (see the README's "customer_profiles")."""
+
+    model_config = _MODEL_CONFIG
+
+    # Order statuses that count as a purchase.
+    paid_statuses: Annotated[list[str], Field(min_length=1)] = ["processing", "completed"]
+    # Order statuses that are an open cart when newer than the customer's last purchase.
+    cart_statuses: list[str] = ["checkout-draft", "pending"]
+    # Amounts are reported in this currency. Unset: the one currency the orders are in.
+    reporting_currency: Currency | None = None
+    # Units of the reporting currency per unit of another: { USD = "0.92" }. Every currency
+    # orders are in needs one; the reporting currency itself is 1.
+    rates: dict[Currency, Rate] = Field(default_factory=dict)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    clv: ClvSettings = Field(default_factory=ClvSettings)
 
 
 class DestinationsSettings(BaseModel):
@@ -502,6 +610,7 @@ class Settings(BaseSettings):
     sources: dict[Name, WooCommerceSourceSettings] = Field(default_factory=dict)
     server: ServerSettings = Field(default_factory=ServerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    profiles: ProfileSettings = Field(default_factory=ProfileSettings)
     segments: dict[Name, SegmentSettings] = Field(default_factory=dict)
     destinations: DestinationsSettings = Field(default_factory=DestinationsSettings)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, select, update
 
 from syncd.config import WooCommerceSourceSettings
 from syncd.http import ApiError, AuthError
@@ -36,6 +36,7 @@ from syncd.identity import (
     resolve_registered,
 )
 from syncd.log import get_logger, log_run
+from syncd.runs import finish_run, start_run
 from syncd.sources.woocommerce import (
     STREAM_ORDER,
     STREAMS,
@@ -63,7 +64,6 @@ from syncd.store.models import (
 )
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.models import ORDER_ITEMS as ITEMS
-from syncd.store.models import SYNC_RUNS as RUNS
 from syncd.store.models import SYNC_STATE as STATE
 from syncd.store.upsert import upsert
 
@@ -86,11 +86,6 @@ TABLE_OF_STREAM = {
 def utcnow() -> datetime:
     """Now, to the second: WooCommerce's date filters have second precision."""
     return datetime.now(UTC).replace(microsecond=0)
-
-
-def _now() -> datetime:
-    """Now, to the microsecond: for run records, whose durations matter."""
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -169,7 +164,7 @@ class SourceSync:
         self.counts = {}  # this run's: each result keeps its own
         started = time.monotonic()
         wanted = [s for s in STREAM_ORDER if s in (streams or self.settings.streams)]
-        run_id = self._start_run()
+        run_id = start_run(self.engine, "source", self.name)
         self._load_bookkeeping()
         self._known = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-store-{self.name}")
@@ -220,39 +215,10 @@ class SourceSync:
                 is not None
             )
 
-    def _start_run(self) -> int:
-        with self.engine.begin() as conn:
-            # A run still "running" was cut off (killed, power loss): its committed pages and
-            # cursors stand, the rest is read again now. Say so in its record.
-            conn.execute(
-                update(RUNS)
-                .where(
-                    RUNS.c.kind == "source", RUNS.c.name == self.name, RUNS.c.status == "running"
-                )
-                .values(
-                    status="abandoned",
-                    finished_at=_now(),
-                    error="the process stopped before the run finished",
-                )
-            )
-            run_id: int = conn.execute(
-                insert(RUNS)
-                .values(
-                    kind="source", name=self.name, started_at=_now(), status="running", counts={}
-                )
-                .returning(RUNS.c.id)
-            ).scalar_one()
-        return run_id
-
     def _finish_run(self, run_id: int, result: SyncResult) -> None:
         counts: dict[str, Any] = {s: c.as_dict() for s, c in result.counts.items()}
         counts["requests"] = result.requests
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(RUNS)
-                .where(RUNS.c.id == run_id)
-                .values(finished_at=_now(), status=result.status, counts=counts, error=result.error)
-            )
+        finish_run(self.engine, run_id, result.status, counts, result.error)
 
     async def _sync_stream(self, stream: Stream) -> None:
         if stream.name == "customers":

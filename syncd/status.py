@@ -17,7 +17,9 @@ from syncd.sources.woocommerce import STREAM_ORDER
 from syncd.store.migrate import current_revision
 from syncd.store.models import (
     CUSTOMERS,
+    MEMBERSHIPS,
     ORDERS,
+    PROFILES,
     QUARANTINE,
 )
 from syncd.store.models import SYNC_RUNS as RUNS
@@ -127,11 +129,37 @@ def collect_status(
                 "last_success_at": iso(last_ok),
                 "streams": streams,
             }
+        out["segments"] = _segments(conn, settings)
         out["totals"] = {
             "customers": conn.execute(select(func.count()).select_from(CUSTOMERS)).scalar(),
             "orders": conn.execute(
                 select(func.count()).where(ORDERS.c.deleted_at.is_(None))
             ).scalar(),
             "quarantined": conn.execute(select(func.count()).select_from(QUARANTINE)).scalar(),
+            "profiles": conn.execute(select(func.count()).select_from(PROFILES)).scalar(),
         }
     return out
+
+
+def _segments(conn: Any, settings: Settings) -> dict[str, Any]:
+    """The last recompute and every segment's current size (open memberships)."""
+    last = conn.execute(
+        select(RUNS)
+        .where(RUNS.c.kind == "segments")
+        .order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc())
+        .limit(1)
+    ).first()
+    sizes: dict[str, int] = dict(
+        conn.execute(
+            select(MEMBERSHIPS.c.segment, func.count())
+            .where(MEMBERSHIPS.c.exited_at.is_(None))
+            .group_by(MEMBERSHIPS.c.segment)
+        ).all()
+    )
+    return {
+        "last_run": _run_json(last),
+        "sizes": {
+            name: {"size": sizes.get(name, 0), "configured": name in settings.segments}
+            for name in sorted(set(settings.segments) | set(sizes))
+        },
+    }

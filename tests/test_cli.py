@@ -550,3 +550,75 @@ def test_sync_with_bad_records_exits_0_and_reports_the_quarantine(tmp_path: Path
         reasons = sorted(r for (r,) in conn.execute("SELECT reason FROM quarantine"))
     assert len(reasons) == 4
     assert any("12,34abc" in r for r in reasons) and any("XYZ" in r for r in reasons)
+
+
+# ---------------------------------------------------------------------------
+# syncd segments
+# ---------------------------------------------------------------------------
+
+SEGMENTS_TOML = """
+[segments.everyone]
+rule = "orders_count >= 1"
+
+[segments.carts]
+rule = "has_open_cart"
+
+[segments.by_sql]
+sql = "SELECT customer_id FROM customer_profiles WHERE orders_count >= 2"
+"""
+
+
+def test_segments_json_then_status_shows_sizes(synced: Synced, tmp_path: Path) -> None:
+    assert synced.sync.returncode == 0, synced.sync.output
+    config = tmp_path / "config.toml"
+    config.write_text(synced.config.read_text() + SEGMENTS_TOML)
+    env = base_env(SYNCD_CONFIG=str(config))
+
+    first = syncd("segments", "--json", env=env)
+    assert first.returncode == 0, first.output
+    data = json.loads(first.stdout)
+    assert set(data["segments"]) == {"everyone", "carts", "by_sql"}
+    for change in data["segments"].values():
+        assert set(change) == {"size", "entered", "exited"}
+        assert change["entered"] == change["size"] and change["exited"] == 0
+    assert data["segments"]["everyone"]["size"] == data["buyers"] > 0
+    bg = data["models"]["bgnbd"]
+    assert set(bg) >= {"r", "alpha", "a", "b", "log_likelihood", "time_unit"}
+    assert bg["time_unit"] == "day"
+    assert all(isinstance(bg[k], float) and bg[k] > 0 for k in ("r", "alpha", "a", "b"))
+    assert set(data["models"]["gamma_gamma"]) >= {"p", "q", "v"}
+
+    # The second run: nothing changed, so nobody entered or left.
+    second = syncd("segments", "--json", env=env)
+    assert second.returncode == 0, second.output
+    again = json.loads(second.stdout)
+    assert {n: (c["entered"], c["exited"]) for n, c in again["segments"].items()} == {
+        "everyone": (0, 0),
+        "carts": (0, 0),
+        "by_sql": (0, 0),
+    }
+
+    status = syncd("status", "--json", env=env)
+    sizes = json.loads(status.stdout)["segments"]["sizes"]
+    assert {n: v["size"] for n, v in sizes.items()} == {
+        n: c["size"] for n, c in data["segments"].items()
+    }
+
+    console = syncd("segments", env=base_env(SYNCD_CONFIG=str(config), COLUMNS="160"))
+    assert console.returncode == 0, console.output
+    assert re.search(r"everyone\s*│\s*\d+\s*│\s*\+0\s*│\s*-0", console.stdout), console.stdout
+    assert "BG/NBD (days): r=" in console.stdout
+
+
+def test_segments_bad_as_of_and_currency_errors_exit_2(synced: Synced, tmp_path: Path) -> None:
+    env = base_env(SYNCD_CONFIG=str(synced.config))
+    bad_day = syncd("segments", "--as-of", "2026-13-01", env=env)
+    assert bad_day.returncode == 2
+    assert bad_day.stderr_lines() == ["--as-of: expected a date YYYY-MM-DD, got '2026-13-01'"]
+
+    # Reporting in EUR without a rate for the sandbox's USD: refused, naming the key.
+    config = tmp_path / "config.toml"
+    config.write_text(synced.config.read_text() + '\n[profiles]\nreporting_currency = "EUR"\n')
+    no_rate = syncd("segments", env=base_env(SYNCD_CONFIG=str(config)))
+    assert no_rate.returncode == 2, no_rate.output
+    assert no_rate.stderr_lines()[-1].startswith(f"{config}: profiles.rates: orders are in USD")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -423,7 +424,7 @@ def test_all_problems_are_reported_together(in_tmp: Path) -> None:
         [log]
         level = "verbose"
         [segments.both]
-        rule = "x"
+        rule = "has_open_cart"
         sql = "select 1"
         [segments.neither]
         group = "g"
@@ -694,3 +695,47 @@ def test_example_config_without_its_variables_names_each_key() -> None:
             "environment variable WC_WEBHOOK_SECRET is not set",
         ),
     ]
+
+
+# --- profiles -----------------------------------------------------------------
+
+
+def test_profile_settings_are_validated(in_tmp: Path) -> None:
+    write(
+        in_tmp / "config.toml",
+        """
+        [profiles]
+        reporting_currency = "EURO"
+        paid_statuses = []
+        [profiles.rates]
+        USD = "-1"
+        GBP = "0.123456789"
+        XXY = "1"
+        [profiles.lifecycle]
+        lapsed_ratio = 10
+        [segments.bad]
+        rule = "orders_count >"
+        """,
+    )
+    assert str(load_error(Path("config.toml"))).splitlines() == [
+        "config.toml: profiles.paid_statuses: expected a non-empty value",
+        "config.toml: profiles.reporting_currency: expected an ISO 4217 currency code, got 'EURO'",
+        "config.toml: profiles.rates.USD: expected a positive exchange rate",
+        "config.toml: profiles.rates.GBP: expected at most 8 decimal places",
+        "config.toml: profiles.rates.XXY: expected an ISO 4217 currency code, got 'XXY'",
+        "config.toml: profiles.lifecycle: expected at_risk_ratio <= lapsed_ratio <= churned_ratio",
+        "config.toml: segments.bad.rule: expected a value after '>' at position 14",
+    ]
+
+
+def test_profile_rates_are_exact_decimals(in_tmp: Path) -> None:
+    write(
+        in_tmp / "config.toml",
+        """
+        [profiles]
+        reporting_currency = "EUR"
+        rates = { USD = "0.92", JPY = 0.0061 }
+        """,
+    )
+    rates = load_settings(Path("config.toml"), {}).profiles.rates
+    assert rates == {"USD": Decimal("0.92"), "JPY": Decimal("0.0061")}

@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy import Engine, func, insert, inspect, select, text
 
 from syncd.store.engine import StoreError, make_engine, open_store
 from syncd.store.migrate import current_revision, head_revision
@@ -24,6 +24,9 @@ PUBLIC_TABLES = {
     "sync_state",
     "sync_runs",
     "quarantine",
+    "customer_profiles",
+    "segment_memberships",
+    "model_fits",
 }
 
 
@@ -44,6 +47,62 @@ def _order(
 def test_migrations_create_the_public_tables(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) >= PUBLIC_TABLES
     assert current_revision(engine) == head_revision()
+
+
+def test_migrations_match_the_models(engine: Engine) -> None:
+    # The models are what the code writes; the migrations are what a store has.
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+
+
+def test_migration_0002_reads_attribution_from_stored_payloads(store_url: str) -> None:
+    from syncd.store.migrate import upgrade
+
+    engine = make_engine(store_url)
+    try:
+        upgrade(engine, "0001")
+        meta = [
+            {"id": 1, "key": "_wc_order_attribution_source_type", "value": "organic"},
+            {"id": 2, "key": "_wc_order_attribution_utm_source", "value": "google"},
+            {"id": 3, "key": "_other", "value": "x"},
+        ]
+        with engine.begin() as conn:
+            for source_id, raw in ((1, {"meta_data": meta}), (2, {"meta_data": []}), (3, None)):
+                conn.execute(
+                    insert(ORDERS).values(
+                        source="wc",
+                        source_id=source_id,
+                        status="completed",
+                        currency="EUR",
+                        total_minor=100,
+                        subtotal_minor=0,
+                        discount_minor=0,
+                        shipping_minor=0,
+                        tax_minor=0,
+                        refunded_minor=0,
+                        raw=raw,
+                    )
+                )
+        upgrade(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    ORDERS.c.source_id,
+                    ORDERS.c.attribution_source_type,
+                    ORDERS.c.attribution_utm_source,
+                ).order_by(ORDERS.c.source_id)
+            ).all()
+        assert [tuple(r) for r in rows] == [
+            (1, "organic", "google"),
+            (2, None, None),
+            (3, None, None),
+        ]
+    finally:
+        engine.dispose()
 
 
 def test_open_store_twice_is_a_no_op(store_url: str) -> None:

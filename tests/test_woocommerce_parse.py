@@ -56,6 +56,23 @@ def test_guest_order_from_the_docs() -> None:
     assert order.person().city == "San Francisco"
 
 
+def test_order_attribution_from_meta_data() -> None:
+    payload = copy.deepcopy(fixture("order_single.json"))
+    assert parse_order(payload, "wc").row["attribution_source_type"] is None  # none in the docs
+    payload["meta_data"] = [
+        {"id": 1, "key": "_wc_order_attribution_source_type", "value": " referral "},
+        {"id": 2, "key": "_wc_order_attribution_utm_source", "value": "facebook.com"},
+        {"id": 3, "key": "_wc_order_attribution_session_pages", "value": "4"},
+        {"id": 4, "key": "_wc_order_attribution_utm_medium", "value": ""},
+        "not an object",
+    ]
+    row = parse_order(payload, "wc").row
+    assert (row["attribution_source_type"], row["attribution_utm_source"]) == (
+        "referral",
+        "facebook.com",
+    )
+
+
 def test_registered_order_with_refunds() -> None:
     order = next(o for o in fixture("orders_list.json") if o["id"] == 723)
     row = parse_order(order, "wc").row

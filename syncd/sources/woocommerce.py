@@ -132,6 +132,30 @@ class OrderRow:
         )
 
 
+# WooCommerce's order attribution (WC >= 8.5) keeps where the buyer came from in order meta,
+# e.g. _wc_order_attribution_source_type = "organic", _wc_order_attribution_utm_source = "google".
+ATTRIBUTION_META = "_wc_order_attribution_"
+ATTRIBUTION_FIELDS = ("source_type", "utm_source")
+
+
+def _attribution(meta: object) -> dict[str, str]:
+    """The order-attribution fields present in an order's ``meta_data`` (others ignored)."""
+    found: dict[str, str] = {}
+    if not isinstance(meta, list):
+        return found
+    for entry in meta:
+        if not isinstance(entry, Mapping):
+            continue
+        key = entry.get("key")
+        if not isinstance(key, str) or not key.startswith(ATTRIBUTION_META):
+            continue
+        field = key[len(ATTRIBUTION_META) :]
+        value = clean_text(entry.get("value"))
+        if field in ATTRIBUTION_FIELDS and value:
+            found[field] = value[:100]
+    return found
+
+
 def parse_order(payload: Mapping[str, Any], source: str) -> OrderRow:
     source_id = _id(payload)
     currency, exp = _currency(payload)
@@ -181,6 +205,7 @@ def parse_order(payload: Mapping[str, Any], source: str) -> OrderRow:
         if isinstance(c, Mapping) and c.get("code")
     ]
     email = normalize_email(billing.get("email"))
+    attribution = _attribution(payload.get("meta_data"))
     row = {
         "source": source,
         "source_id": source_id,
@@ -197,6 +222,8 @@ def parse_order(payload: Mapping[str, Any], source: str) -> OrderRow:
         "coupon_codes": coupons,
         "payment_method": clean_text(payload.get("payment_method")),
         "created_via": clean_text(payload.get("created_via")),
+        "attribution_source_type": attribution.get("source_type"),
+        "attribution_utm_source": attribution.get("utm_source"),
         "created_at": created,
         "paid_at": parse_gmt(payload.get("date_paid_gmt"), "date_paid_gmt"),
         "completed_at": parse_gmt(payload.get("date_completed_gmt"), "date_completed_gmt"),

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlmodel import Field, SQLModel
 
@@ -127,6 +128,10 @@ class Order(SQLModel, table=True):
     coupon_codes: Any = _json()  # JSON list of the codes applied
     payment_method: str | None = None
     created_via: str | None = None
+    # WooCommerce's order attribution (meta _wc_order_attribution_source_type / _utm_source):
+    # "utm", "organic", "referral", "typein", "admin", ... and e.g. "google".
+    attribution_source_type: str | None = None
+    attribution_utm_source: str | None = None
     created_at: datetime | None = _utc(index=True)
     paid_at: datetime | None = _utc()
     completed_at: datetime | None = _utc()
@@ -270,6 +275,92 @@ class Quarantine(SQLModel, table=True):
     times_seen: int = 1
 
 
+class CustomerProfile(SQLModel, table=True):
+    """Derived metrics per customer, rebuilt by every segment recompute (see the README).
+
+    Money is integer minor units of ``currency`` (the reporting currency); durations are
+    whole days measured to ``as_of``.
+    """
+
+    __tablename__ = "customer_profiles"
+
+    customer_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    country: str | None = Field(default=None, max_length=2)
+    orders_count: int = 0
+    gross_revenue_minor: int = Field(default=0, sa_type=BigInteger)
+    refunded_minor: int = Field(default=0, sa_type=BigInteger)
+    net_revenue_minor: int = Field(default=0, sa_type=BigInteger)
+    currency: str | None = Field(default=None, max_length=3)
+    avg_order_value_minor: int | None = Field(default=None, sa_type=BigInteger)
+    first_order_at: datetime | None = _utc()
+    last_order_at: datetime | None = _utc()
+    days_since_last_order: int | None = None
+    avg_days_between_orders: float | None = None
+    distinct_products: int = 0
+    top_category: str | None = None
+    coupon_order_share: float | None = None
+    acquisition_source: str | None = None
+    r_score: int | None = None
+    f_score: int | None = None
+    m_score: int | None = None
+    rfm_segment: str | None = None
+    p_alive: float | None = None
+    expected_orders_90d: float | None = None
+    expected_order_value_minor: int | None = Field(default=None, sa_type=BigInteger)
+    clv_12m_minor: int | None = Field(default=None, sa_type=BigInteger)
+    lifecycle_stage: str = "prospect"
+    has_open_cart: bool = False
+    cart_value_minor: int | None = Field(default=None, sa_type=BigInteger)
+    cart_updated_at: datetime | None = _utc()
+    as_of: datetime | None = _utc()  # the instant the profile describes (end of --as-of's day)
+    computed_at: datetime | None = _utc()  # when the recompute ran
+
+
+class SegmentMembership(SQLModel, table=True):
+    """Who is in which segment since when: one open row (exited_at null) per current member.
+
+    A customer who leaves and comes back gets a new row, so the history is complete.
+    """
+
+    __tablename__ = "segment_memberships"
+    __table_args__ = (
+        Index(
+            "ux_segment_memberships_open",
+            "segment",
+            "customer_id",
+            unique=True,
+            sqlite_where=text("exited_at IS NULL"),
+            postgresql_where=text("exited_at IS NULL"),
+        ),
+        Index("ix_segment_memberships_customer", "customer_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    segment: str
+    customer_id: int
+    entered_at: datetime = _utc(nullable=False)
+    exited_at: datetime | None = _utc()
+
+
+class ModelFit(SQLModel, table=True):
+    """Fitted model parameters, one row per fit: the CLV models' history."""
+
+    __tablename__ = "model_fits"
+    __table_args__ = (Index("ix_model_fits_model_fitted", "model", "fitted_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model: str  # "bgnbd" | "gamma_gamma"
+    params: Any = _json()  # e.g. {"r": ..., "alpha": ..., "a": ..., "b": ...}; null when not fitted
+    log_likelihood: float | None = None
+    customers: int = 0  # customers the model was fitted on
+    error: str | None = Field(default=None, sa_type=Text)  # why it was not fitted
+    as_of: datetime | None = _utc()
+    fitted_at: datetime | None = _utc()
+
+
 def _table(model: type[SQLModel]) -> Table:
     table: Table = model.__table__  # type: ignore[attr-defined]
     return table
@@ -287,3 +378,6 @@ COUPONS = _table(Coupon)
 SYNC_STATE = _table(SyncState)
 SYNC_RUNS = _table(SyncRun)
 QUARANTINE = _table(Quarantine)
+PROFILES = _table(CustomerProfile)
+MEMBERSHIPS = _table(SegmentMembership)
+MODEL_FITS = _table(ModelFit)

@@ -1,0 +1,185 @@
+"""Segments: who is in each one now (rules or SQL over `customer_profiles`), exclusive groups,
+and the entered/exited history in `segment_memberships`, all set-based."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import DBAPIError
+
+from syncd.config import SegmentSettings
+from syncd.segments.rules import compile_rule
+from syncd.store.models import MEMBERSHIPS, PROFILES
+
+
+class SegmentError(ValueError):
+    """A segment definition that cannot run: the message starts with its config key."""
+
+
+# This run's members, on the recompute's connection (a temporary table).
+T_MEMBERS = Table(
+    "t_members",
+    MetaData(),
+    Column("segment", String, nullable=False),
+    Column("customer_id", Integer, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class SegmentChange:
+    size: int
+    entered: int
+    exited: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"size": self.size, "entered": self.entered, "exited": self.exited}
+
+
+def evaluation_order(segments: Mapping[str, SegmentSettings]) -> list[str]:
+    """Segments in the order they are filled: within a group, highest priority first (then by
+    name), so a customer lands only in the first segment of the group that selects them."""
+    return sorted(segments, key=lambda n: (segments[n].group or "", -segments[n].priority, n))
+
+
+def _user_sql(sql: str) -> str:
+    # The user's own query, wrapped as a subquery: a trailing ';' would end the statement,
+    # and ':' must be escaped so text() does not take ':name' inside it for a parameter.
+    return sql.strip().rstrip(";").strip().replace(":", "\\:")
+
+
+def check_sql_segments(engine: Engine, segments: Mapping[str, SegmentSettings]) -> None:
+    """Run every SQL segment with LIMIT 0: a query that fails, or has no ``customer_id``
+    column, is a SegmentError naming the segment."""
+    for name, seg in segments.items():
+        if seg.sql is None:
+            continue
+        with engine.connect() as conn:
+            try:
+                conn.execute(text(f"SELECT s.customer_id FROM ({_user_sql(seg.sql)}) AS s LIMIT 0"))
+            except DBAPIError as exc:
+                first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                raise SegmentError(
+                    f"segments.{name}.sql: the query failed (it must select customer_id): {first}"
+                ) from None
+
+
+def select_members(
+    conn: Connection, segments: Mapping[str, SegmentSettings], now: datetime
+) -> dict[str, int]:
+    """Fill ``t_members`` with each segment's members; returns the sizes."""
+    dialect = conn.dialect.name
+    conn.execute(text("DROP TABLE IF EXISTS t_members"))
+    suffix = "" if dialect == "sqlite" else " ON COMMIT DROP"
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE t_members (segment VARCHAR NOT NULL, customer_id INTEGER NOT NULL)"
+            + suffix
+        )
+    )
+    order = evaluation_order(segments)
+    for index, name in enumerate(order):
+        seg = segments[name]
+        # Members of the group's higher-priority segments are not candidates here.
+        higher = [
+            other
+            for other in order[:index]
+            if seg.group is not None and segments[other].group == seg.group
+        ]
+        taken = exists().where(
+            T_MEMBERS.c.segment.in_(higher), T_MEMBERS.c.customer_id == PROFILES.c.customer_id
+        )
+        if seg.rule is not None:
+            query = select(literal(name), PROFILES.c.customer_id).where(
+                compile_rule(seg.rule, PROFILES, now=now)
+            )
+            if higher:
+                query = query.where(~taken)
+            conn.execute(insert(T_MEMBERS).from_select(["segment", "customer_id"], query))
+        else:
+            assert seg.sql is not None
+            exclude = ""
+            if higher:
+                exclude = (
+                    " AND NOT EXISTS (SELECT 1 FROM t_members t WHERE t.customer_id = s.customer_id"
+                    " AND t.segment IN :higher)"
+                )
+            statement = text(
+                "INSERT INTO t_members (segment, customer_id) "
+                f"SELECT DISTINCT :segment, s.customer_id FROM ({_user_sql(seg.sql)}) AS s "
+                f"WHERE s.customer_id IS NOT NULL{exclude}"
+            )
+            params: dict[str, object] = {"segment": name}
+            if higher:
+                statement = statement.bindparams(bindparam("higher", expanding=True))
+                params["higher"] = higher
+            try:
+                conn.execute(statement, params)
+            except DBAPIError as exc:
+                first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                raise SegmentError(f"segments.{name}.sql: the query failed: {first}") from None
+    conn.execute(text("CREATE INDEX t_members_key ON t_members (segment, customer_id)"))
+    counted: dict[str, int] = dict(
+        conn.execute(select(T_MEMBERS.c.segment, func.count()).group_by(T_MEMBERS.c.segment)).all()
+    )
+    sizes = {name: int(counted.get(name, 0)) for name in order}
+    if dialect == "postgresql":
+        conn.execute(text("ANALYZE t_members"))
+    return sizes
+
+
+def record_changes(
+    conn: Connection, sizes: Mapping[str, int], at: datetime, *, write: bool
+) -> dict[str, SegmentChange]:
+    """Diff ``t_members`` against the open memberships: count who entered and who left each
+    segment and, when ``write``, close the rows of those who left and open rows for those
+    who entered (a returning customer gets a new row). Open rows of segments no longer
+    configured are closed too."""
+    m = MEMBERSHIPS
+    t = T_MEMBERS
+    is_open = m.c.exited_at.is_(None)
+    member_now = exists().where(t.c.segment == m.c.segment, t.c.customer_id == m.c.customer_id)
+    already = exists().where(
+        m.c.segment == t.c.segment, m.c.customer_id == t.c.customer_id, m.c.exited_at.is_(None)
+    )
+    entered: dict[str, int] = dict(
+        conn.execute(select(t.c.segment, func.count()).where(~already).group_by(t.c.segment)).all()
+    )
+    exited: dict[str, int] = dict(
+        conn.execute(
+            select(m.c.segment, func.count()).where(is_open, ~member_now).group_by(m.c.segment)
+        ).all()
+    )
+    if write:
+        conn.execute(update(m).where(and_(is_open, ~member_now)).values(exited_at=at))
+        conn.execute(
+            insert(m).from_select(
+                ["segment", "customer_id", "entered_at"],
+                select(t.c.segment, t.c.customer_id, literal(at, m.c.entered_at.type)).where(
+                    ~already
+                ),
+            )
+        )
+    return {
+        name: SegmentChange(size, int(entered.get(name, 0)), int(exited.get(name, 0)))
+        for name, size in sizes.items()
+    }

@@ -1,0 +1,296 @@
+"""`syncd segments`: rebuild the profiles, fit and score the CLV models, evaluate the
+segments and record who entered and who left. One transaction: readers see the old
+profiles and memberships or the new ones, never a mix."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from datetime import time as dtime
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import Connection, Engine, insert
+
+from syncd.config import Settings
+from syncd.log import get_logger, log_run
+from syncd.runs import finish_run, start_run, utc_now
+from syncd.segments import clv
+from syncd.segments.memberships import (
+    SegmentChange,
+    SegmentError,
+    check_sql_segments,
+    record_changes,
+    select_members,
+)
+from syncd.segments.profiles import (
+    EPOCH_DAY,
+    ClvInputs,
+    ProfileError,
+    build_work_tables,
+    clv_inputs,
+    conversion,
+    drop_temp_tables,
+    write_clv_scores,
+    write_profiles,
+)
+from syncd.store.models import MODEL_FITS
+
+__all__ = ["ProfileError", "RecomputeResult", "SegmentError", "as_of_instant", "recompute"]
+
+log = get_logger("syncd.segments")
+
+HORIZON_DAYS = 90  # expected_orders_90d
+
+
+def as_of_instant(day: date) -> datetime:
+    """The end of ``day`` in UTC: --as-of counts everything up to and including that day."""
+    return datetime.combine(day, dtime.max, tzinfo=UTC)
+
+
+@dataclass
+class RecomputeResult:
+    as_of: datetime
+    computed_at: datetime
+    status: str = "success"  # success | failed
+    error: str | None = None
+    run_id: int | None = None
+    written: bool = True  # memberships recorded (not for --as-of)
+    profiles: int = 0
+    buyers: int = 0
+    currency: str | None = None
+    segments: dict[str, SegmentChange] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "profiles": self.profiles,
+            "buyers": self.buyers,
+            "segments": {name: change.as_dict() for name, change in self.segments.items()},
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "error": self.error,
+            "as_of": self.as_of.isoformat(),
+            "memberships_recorded": self.written,
+            "profiles": self.profiles,
+            "buyers": self.buyers,
+            "currency": self.currency,
+            "segments": {name: change.as_dict() for name, change in self.segments.items()},
+            "models": self.models,
+        }
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - started, 3)
+
+
+def recompute(
+    engine: Engine,
+    settings: Settings,
+    as_of: date | None = None,
+    *,
+    now: datetime | None = None,
+) -> RecomputeResult:
+    """Recompute profiles and segments as of now (``now`` pins it, for tests) or as of the
+    end of the day ``as_of`` (a backtest: profiles are rebuilt as of then, memberships are
+    compared but not recorded).
+
+    Raises ProfileError or SegmentError for a configuration that cannot run (the run is
+    recorded as failed first); other failures are recorded and re-raised.
+    """
+    computed_at = utc_now()
+    instant = as_of_instant(as_of) if as_of is not None else (now or computed_at)
+    result = RecomputeResult(as_of=instant, computed_at=computed_at, written=as_of is None)
+    started = time.monotonic()
+    result.run_id = start_run(engine, "segments", "segments")
+    try:
+        _recompute(engine, settings, result)
+    except Exception as exc:
+        result.status = "failed"
+        result.error = str(exc) if isinstance(exc, ProfileError | SegmentError) else repr(exc)
+        raise
+    finally:
+        finish_run(engine, result.run_id, result.status, result.counts(), result.error)
+        log_run(
+            "segments",
+            "segments",
+            result.status,
+            started,
+            {"profiles": result.profiles, "buyers": result.buyers},
+            error=result.error,
+            segments={n: c.as_dict() for n, c in result.segments.items()},
+            as_of=instant.isoformat(),
+        )
+    return result
+
+
+def _recompute(engine: Engine, settings: Settings, result: RecomputeResult) -> None:
+    timer = _Timer(result.timings)
+    profiles = settings.profiles
+    as_of = result.as_of
+    as_of_day = int(as_of.timestamp()) // EPOCH_DAY
+    with timer.step("check_segments"):
+        check_sql_segments(engine, settings.segments)
+    with engine.begin() as conn:
+        try:
+            conv = conversion(conn, profiles, as_of)
+            result.currency = conv.currency
+            with timer.step("metrics"):
+                build_work_tables(conn, profiles, conv, as_of)
+            with timer.step("clv_read"):
+                inputs = clv_inputs(conn, as_of_day)
+            result.buyers = len(inputs.customer_id)
+            fitted = _fit_and_score(conn, settings, inputs, result, timer)
+            with timer.step("profiles"):
+                result.profiles = write_profiles(
+                    conn, profiles, conv, as_of, as_of_day, result.computed_at, fitted
+                )
+            with timer.step("segments"):
+                sizes = select_members(conn, settings.segments, as_of)
+                result.segments = record_changes(conn, sizes, as_of, write=result.written)
+        finally:
+            if conn.dialect.name == "sqlite":  # Postgres drops them at commit
+                drop_temp_tables(conn)
+                conn.exec_driver_sql("DROP TABLE IF EXISTS t_members")
+
+
+def _fit_and_score(
+    conn: Connection,
+    settings: Settings,
+    inputs: ClvInputs,
+    result: RecomputeResult,
+    timer: _Timer,
+) -> bool:
+    """Fit BG/NBD and Gamma-Gamma on the buyers, score them into ``t_clv``, keep the fits
+    in ``model_fits``. Returns whether BG/NBD was fitted."""
+    cfg = settings.profiles.clv
+    x, t_x, big_t = inputs.frequency, inputs.recency, inputs.age
+    monetary = np.maximum(inputs.monetary, 0.0)
+    bg: clv.BgNbdParams | None = None
+    gg: clv.GammaGammaParams | None = None
+    bg_error = gg_error = None
+    with timer.step("clv_fit"):
+        try:
+            bg = clv.fit_bgnbd(x, t_x, big_t, min_customers=cfg.min_customers)
+        except clv.ModelNotFitted as exc:
+            bg_error = str(exc)
+        try:
+            gg = clv.fit_gamma_gamma(x, monetary, min_customers=cfg.min_repeat_buyers)
+        except clv.ModelNotFitted as exc:
+            gg_error = str(exc)
+    with timer.step("clv_score"):
+        n = len(x)
+        order_value = (
+            clv.expected_order_value(gg, x, monetary) if gg is not None else inputs.avg_order_value
+        )
+        p_alive: list[float | None] = [None] * n
+        expected: list[float | None] = [None] * n
+        value_12m: list[int | None] = [None] * n
+        if bg is not None:
+            p_alive = _floats(clv.p_alive(bg, x, t_x, big_t))
+            expected = _floats(clv.expected_purchases(bg, HORIZON_DAYS, x, t_x, big_t))
+            value_12m = _minor(
+                clv.clv(
+                    bg,
+                    gg,
+                    x,
+                    t_x,
+                    big_t,
+                    monetary,
+                    months=12,
+                    discount_rate_monthly=cfg.discount_rate_monthly,
+                    # A customer refunded more than they paid has no negative future value.
+                    fallback_value=np.maximum(inputs.avg_order_value, 0.0),
+                )
+            )
+        write_clv_scores(
+            conn, inputs.customer_id, p_alive, expected, _minor(order_value), value_12m
+        )
+    fitted_at = utc_now()
+    fits: list[dict[str, Any]] = []
+    if bg is not None:
+        params = {"r": bg.r, "alpha": bg.alpha, "a": bg.a, "b": bg.b}
+        result.models["bgnbd"] = {
+            **params,
+            "log_likelihood": bg.log_likelihood,
+            "customers": bg.customers,
+            "time_unit": "day",
+            "error": None,
+        }
+        fits.append(_fit_row("bgnbd", params, bg.log_likelihood, bg.customers, None))
+    else:
+        result.models["bgnbd"] = {
+            **dict.fromkeys(("r", "alpha", "a", "b", "log_likelihood")),
+            "customers": len(x),
+            "time_unit": "day",
+            "error": bg_error,
+        }
+        fits.append(_fit_row("bgnbd", None, None, len(x), bg_error))
+    if gg is not None:
+        params = {"p": gg.p, "q": gg.q, "v": gg.v}
+        result.models["gamma_gamma"] = {
+            **params,
+            "log_likelihood": gg.log_likelihood,
+            "customers": gg.customers,
+            "error": None,
+        }
+        fits.append(_fit_row("gamma_gamma", params, gg.log_likelihood, gg.customers, None))
+    else:
+        result.models["gamma_gamma"] = {
+            **dict.fromkeys(("p", "q", "v", "log_likelihood")),
+            "customers": int((x > 0).sum()),
+            "error": gg_error,
+        }
+        fits.append(_fit_row("gamma_gamma", None, None, int((x > 0).sum()), gg_error))
+    for row in fits:
+        row.update(as_of=result.as_of, fitted_at=fitted_at)
+    conn.execute(insert(MODEL_FITS), fits)
+    return bg is not None
+
+
+def _fit_row(
+    model: str,
+    params: dict[str, float] | None,
+    log_likelihood: float | None,
+    customers: int,
+    error: str | None,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "params": params,
+        "log_likelihood": log_likelihood,
+        "customers": customers,
+        "error": error,
+    }
+
+
+def _floats(values: NDArray[np.float64]) -> list[float | None]:
+    """Finite values as floats, anything else as None (never NaN in the store)."""
+    out: list[float | None] = np.where(np.isfinite(values), values, np.nan).tolist()
+    return [None if v != v else v for v in out]
+
+
+def _minor(values: NDArray[np.float64]) -> list[int | None]:
+    """Amounts in minor units, rounded half away from zero; non-finite as None."""
+    finite = np.isfinite(values)
+    rounded = np.where(finite, np.sign(values) * np.floor(np.abs(values) + 0.5), 0.0)
+    ints: list[int] = rounded.astype(np.int64).tolist()
+    flags: list[bool] = finite.tolist()
+    return [v if ok else None for v, ok in zip(ints, flags, strict=True)]

@@ -1,0 +1,284 @@
+"""Segments over customer_profiles: membership history, exclusive groups, SQL segments,
+backtests and the recorded model fits, on SQLite and Postgres.
+
+The data is written straight into the store (customers and orders rows), so each
+test states exactly who qualifies for what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, delete, func, insert, select, update
+
+from syncd.config import ConfigError, Settings, load_settings
+from syncd.segments.recompute import SegmentError, recompute
+from syncd.store.models import CUSTOMERS, MEMBERSHIPS, MODEL_FITS, ORDERS, PROFILES, SYNC_RUNS
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+class Shop:
+    """Customers and paid orders written directly into the store."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.next_order = 1
+
+    def customer(self, cid: int, country: str = "DE") -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(CUSTOMERS).values(
+                    id=cid, email=f"c{cid}@example.com", country=country, created_at=T0
+                )
+            )
+
+    def order(self, cid: int, when: datetime, total: int = 1000, status: str = "completed") -> int:
+        oid = self.next_order
+        self.next_order += 1
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(ORDERS).values(
+                    id=oid,
+                    source="shop",
+                    source_id=oid,
+                    customer_id=cid,
+                    status=status,
+                    currency="EUR",
+                    total_minor=total,
+                    created_at=when,
+                    modified_at=when,
+                    coupon_codes=[],
+                )
+            )
+        return oid
+
+
+@pytest.fixture
+def shop(engine: Engine) -> Iterator[Shop]:
+    yield Shop(engine)
+
+
+def settings(**segments: dict[str, Any]) -> Settings:
+    return Settings(segments=segments)  # type: ignore[arg-type]
+
+
+def memberships(engine: Engine) -> set[tuple[str, int, datetime, datetime | None]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                MEMBERSHIPS.c.segment,
+                MEMBERSHIPS.c.customer_id,
+                MEMBERSHIPS.c.entered_at,
+                MEMBERSHIPS.c.exited_at,
+            )
+        ).all()
+    return {(r.segment, r.customer_id, r.entered_at, r.exited_at) for r in rows}
+
+
+def test_memberships_across_three_recomputes(engine: Engine, shop: Shop) -> None:
+    for cid in (1, 2, 3, 4):
+        shop.customer(cid)
+    shop.order(1, T0 - timedelta(days=10), 20_000)
+    shop.order(2, T0 - timedelta(days=10), 5_000)
+    cart = shop.order(3, T0 - timedelta(days=2), 7_000, status="pending")
+    config = settings(
+        big={"rule": "net_revenue_minor >= 10000"},
+        carts={"rule": "has_open_cart"},
+    )
+
+    # Run 1: customer 1 is big; customer 3 has an open cart.
+    t1 = T0
+    r1 = recompute(engine, config, now=t1)
+    assert {n: c.as_dict() for n, c in r1.segments.items()} == {
+        "big": {"size": 1, "entered": 1, "exited": 0},
+        "carts": {"size": 1, "entered": 1, "exited": 0},
+    }
+    assert memberships(engine) == {("big", 1, t1, None), ("carts", 3, t1, None)}
+
+    # Run 2: customer 2 spends enough to be big; customer 3 pays the cart (it leaves
+    # "carts") and customer 4 starts one.
+    shop.order(2, T0 + timedelta(days=1), 6_000)
+    with engine.begin() as conn:
+        conn.execute(update(ORDERS).where(ORDERS.c.id == cart).values(status="processing"))
+    shop.order(4, T0 + timedelta(days=1), 3_000, status="checkout-draft")
+    t2 = T0 + timedelta(days=2)
+    r2 = recompute(engine, config, now=t2)
+    assert {n: c.as_dict() for n, c in r2.segments.items()} == {
+        "big": {"size": 2, "entered": 1, "exited": 0},
+        "carts": {"size": 1, "entered": 1, "exited": 1},
+    }
+    assert memberships(engine) == {
+        ("big", 1, t1, None),
+        ("big", 2, t2, None),
+        ("carts", 3, t1, t2),
+        ("carts", 4, t2, None),
+    }
+
+    # Run 3: customer 1's big order is refunded in full (status refunded: no longer paid),
+    # customer 3 starts a new cart after their purchase: they come back with a new row.
+    with engine.begin() as conn:
+        conn.execute(update(ORDERS).where(ORDERS.c.customer_id == 1).values(status="refunded"))
+    shop.order(3, T0 + timedelta(days=3), 1_500, status="pending")
+    t3 = T0 + timedelta(days=4)
+    r3 = recompute(engine, config, now=t3)
+    assert {n: c.as_dict() for n, c in r3.segments.items()} == {
+        "big": {"size": 1, "entered": 0, "exited": 1},
+        "carts": {"size": 2, "entered": 1, "exited": 0},
+    }
+    assert memberships(engine) == {
+        ("big", 1, t1, t3),
+        ("big", 2, t2, None),
+        ("carts", 3, t1, t2),
+        ("carts", 3, t3, None),
+        ("carts", 4, t2, None),
+    }
+
+    # An unchanged recompute changes nothing.
+    r4 = recompute(engine, config, now=t3 + timedelta(hours=1))
+    assert all(c.entered == 0 and c.exited == 0 for c in r4.segments.values())
+    assert len(memberships(engine)) == 5
+
+
+def test_segment_removed_from_config_closes_its_rows(engine: Engine, shop: Shop) -> None:
+    shop.customer(1)
+    shop.order(1, T0 - timedelta(days=1))
+    recompute(engine, settings(everyone={"rule": "orders_count >= 1"}), now=T0)
+    later = T0 + timedelta(days=1)
+    result = recompute(engine, settings(), now=later)
+    assert result.segments == {}
+    assert memberships(engine) == {("everyone", 1, T0, later)}
+
+
+def test_exclusive_group_puts_each_customer_in_the_highest_priority_segment(
+    engine: Engine, shop: Shop
+) -> None:
+    for cid in (1, 2, 3):
+        shop.customer(cid, country="FR" if cid == 3 else "DE")
+    shop.order(1, T0 - timedelta(days=5), 50_000)
+    shop.order(2, T0 - timedelta(days=5), 2_000)
+    config = settings(
+        # Both qualify for "buyers"; customer 1 also for "vip", which outranks it.
+        vip={"rule": "net_revenue_minor >= 10000", "group": "tier", "priority": 10},
+        buyers={"rule": "orders_count >= 1", "group": "tier", "priority": 1},
+        # A SQL segment in the same group, lowest priority: everyone not yet placed.
+        rest={
+            "sql": "SELECT customer_id FROM customer_profiles",
+            "group": "tier",
+            "priority": -5,
+        },
+        # Not in the group: overlaps freely.
+        germans={"sql": "SELECT customer_id FROM customer_profiles WHERE country = 'DE';"},
+    )
+    result = recompute(engine, config, now=T0)
+    assert {n: c.size for n, c in result.segments.items()} == {
+        "germans": 2,
+        "buyers": 1,
+        "rest": 1,
+        "vip": 1,
+    }
+    current = {(s, c) for s, c, _, exited in memberships(engine) if exited is None}
+    assert current == {
+        ("vip", 1),
+        ("buyers", 2),
+        ("rest", 3),
+        ("germans", 1),
+        ("germans", 2),
+    }
+
+
+def test_a_failing_sql_segment_names_the_segment(engine: Engine, shop: Shop) -> None:
+    config = settings(broken={"sql": "SELECT id FROM no_such_table"})
+    with pytest.raises(SegmentError, match=r"^segments\.broken\.sql: the query failed"):
+        recompute(engine, config, now=T0)
+    with engine.connect() as conn:
+        run = conn.execute(
+            select(SYNC_RUNS.c.status, SYNC_RUNS.c.error).where(SYNC_RUNS.c.kind == "segments")
+        ).one()
+    assert run.status == "failed"
+    assert run.error.startswith("segments.broken.sql:")
+
+
+def test_sql_without_customer_id_is_refused(engine: Engine) -> None:
+    config = settings(nocol={"sql": "SELECT email FROM customer_profiles"})
+    with pytest.raises(SegmentError, match=r"^segments\.nocol\.sql: .*customer_id"):
+        recompute(engine, config, now=T0)
+
+
+def test_a_rule_with_an_unknown_column_is_a_config_error(tmp_path: Any) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[segments.vip]\nrule = "revenue > 100"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    message = str(info.value)
+    assert "segments.vip.rule: unknown column 'revenue'" in message
+    assert "net_revenue_minor" in message  # the columns that exist are listed
+
+
+def test_as_of_rebuilds_profiles_but_records_no_memberships(engine: Engine, shop: Shop) -> None:
+    shop.customer(1)
+    shop.order(1, datetime(2026, 3, 10, 9, 0, tzinfo=UTC), 4_000)
+    shop.order(1, datetime(2026, 3, 31, 23, 59, 59, tzinfo=UTC), 1_000)  # last second counts
+    shop.order(1, datetime(2026, 4, 1, 0, 0, tzinfo=UTC), 9_000)  # the next day does not
+    config = settings(everyone={"rule": "orders_count >= 1"})
+    result = recompute(engine, config, as_of=date(2026, 3, 31))
+    assert result.as_of == datetime(2026, 3, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert result.written is False
+    assert result.segments["everyone"].as_dict() == {"size": 1, "entered": 1, "exited": 0}
+    assert memberships(engine) == set()
+    with engine.connect() as conn:
+        row = conn.execute(select(PROFILES).where(PROFILES.c.customer_id == 1)).one()
+    assert (row.orders_count, row.gross_revenue_minor) == (2, 5_000)
+    assert row.days_since_last_order == 0
+    assert row.as_of == result.as_of
+
+
+def test_model_fits_are_kept_with_the_reason_when_not_fitted(engine: Engine, shop: Shop) -> None:
+    shop.customer(1)
+    shop.order(1, T0 - timedelta(days=3))
+    result = recompute(engine, settings(), now=T0)
+    assert result.models["bgnbd"]["r"] is None
+    assert "50" in result.models["bgnbd"]["error"]  # the minimum it needs
+    with engine.connect() as conn:
+        fits = conn.execute(select(MODEL_FITS).order_by(MODEL_FITS.c.model)).all()
+    assert [(f.model, f.params, f.customers) for f in fits] == [
+        ("bgnbd", None, 1),
+        ("gamma_gamma", None, 0),
+    ]
+    assert all(f.error and f.as_of == T0 for f in fits)
+
+
+def test_model_fits_are_kept_with_their_parameters(engine: Engine, shop: Shop) -> None:
+    # 80 customers with 1-4 order days each: enough to fit both models.
+    for cid in range(1, 81):
+        shop.customer(cid)
+        for k in range(1 + cid % 4):
+            shop.order(cid, T0 - timedelta(days=200 - 37 * k - cid % 9), 1_000 + 37 * cid)
+    result = recompute(engine, settings(), now=T0)
+    bg = result.models["bgnbd"]
+    assert bg["customers"] == 80 and bg["time_unit"] == "day"
+    assert all(bg[k] > 0 for k in ("r", "alpha", "a", "b"))
+    with engine.connect() as conn:
+        fit = conn.execute(select(MODEL_FITS).where(MODEL_FITS.c.model == "bgnbd")).one()
+        scored = conn.execute(
+            select(func.count()).where(PROFILES.c.p_alive.is_not(None))
+        ).scalar_one()
+    assert fit.params == {k: bg[k] for k in ("r", "alpha", "a", "b")}
+    assert fit.log_likelihood == pytest.approx(bg["log_likelihood"])
+    assert scored == 80
+
+
+def test_profiles_follow_deleted_customers(engine: Engine, shop: Shop) -> None:
+    shop.customer(1)
+    shop.customer(2)
+    config = settings(everyone={"rule": "orders_count >= 0"})
+    recompute(engine, config, now=T0)
+    with engine.begin() as conn:
+        conn.execute(delete(CUSTOMERS).where(CUSTOMERS.c.id == 2))
+    later = T0 + timedelta(hours=1)
+    result = recompute(engine, config, now=later)
+    assert result.profiles == 1
+    assert ("everyone", 2, T0, later) in memberships(engine)
