@@ -41,7 +41,20 @@ RFM_GRID: dict[int, tuple[str, str, str, str, str]] = {
     1: ("lost", "lost", "at_risk", "at_risk", "cannot_lose"),
 }
 
-TEMP_TABLES = ("t_rates", "t_paid", "t_agg", "t_items", "t_first", "t_cart", "t_clv", "t_cat")
+TEMP_TABLES = (
+    "t_ord",
+    "t_rates",
+    "t_paid",
+    "t_agg",
+    "t_items",
+    "t_first",
+    "t_cart",
+    "t_clv",
+    "t_cat",
+    "t_prod",
+    "t_top",
+    "t_scored",
+)
 
 
 class ProfileError(ValueError):
@@ -83,21 +96,13 @@ class Conversion:
     factors: dict[str, Fraction]  # order currency -> reporting minor units per minor unit
 
 
-def conversion(conn: Connection, settings: ProfileSettings, as_of: datetime) -> Conversion:
+def conversion(conn: Connection, settings: ProfileSettings) -> Conversion:
     """The reporting currency and a factor for every currency the counted orders are in.
 
     Raises ProfileError when amounts would otherwise be summed across currencies.
     """
-    statuses = list(dict.fromkeys([*settings.paid_statuses, *settings.cart_statuses]))
-    found = sorted(
-        conn.execute(
-            text(
-                "SELECT DISTINCT currency FROM orders WHERE customer_id IS NOT NULL "
-                "AND deleted_at IS NULL AND created_at <= :as_of AND status IN :statuses"
-            ).bindparams(bindparam("statuses", expanding=True)),
-            {"as_of": _bind_time(as_of, conn.dialect.name), "statuses": statuses},
-        ).scalars()
-    )
+    # Every currency of the orders counted (paid and carts): ``t_ord`` holds exactly those.
+    found = sorted(conn.execute(text("SELECT DISTINCT cur FROM t_ord")).scalars())
     target = settings.reporting_currency
     if target is None:
         if len(found) > 1:
@@ -123,8 +128,8 @@ def conversion(conn: Connection, settings: ProfileSettings, as_of: datetime) -> 
     return Conversion(target, factors)
 
 
-def drop_temp_tables(conn: Connection) -> None:
-    for name in TEMP_TABLES:
+def drop_temp_tables(conn: Connection, names: Sequence[str] = TEMP_TABLES) -> None:
+    for name in names:
         conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
 
 
@@ -133,7 +138,15 @@ def _sum(expr: str) -> str:
     return f"CAST(SUM({expr}) AS BIGINT)"
 
 
-def _create_temp(conn: Connection, name: str, select_sql: str, params: dict[str, Any]) -> None:
+def _create_temp(
+    conn: Connection, name: str, select_sql: str, params: dict[str, Any], *, key: bool = False
+) -> None:
+    """CREATE TEMP TABLE name AS select_sql; ``key``: one row per ``cid``, indexed on SQLite.
+
+    The index matters: SQLite builds no automatic index on a joined CTE or temp table in
+    every plan, and a per-customer LEFT JOIN without one scans the table once per customer.
+    Postgres hash-joins them, so it gets statistics (ANALYZE) instead.
+    """
     dialect = conn.dialect.name
     suffix = "" if dialect == "sqlite" else " ON COMMIT DROP"
     statement = text(f"CREATE TEMP TABLE {name}{suffix} AS {select_sql}")
@@ -143,40 +156,28 @@ def _create_temp(conn: Connection, name: str, select_sql: str, params: dict[str,
     conn.execute(statement, params)
     if dialect == "postgresql":
         conn.execute(text(f"ANALYZE {name}"))
+    elif key:
+        conn.execute(text(f"CREATE UNIQUE INDEX {name}_cid ON {name} (cid)"))
 
 
-def build_work_tables(
-    conn: Connection, settings: ProfileSettings, conv: Conversion, as_of: datetime
-) -> None:
-    """Steps 1–5: the per-customer metrics, in temporary tables on ``conn``."""
+def _scan_orders(conn: Connection, settings: ProfileSettings, as_of_bound: Any) -> None:
+    """``t_ord``: the one scan of ``orders``: every paid order and open-cart candidate up to
+    the as-of instant, narrow, with its refunds (``paid`` = 1) or its cart time (0)."""
     dialect = conn.dialect.name
-    on_commit = "" if dialect == "sqlite" else " ON COMMIT DROP"
-    drop_temp_tables(conn)
-
-    conn.execute(
-        text(f"CREATE TEMP TABLE t_rates (currency VARCHAR(3), num BIGINT, den BIGINT){on_commit}")
-    )
-    if conv.factors:
-        conn.execute(
-            text("INSERT INTO t_rates (currency, num, den) VALUES (:c, :n, :d)"),
-            [
-                {"c": c, "n": f.numerator, "d": f.denominator}
-                for c, f in sorted(conv.factors.items())
-            ],
-        )
-
-    as_of_bound = _bind_time(as_of, dialect)
-    params: dict[str, Any] = {"as_of": as_of_bound, "paid": list(settings.paid_statuses)}
     # An order's refunds: its rows in `refunds` up to the as-of instant, or, when the
-    # refunds stream has no row for it at all, the order's own refund total.
+    # refunds stream has no row for it at all, the order's own refund total. A cart's
+    # time is its last modification, or its creation when it was modified after as-of.
     _create_temp(
         conn,
-        "t_paid",
+        "t_ord",
         f"""
         SELECT o.id AS oid, o.customer_id AS cid, o.source AS src, o.currency AS cur,
+               CASE WHEN o.status IN :paid THEN 1 ELSE 0 END AS paid,
                o.total_minor AS total,
                CASE WHEN rf.n IS NULL THEN o.refunded_minor ELSE rf.dated END AS refunded,
                o.created_at AS created_at,
+               CASE WHEN o.modified_at IS NOT NULL AND o.modified_at <= :as_of
+                    THEN o.modified_at ELSE o.created_at END AS cart_at,
                {epoch_day("o.created_at", dialect)} AS day,
                CASE WHEN {_json_list_not_empty("o.coupon_codes", dialect)} THEN 1 ELSE 0 END
                    AS coupon,
@@ -194,10 +195,40 @@ def build_work_tables(
             GROUP BY order_id
         ) rf ON rf.order_id = o.id
         WHERE o.customer_id IS NOT NULL AND o.deleted_at IS NULL
-          AND o.created_at <= :as_of AND o.status IN :paid
+          AND o.created_at <= :as_of AND o.status IN :counted
         """,
-        params,
+        {
+            "as_of": as_of_bound,
+            "paid": list(settings.paid_statuses),
+            "counted": list(dict.fromkeys([*settings.paid_statuses, *settings.cart_statuses])),
+        },
     )
+
+
+def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: datetime) -> Conversion:
+    """Steps 1–5: the per-customer metrics, in temporary tables on ``conn``. Returns the
+    currency conversion in use (ProfileError when the currencies cannot be reported)."""
+    dialect = conn.dialect.name
+    on_commit = "" if dialect == "sqlite" else " ON COMMIT DROP"
+    drop_temp_tables(conn)
+    as_of_bound = _bind_time(as_of, dialect)
+    _scan_orders(conn, settings, as_of_bound)
+    conv = conversion(conn, settings)
+
+    conn.execute(
+        text(f"CREATE TEMP TABLE t_rates (currency VARCHAR(3), num BIGINT, den BIGINT){on_commit}")
+    )
+    if conv.factors:
+        conn.execute(
+            text("INSERT INTO t_rates (currency, num, den) VALUES (:c, :n, :d)"),
+            [
+                {"c": c, "n": f.numerator, "d": f.denominator}
+                for c, f in sorted(conv.factors.items())
+            ],
+        )
+
+    # The paid orders, narrow: every later step reads these instead of `orders`.
+    _create_temp(conn, "t_paid", "SELECT * FROM t_ord WHERE paid = 1", {})
     if dialect == "sqlite":
         conn.execute(text("CREATE INDEX t_paid_oid ON t_paid (oid)"))
 
@@ -224,6 +255,7 @@ def build_work_tables(
         GROUP BY g.cid
         """,
         {},
+        key=True,
     )
 
     # Product categories: few rows (the catalogue), expanded in Python so the SQL stays
@@ -268,29 +300,48 @@ def build_work_tables(
         ) f WHERE n = 1
         """,
         {},
+        key=True,
     )
 
-    cart_time = (
-        "CASE WHEN o.modified_at IS NOT NULL AND o.modified_at <= :as_of "
-        "THEN o.modified_at ELSE o.created_at END"
-    )
     _create_temp(
         conn,
         "t_cart",
         f"""
         SELECT cid, cart_at, {_conv("total")} AS value FROM (
-            SELECT o.customer_id AS cid, o.currency AS cur, o.total_minor AS total,
-                   {cart_time} AS cart_at,
-                   ROW_NUMBER() OVER (
-                       PARTITION BY o.customer_id ORDER BY {cart_time} DESC, o.id DESC
-                   ) AS n
-            FROM orders o
-            WHERE o.customer_id IS NOT NULL AND o.deleted_at IS NULL
-              AND o.created_at <= :as_of AND o.status IN :carts
+            SELECT cid, cur, total, cart_at,
+                   ROW_NUMBER() OVER (PARTITION BY cid ORDER BY cart_at DESC, oid DESC) AS n
+            FROM t_ord WHERE paid = 0
         ) c JOIN t_rates r ON r.currency = c.cur
         WHERE n = 1
         """,
-        {"as_of": as_of_bound, "carts": list(settings.cart_statuses) or [""]},
+        {},
+        key=True,
+    )
+
+    _create_temp(
+        conn,
+        "t_prod",
+        "SELECT cid, COUNT(*) AS distinct_products FROM t_items GROUP BY cid",
+        {},
+        key=True,
+    )
+    _create_temp(
+        conn,
+        "t_top",
+        f"""
+        SELECT cid, category FROM (
+            SELECT cid, category,
+                   ROW_NUMBER() OVER (PARTITION BY cid ORDER BY units DESC, category) AS n
+            FROM (
+                SELECT i.cid, c.category, {_sum("i.units")} AS units
+                FROM t_items i
+                JOIN t_cat c ON c.src = i.src AND c.product = i.product
+                GROUP BY i.cid, c.category
+            ) u
+        ) t WHERE n = 1
+        """,
+        {},
+        key=True,
     )
 
     conn.execute(
@@ -299,6 +350,7 @@ def build_work_tables(
             "exp90 DOUBLE PRECISION, eov BIGINT, clv BIGINT)" + on_commit
         )
     )
+    return conv
 
 
 @dataclass(frozen=True)
@@ -420,6 +472,28 @@ def write_profiles(
              WHEN {ratio} > :at_risk_ratio OR {p_alive} < :at_risk_p THEN 'at_risk'
              ELSE 'active' END
     """
+    # RFM: ranks over the buyers (the README's formula), one row per buyer.
+    _create_temp(
+        conn,
+        "t_scored",
+        """
+        SELECT b.*,
+               1 + (5 * (RANK() OVER (ORDER BY b.days_since DESC) - 1)) / COUNT(*) OVER () AS r,
+               1 + (5 * (RANK() OVER (ORDER BY b.orders_count) - 1)) / COUNT(*) OVER () AS f,
+               1 + (5 * (RANK() OVER (ORDER BY b.net) - 1)) / COUNT(*) OVER () AS m
+        FROM (
+            SELECT a.cid, a.orders_count, a.gross, a.refunded, a.gross - a.refunded AS net,
+                   a.coupons, a.first_at, a.last_at,
+                   :as_of_day - a.last_day AS days_since,
+                   CASE WHEN a.orders_count >= 2
+                        THEN (a.last_day - a.first_day) * 1.0 / (a.orders_count - 1) END
+                       AS avg_gap
+            FROM t_agg a
+        ) b
+        """,
+        {"as_of_day": as_of_day},
+        key=True,
+    )
     delete = (
         "DELETE FROM customer_profiles" if dialect == "sqlite" else "TRUNCATE customer_profiles"
     )
@@ -436,38 +510,6 @@ def write_profiles(
             p_alive, expected_orders_90d, expected_order_value_minor, clv_12m_minor,
             lifecycle_stage, has_open_cart, cart_value_minor, cart_updated_at,
             as_of, computed_at
-        )
-        WITH buyers AS (
-            SELECT a.cid, a.orders_count, a.gross, a.refunded, a.gross - a.refunded AS net,
-                   a.coupons, a.first_at, a.last_at,
-                   :as_of_day - a.last_day AS days_since,
-                   CASE WHEN a.orders_count >= 2
-                        THEN (a.last_day - a.first_day) * 1.0 / (a.orders_count - 1) END
-                       AS avg_gap
-            FROM t_agg a
-        ),
-        scored AS (
-            SELECT b.*,
-                   1 + (5 * (RANK() OVER (ORDER BY b.days_since DESC) - 1))
-                       / COUNT(*) OVER () AS r,
-                   1 + (5 * (RANK() OVER (ORDER BY b.orders_count) - 1)) / COUNT(*) OVER () AS f,
-                   1 + (5 * (RANK() OVER (ORDER BY b.net) - 1)) / COUNT(*) OVER () AS m
-            FROM buyers b
-        ),
-        products AS (
-            SELECT cid, COUNT(*) AS distinct_products FROM t_items GROUP BY cid
-        ),
-        top AS (
-            SELECT cid, category FROM (
-                SELECT cid, category,
-                       ROW_NUMBER() OVER (PARTITION BY cid ORDER BY units DESC, category) AS n
-                FROM (
-                    SELECT i.cid, c.category, {_sum("i.units")} AS units
-                    FROM t_items i
-                    JOIN t_cat c ON c.src = i.src AND c.product = i.product
-                    GROUP BY i.cid, c.category
-                ) u
-            ) t WHERE n = 1
         )
         SELECT c.id, c.email, c.first_name, c.last_name, c.country,
                COALESCE(b.orders_count, 0), COALESCE(b.gross, 0), COALESCE(b.refunded, 0),
@@ -491,9 +533,9 @@ def write_profiles(
                     THEN ca.cart_at END,
                :as_of, :computed_at
         FROM customers c
-        LEFT JOIN scored b ON b.cid = c.id
-        LEFT JOIN products pr ON pr.cid = c.id
-        LEFT JOIN top ON top.cid = c.id
+        LEFT JOIN t_scored b ON b.cid = c.id
+        LEFT JOIN t_prod pr ON pr.cid = c.id
+        LEFT JOIN t_top top ON top.cid = c.id
         LEFT JOIN t_first fi ON fi.cid = c.id
         LEFT JOIN t_cart ca ON ca.cid = c.id
         LEFT JOIN t_clv v ON v.cid = c.id

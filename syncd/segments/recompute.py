@@ -20,6 +20,7 @@ from syncd.config import Settings
 from syncd.log import get_logger, log_run
 from syncd.runs import finish_run, start_run, utc_now
 from syncd.segments import clv
+from syncd.segments.memberships import TEMP_TABLES as MEMBERSHIP_TEMP_TABLES
 from syncd.segments.memberships import (
     SegmentChange,
     SegmentError,
@@ -33,11 +34,11 @@ from syncd.segments.profiles import (
     ProfileError,
     build_work_tables,
     clv_inputs,
-    conversion,
     drop_temp_tables,
     write_clv_scores,
     write_profiles,
 )
+from syncd.segments.profiles import TEMP_TABLES as PROFILE_TEMP_TABLES
 from syncd.store.models import MODEL_FITS
 
 __all__ = ["ProfileError", "RecomputeResult", "SegmentError", "as_of_instant", "recompute"]
@@ -150,10 +151,9 @@ def _recompute(engine: Engine, settings: Settings, result: RecomputeResult) -> N
         check_sql_segments(engine, settings.segments)
     with engine.begin() as conn:
         try:
-            conv = conversion(conn, profiles, as_of)
-            result.currency = conv.currency
             with timer.step("metrics"):
-                build_work_tables(conn, profiles, conv, as_of)
+                conv = build_work_tables(conn, profiles, as_of)
+            result.currency = conv.currency
             with timer.step("clv_read"):
                 inputs = clv_inputs(conn, as_of_day)
             result.buyers = len(inputs.customer_id)
@@ -167,8 +167,7 @@ def _recompute(engine: Engine, settings: Settings, result: RecomputeResult) -> N
                 result.segments = record_changes(conn, sizes, as_of, write=result.written)
         finally:
             if conn.dialect.name == "sqlite":  # Postgres drops them at commit
-                drop_temp_tables(conn)
-                conn.exec_driver_sql("DROP TABLE IF EXISTS t_members")
+                drop_temp_tables(conn, PROFILE_TEMP_TABLES + MEMBERSHIP_TEMP_TABLES)
 
 
 def _fit_and_score(
