@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import queue
@@ -63,6 +62,18 @@ from typing import Any, NoReturn
 
 import httpx
 import orjson
+from _common import (
+    BenchmarkError,
+    child_process_options,
+    die_with_parent,
+    heading,
+    mib,
+    num,
+    print_table,
+    run_script_child,
+    stop_process,
+    verdict,
+)
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
@@ -95,92 +106,14 @@ TARGET_GROWTH = 0.25
 LATENCY_MS = 100.0
 
 
-class BenchmarkError(Exception):
-    """A step of the benchmark could not run (sandbox did not start, a sync failed...)."""
-
-
 # ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
-def num(value: float, digits: int = 0) -> str:
-    return f"{value:,.{digits}f}"
-
-
-def mib(kib: float) -> str:
-    return f"{kib / 1024:,.1f}"
-
-
-def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A plain table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  " + "  ".join(parts).rstrip()
-
-    print(line(header))
-    print("  " + "  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-
-
-def heading(text: str) -> None:
-    print()
-    print(text)
-    print("=" * len(text))
-
-
 # ---------------------------------------------------------------------------
 # The sandbox store, in its own process
 # ---------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the benchmark dies (even by SIGKILL)."""
-    with contextlib.suppress(Exception):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _child_process_options() -> dict[str, Any]:
-    # A session of its own: a Ctrl-C reaches only the benchmark, which stops its children.
-    options: dict[str, Any] = {"start_new_session": True}
-    if sys.platform.startswith("linux"):
-        options["preexec_fn"] = _die_with_parent
-    return options
-
-
-def _stop_process(proc: subprocess.Popen[Any], grace: float = 10.0, group: bool = False) -> None:
-    """SIGTERM, then SIGKILL after ``grace``; ``group``: to the process group it leads.
-
-    The group is signalled only while its leader is not reaped, so its id cannot have been
-    reused by a process this benchmark did not start.
-    """
-    if proc.poll() is not None:
-        return
-
-    def send(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if group:
-                os.killpg(proc.pid, sig)
-            else:
-                proc.send_signal(sig)
-
-    send(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        send(signal.SIGKILL)
-        proc.wait(timeout=grace)
 
 
 class Sandbox:
@@ -217,12 +150,12 @@ class Sandbox:
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
-            **_child_process_options(),
+            **child_process_options(),
         )
         try:
             self.url = self._wait_ready(self._proc, started + SANDBOX_START_TIMEOUT)
         except BaseException:
-            _stop_process(self._proc)
+            stop_process(self._proc)
             raise
         self.startup_s = time.perf_counter() - started
         return self
@@ -234,7 +167,7 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         if self._proc is not None:
-            _stop_process(self._proc)
+            stop_process(self._proc)
             self._proc = None
 
     @staticmethod
@@ -572,7 +505,7 @@ def bench_latency(orders: int, tmp: Path) -> None:
 def child_sync(url: str, db: Path) -> int:
     """In a fresh process: baseline RSS, then a full orders sync; one JSON line on stdout."""
     if sys.platform.startswith("linux"):
-        _die_with_parent()  # the launching shell: stop with it
+        die_with_parent()  # the launching shell: stop with it
     configure_logging("warning", stream=sys.stderr)
     settings = source_settings(url)
     with store(db) as engine:
@@ -611,34 +544,8 @@ def run_child_sync(url: str, db: Path) -> dict[str, Any]:
     instead of its own. The shell, a small process, forks the child, so the child's
     ``ru_maxrss`` is its own (checked against ``VmHWM`` in /proc).
     """
-    command = [
-        "/bin/sh",
-        "-c",
-        '"$@"; exit $?',  # not the last command: the shell forks instead of exec'ing it
-        "sh",
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child-sync",
-        "--url",
-        url,
-        "--db",
-        str(db),
-    ]
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        **_child_process_options(),
-    )
-    try:
-        out, _ = proc.communicate(timeout=CHILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise BenchmarkError(f"the child sync did not finish in {CHILD_TIMEOUT:g} s") from None
-    finally:
-        _stop_process(proc, group=True)
-    if proc.returncode != 0:
-        raise BenchmarkError(f"the child sync exited with status {proc.returncode}")
+    args = ["--child-sync", "--url", url, "--db", str(db)]
+    out = run_script_child(str(Path(__file__).resolve()), args, CHILD_TIMEOUT, "the child sync")
     report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return report
 
