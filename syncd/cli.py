@@ -104,9 +104,22 @@ def open_engine(settings: Settings) -> Any:
 
 @app.command()
 def validate() -> None:
-    """Check the config (and, as they arrive, the mapping files)."""
+    """Check the config: settings, segment rules, SQL segments against the store (and, as
+    they arrive, the mapping files)."""
     settings = load()
     path = settings.config_path or "config"
+    if any(seg.sql is not None for seg in settings.segments.values()):
+        # SQL segments can only be checked by running them (with LIMIT 0) on the store.
+        from syncd.segments.memberships import SegmentError, check_sql_segments
+
+        engine = open_engine(settings)
+        try:
+            check_sql_segments(engine, settings.segments)
+        except SegmentError as exc:
+            err.print(f"{path}: {exc}", markup=False)
+            raise typer.Exit(2) from None
+        finally:
+            engine.dispose()
     sources = ", ".join(settings.sources) or "none"
     say(f"{path}: ok (sources: {sources})")
 

@@ -622,3 +622,18 @@ def test_segments_bad_as_of_and_currency_errors_exit_2(synced: Synced, tmp_path:
     no_rate = syncd("segments", env=base_env(SYNCD_CONFIG=str(config)))
     assert no_rate.returncode == 2, no_rate.output
     assert no_rate.stderr_lines()[-1].startswith(f"{config}: profiles.rates: orders are in USD")
+
+
+def test_validate_runs_sql_segments_against_the_store(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path}/store.db"\n'
+        '[segments.ok]\nsql = "SELECT customer_id FROM customer_profiles"\n'
+        '[segments.typo]\nsql = "SELECT customer_id FROM customer_profile"\n'
+    )
+    run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)))
+    assert run.returncode == 2, run.output
+    assert run.stderr_lines() == [
+        f"{config}: segments.typo.sql: the query failed (it must select customer_id): "
+        "no such table: customer_profile"
+    ]

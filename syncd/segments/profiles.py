@@ -4,14 +4,16 @@ The README's "customer_profiles" section is the definition this file implements.
 The work happens in temporary tables on the recompute's connection, so nothing
 but the final swap writes to the store:
 
-1. ``t_rates``  the conversion of every order currency into the reporting one;
-2. ``t_paid``   the paid orders up to the as-of instant, narrow (one scan of ``orders``);
-3. ``t_agg``    per customer: counts, money, first/last order, coupons;
-4. ``t_items``  per customer: distinct products and the top category;
+1. ``t_ord``    the one scan of ``orders``: paid orders and carts up to as-of, narrow;
+2. ``t_rates``  the conversion of every order currency into the reporting one;
+3. ``t_paid``   the paid orders; ``t_agg`` per customer: counts, money, first/last order;
+4. ``t_items``  units per customer and product; ``t_prod``, ``t_top`` from them;
 5. ``t_first``  the first paid order's attribution; ``t_cart`` the latest open cart;
 6. ``t_clv``    the CLV scores (filled by the caller from numpy, see ``clv_inputs``);
-7. one INSERT … SELECT into ``customer_profiles`` with RFM window functions and the
-   lifecycle stage.
+7. ``t_scored`` the RFM ranks, then one INSERT … SELECT into ``customer_profiles``
+   with the lifecycle stage.
+
+Per-customer tables have one row per ``cid`` (see ``_create_temp``).
 """
 
 from __future__ import annotations
