@@ -249,13 +249,8 @@ def print_status(data: dict[str, Any]) -> None:
             )
     out.print(table)
     for name, src in data["sources"].items():
-        run = src["last_run"]
-        if run:
-            when = run["finished_at"] or run["started_at"]
-            line = f"{name}: last run {run['status']} at {when} ({run['duration_s']} s)"
-            if run["error"]:
-                line += f": {run['error']}"
-            say(line)
+        if src["last_run"]:
+            say(_run_line(f"{name}: last run", src["last_run"]))
     totals = data["totals"]
     say(
         f"people: {totals['customers']}  live orders: {totals['orders']}  "
@@ -264,13 +259,15 @@ def print_status(data: dict[str, Any]) -> None:
     segs = data["segments"]
     if segs["sizes"]:
         say("segments: " + "  ".join(f"{n}: {v['size']}" for n, v in segs["sizes"].items()))
-    run = segs["last_run"]
-    if run:
-        when = run["finished_at"] or run["started_at"]
-        line = f"segments: last recompute {run['status']} at {when} ({run['duration_s']} s)"
-        if run["error"]:
-            line += f": {run['error']}"
-        say(line)
+    if segs["last_run"]:
+        say(_run_line("segments: last recompute", segs["last_run"]))
+
+
+def _run_line(what: str, run: dict[str, Any]) -> str:
+    """``what success at <time> (<duration> s)[: error]`` for a run in the status JSON."""
+    when = run["finished_at"] or run["started_at"]
+    line = f"{what} {run['status']} at {when} ({run['duration_s']} s)"
+    return f"{line}: {run['error']}" if run["error"] else line
 
 
 def _parse_day(value: str | None) -> date | None:
