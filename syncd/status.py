@@ -51,6 +51,13 @@ def _run_json(row: Any) -> dict[str, Any] | None:
     }
 
 
+def _last_run(conn: Any, *where: Any) -> Any:
+    """The newest run matching ``where``, or None."""
+    return conn.execute(
+        select(RUNS).where(*where).order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc()).limit(1)
+    ).first()
+
+
 def collect_status(
     engine: Engine, settings: Settings, now: datetime | None = None
 ) -> dict[str, Any]:
@@ -76,12 +83,7 @@ def collect_status(
             }
         )
         for name in names:
-            last = conn.execute(
-                select(RUNS)
-                .where(RUNS.c.kind == "source", RUNS.c.name == name)
-                .order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc())
-                .limit(1)
-            ).first()
+            last = _last_run(conn, RUNS.c.kind == "source", RUNS.c.name == name)
             last_ok = conn.execute(
                 select(func.max(RUNS.c.finished_at)).where(
                     RUNS.c.kind == "source",
@@ -143,12 +145,7 @@ def collect_status(
 
 def _segments(conn: Any, settings: Settings) -> dict[str, Any]:
     """The last recompute and every segment's current size (open memberships)."""
-    last = conn.execute(
-        select(RUNS)
-        .where(RUNS.c.kind == "segments")
-        .order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc())
-        .limit(1)
-    ).first()
+    last = _last_run(conn, RUNS.c.kind == "segments")
     sizes: dict[str, int] = dict(
         conn.execute(
             select(MEMBERSHIPS.c.segment, func.count())

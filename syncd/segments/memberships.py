@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 
 from syncd.config import SegmentSettings
+from syncd.segments import work
 from syncd.segments.rules import compile_rule
 from syncd.store.models import MEMBERSHIPS, PROFILES
 
@@ -47,9 +48,6 @@ T_MEMBERS = Table(
 # The two sides of the diff (see record_changes).
 T_EXITS = Table("t_exits", MetaData(), Column("id", Integer), Column("segment", String))
 T_ENTERS = Table("t_enters", MetaData(), Column("segment", String), Column("customer_id", Integer))
-
-# Every temporary table this module makes (SQLite keeps them until the connection closes).
-TEMP_TABLES = ("t_members", "t_exits", "t_enters")
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,11 @@ def _user_sql(sql: str) -> str:
     return sql.strip().rstrip(";").strip().replace(":", "\\:")
 
 
+def _failure(exc: DBAPIError) -> str:
+    """The database's own message, first line: what a user needs to fix their query."""
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+
+
 def check_sql_segments(engine: Engine, segments: Mapping[str, SegmentSettings]) -> None:
     """Run every SQL segment with LIMIT 0: a query that fails, or has no ``customer_id``
     column, is a SegmentError naming the segment."""
@@ -84,9 +87,9 @@ def check_sql_segments(engine: Engine, segments: Mapping[str, SegmentSettings]) 
             try:
                 conn.execute(text(f"SELECT s.customer_id FROM ({_user_sql(seg.sql)}) AS s LIMIT 0"))
             except DBAPIError as exc:
-                first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
                 raise SegmentError(
-                    f"segments.{name}.sql: the query failed (it must select customer_id): {first}"
+                    f"segments.{name}.sql: the query failed (it must select customer_id): "
+                    f"{_failure(exc)}"
                 ) from None
 
 
@@ -94,15 +97,7 @@ def select_members(
     conn: Connection, segments: Mapping[str, SegmentSettings], now: datetime
 ) -> dict[str, int]:
     """Fill ``t_members`` with each segment's members; returns the sizes."""
-    dialect = conn.dialect.name
-    conn.execute(text("DROP TABLE IF EXISTS t_members"))
-    suffix = "" if dialect == "sqlite" else " ON COMMIT DROP"
-    conn.execute(
-        text(
-            "CREATE TEMP TABLE t_members (segment VARCHAR NOT NULL, customer_id INTEGER NOT NULL)"
-            + suffix
-        )
-    )
+    work.create(conn, "t_members", "segment VARCHAR NOT NULL, customer_id INTEGER NOT NULL")
     order = evaluation_order(segments)
     for index, name in enumerate(order):
         seg = segments[name]
@@ -142,14 +137,15 @@ def select_members(
             try:
                 conn.execute(statement, params)
             except DBAPIError as exc:
-                first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-                raise SegmentError(f"segments.{name}.sql: the query failed: {first}") from None
+                raise SegmentError(
+                    f"segments.{name}.sql: the query failed: {_failure(exc)}"
+                ) from None
     conn.execute(text("CREATE INDEX t_members_key ON t_members (segment, customer_id)"))
     counted: dict[str, int] = dict(
         conn.execute(select(T_MEMBERS.c.segment, func.count()).group_by(T_MEMBERS.c.segment)).all()
     )
     sizes = {name: int(counted.get(name, 0)) for name in order}
-    if dialect == "postgresql":
+    if conn.dialect.name == "postgresql":
         conn.execute(text("ANALYZE t_members"))
     return sizes
 
@@ -167,11 +163,8 @@ def record_changes(
     """
     m = MEMBERSHIPS
     t = T_MEMBERS
-    suffix = "" if conn.dialect.name == "sqlite" else " ON COMMIT DROP"
-    for name in ("t_exits", "t_enters"):
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
-    conn.execute(text(f"CREATE TEMP TABLE t_exits (id INTEGER, segment VARCHAR){suffix}"))
-    conn.execute(text(f"CREATE TEMP TABLE t_enters (segment VARCHAR, customer_id INTEGER){suffix}"))
+    work.create(conn, "t_exits", "id INTEGER, segment VARCHAR")
+    work.create(conn, "t_enters", "segment VARCHAR, customer_id INTEGER")
     member_now = exists().where(t.c.segment == m.c.segment, t.c.customer_id == m.c.customer_id)
     already = exists().where(
         m.c.segment == t.c.segment, m.c.customer_id == t.c.customer_id, m.c.exited_at.is_(None)

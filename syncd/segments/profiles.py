@@ -13,23 +13,24 @@ but the final swap writes to the store:
 7. ``t_scored`` the RFM ranks, then one INSERT … SELECT into ``customer_profiles``
    with the lifecycle stage.
 
-Per-customer tables have one row per ``cid`` (see ``_create_temp``).
+Per-customer tables have one row per ``cid`` (see ``work.create_as``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import Connection, bindparam, text
+from sqlalchemy import Connection, text
 
 from syncd.config import ProfileSettings
 from syncd.money import exponent
+from syncd.segments import work
 from syncd.store.models import PRODUCTS
 
 EPOCH_DAY = 86_400
@@ -42,21 +43,6 @@ RFM_GRID: dict[int, tuple[str, str, str, str, str]] = {
     2: ("hibernating", "hibernating", "at_risk", "at_risk", "cannot_lose"),
     1: ("lost", "lost", "at_risk", "at_risk", "cannot_lose"),
 }
-
-TEMP_TABLES = (
-    "t_ord",
-    "t_rates",
-    "t_paid",
-    "t_agg",
-    "t_items",
-    "t_first",
-    "t_cart",
-    "t_clv",
-    "t_cat",
-    "t_prod",
-    "t_top",
-    "t_scored",
-)
 
 
 class ProfileError(ValueError):
@@ -130,46 +116,19 @@ def conversion(conn: Connection, settings: ProfileSettings) -> Conversion:
     return Conversion(target, factors)
 
 
-def drop_temp_tables(conn: Connection, names: Sequence[str] = TEMP_TABLES) -> None:
-    for name in names:
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
-
-
 def _sum(expr: str) -> str:
     # Postgres sums BIGINT into NUMERIC, whose division is not integer division: cast back.
     return f"CAST(SUM({expr}) AS BIGINT)"
 
 
-def _create_temp(
-    conn: Connection, name: str, select_sql: str, params: dict[str, Any], *, key: bool = False
-) -> None:
-    """CREATE TEMP TABLE name AS select_sql; ``key``: one row per ``cid``, indexed on SQLite.
-
-    The index matters: SQLite builds no automatic index on a joined CTE or temp table in
-    every plan, and a per-customer LEFT JOIN without one scans the table once per customer.
-    Postgres hash-joins them, so it gets statistics (ANALYZE) instead.
-    """
-    dialect = conn.dialect.name
-    suffix = "" if dialect == "sqlite" else " ON COMMIT DROP"
-    statement = text(f"CREATE TEMP TABLE {name}{suffix} AS {select_sql}")
-    lists = [key for key, value in params.items() if isinstance(value, list)]
-    if lists:
-        statement = statement.bindparams(*(bindparam(key, expanding=True) for key in lists))
-    conn.execute(statement, params)
-    if dialect == "postgresql":
-        conn.execute(text(f"ANALYZE {name}"))
-    elif key:
-        conn.execute(text(f"CREATE UNIQUE INDEX {name}_cid ON {name} (cid)"))
-
-
-def _scan_orders(conn: Connection, settings: ProfileSettings, as_of_bound: Any) -> None:
+def _scan_orders(conn: Connection, settings: ProfileSettings, as_of: datetime) -> None:
     """``t_ord``: the one scan of ``orders``: every paid order and open-cart candidate up to
     the as-of instant, narrow, with its refunds (``paid`` = 1) or its cart time (0)."""
     dialect = conn.dialect.name
     # An order's refunds: its rows in `refunds` up to the as-of instant, or, when the
     # refunds stream has no row for it at all, the order's own refund total. A cart's
     # time is its last modification, or its creation when it was modified after as-of.
-    _create_temp(
+    work.create_as(
         conn,
         "t_ord",
         f"""
@@ -200,7 +159,7 @@ def _scan_orders(conn: Connection, settings: ProfileSettings, as_of_bound: Any) 
           AND o.created_at <= :as_of AND o.status IN :counted
         """,
         {
-            "as_of": as_of_bound,
+            "as_of": as_of,
             "paid": list(settings.paid_statuses),
             "counted": list(dict.fromkeys([*settings.paid_statuses, *settings.cart_statuses])),
         },
@@ -211,15 +170,10 @@ def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: dateti
     """Steps 1–5: the per-customer metrics, in temporary tables on ``conn``. Returns the
     currency conversion in use (ProfileError when the currencies cannot be reported)."""
     dialect = conn.dialect.name
-    on_commit = "" if dialect == "sqlite" else " ON COMMIT DROP"
-    drop_temp_tables(conn)
-    as_of_bound = _bind_time(as_of, dialect)
-    _scan_orders(conn, settings, as_of_bound)
+    _scan_orders(conn, settings, as_of)
     conv = conversion(conn, settings)
 
-    conn.execute(
-        text(f"CREATE TEMP TABLE t_rates (currency VARCHAR(3), num BIGINT, den BIGINT){on_commit}")
-    )
+    work.create(conn, "t_rates", "currency VARCHAR(3), num BIGINT, den BIGINT")
     if conv.factors:
         conn.execute(
             text("INSERT INTO t_rates (currency, num, den) VALUES (:c, :n, :d)"),
@@ -230,12 +184,12 @@ def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: dateti
         )
 
     # The paid orders, narrow: every later step reads these instead of `orders`.
-    _create_temp(conn, "t_paid", "SELECT * FROM t_ord WHERE paid = 1", {})
+    work.create_as(conn, "t_paid", "SELECT * FROM t_ord WHERE paid = 1")
     if dialect == "sqlite":
         conn.execute(text("CREATE INDEX t_paid_oid ON t_paid (oid)"))
 
     # Per customer and currency first (conversion rounds per currency sum), then per customer.
-    _create_temp(
+    work.create_as(
         conn,
         "t_agg",
         f"""
@@ -262,9 +216,7 @@ def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: dateti
 
     # Product categories: few rows (the catalogue), expanded in Python so the SQL stays
     # portable (no json_each / jsonb_array_elements split).
-    conn.execute(
-        text("CREATE TEMP TABLE t_cat (src VARCHAR, product BIGINT, category VARCHAR)" + on_commit)
-    )
+    work.create(conn, "t_cat", "src VARCHAR, product BIGINT, category VARCHAR")
     cats: list[dict[str, Any]] = []
     for row in conn.execute(
         PRODUCTS.select()
@@ -278,7 +230,7 @@ def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: dateti
         conn.execute(text("INSERT INTO t_cat (src, product, category) VALUES (:s, :p, :c)"), cats)
 
     # Units per customer and product (a variation's line item names its parent product).
-    _create_temp(
+    work.create_as(
         conn,
         "t_items",
         f"""
@@ -291,7 +243,7 @@ def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: dateti
         {},
     )
 
-    _create_temp(
+    work.create_as(
         conn,
         "t_first",
         """
@@ -305,29 +257,32 @@ def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: dateti
         key=True,
     )
 
-    _create_temp(
+    # The latest cart; open only when newer than the last paid order (or with none).
+    work.create_as(
         conn,
         "t_cart",
         f"""
-        SELECT cid, cart_at, {_conv("total")} AS value FROM (
+        SELECT c.cid, c.cart_at, {_conv("c.total")} AS value FROM (
             SELECT cid, cur, total, cart_at,
                    ROW_NUMBER() OVER (PARTITION BY cid ORDER BY cart_at DESC, oid DESC) AS n
             FROM t_ord WHERE paid = 0
-        ) c JOIN t_rates r ON r.currency = c.cur
-        WHERE n = 1
+        ) c
+        JOIN t_rates r ON r.currency = c.cur
+        LEFT JOIN t_agg a ON a.cid = c.cid
+        WHERE c.n = 1 AND (a.last_at IS NULL OR c.cart_at > a.last_at)
         """,
         {},
         key=True,
     )
 
-    _create_temp(
+    work.create_as(
         conn,
         "t_prod",
         "SELECT cid, COUNT(*) AS distinct_products FROM t_items GROUP BY cid",
         {},
         key=True,
     )
-    _create_temp(
+    work.create_as(
         conn,
         "t_top",
         f"""
@@ -346,11 +301,11 @@ def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: dateti
         key=True,
     )
 
-    conn.execute(
-        text(
-            "CREATE TEMP TABLE t_clv (cid INTEGER PRIMARY KEY, p_alive DOUBLE PRECISION, "
-            "exp90 DOUBLE PRECISION, eov BIGINT, clv BIGINT)" + on_commit
-        )
+    work.create(
+        conn,
+        "t_clv",
+        "cid INTEGER PRIMARY KEY, p_alive DOUBLE PRECISION, exp90 DOUBLE PRECISION, "
+        "eov BIGINT, clv BIGINT",
     )
     return conv
 
@@ -475,7 +430,7 @@ def write_profiles(
              ELSE 'active' END
     """
     # RFM: ranks over the buyers (the README's formula), one row per buyer.
-    _create_temp(
+    work.create_as(
         conn,
         "t_scored",
         """
@@ -500,8 +455,22 @@ def write_profiles(
         "DELETE FROM customer_profiles" if dialect == "sqlite" else "TRUNCATE customer_profiles"
     )
     conn.execute(text(delete))
+    params: dict[str, Any] = {
+        "as_of": as_of,
+        "computed_at": computed_at,
+        "currency": conv.currency,
+        "new_days": life.new_days,
+        "default_rhythm": float(max(life.default_rhythm_days, life.min_rhythm_days)),
+        "min_rhythm": float(life.min_rhythm_days),
+        "churned_ratio": life.churned_ratio,
+        "lapsed_ratio": life.lapsed_ratio,
+        "at_risk_ratio": life.at_risk_ratio,
+        "churned_p": life.churned_p_alive,
+        "lapsed_p": life.lapsed_p_alive,
+        "at_risk_p": life.at_risk_p_alive,
+    }
     result = conn.execute(
-        text(
+        work.bound(
             f"""
         INSERT INTO customer_profiles (
             customer_id, email, first_name, last_name, country,
@@ -527,12 +496,7 @@ def write_profiles(
                     THEN COALESCE(v.eov, {_round_div("b.net", "b.orders_count")}) END,
                v.clv,
                {lifecycle},
-               CASE WHEN ca.cid IS NOT NULL AND (b.last_at IS NULL OR ca.cart_at > b.last_at)
-                    THEN {true} ELSE {false} END,
-               CASE WHEN ca.cid IS NOT NULL AND (b.last_at IS NULL OR ca.cart_at > b.last_at)
-                    THEN ca.value END,
-               CASE WHEN ca.cid IS NOT NULL AND (b.last_at IS NULL OR ca.cart_at > b.last_at)
-                    THEN ca.cart_at END,
+               CASE WHEN ca.cid IS NOT NULL THEN {true} ELSE {false} END, ca.value, ca.cart_at,
                :as_of, :computed_at
         FROM customers c
         LEFT JOIN t_scored b ON b.cid = c.id
@@ -541,28 +505,9 @@ def write_profiles(
         LEFT JOIN t_first fi ON fi.cid = c.id
         LEFT JOIN t_cart ca ON ca.cid = c.id
         LEFT JOIN t_clv v ON v.cid = c.id
-        """
+        """,
+            params,
         ),
-        {
-            "as_of": _bind_time(as_of, dialect),
-            "computed_at": _bind_time(computed_at, dialect),
-            "as_of_day": as_of_day,
-            "currency": conv.currency,
-            "new_days": life.new_days,
-            "default_rhythm": float(max(life.default_rhythm_days, life.min_rhythm_days)),
-            "min_rhythm": float(life.min_rhythm_days),
-            "churned_ratio": life.churned_ratio,
-            "lapsed_ratio": life.lapsed_ratio,
-            "at_risk_ratio": life.at_risk_ratio,
-            "churned_p": life.churned_p_alive,
-            "lapsed_p": life.lapsed_p_alive,
-            "at_risk_p": life.at_risk_p_alive,
-        },
+        params,
     )
     return int(result.rowcount or 0)
-
-
-def _bind_time(value: datetime, dialect: str) -> Any:
-    # Text statements bypass the UTCDateTime type: bind what it would (naive UTC on SQLite).
-    value = value.astimezone(UTC)
-    return value.replace(tzinfo=None) if dialect == "sqlite" else value

@@ -17,10 +17,9 @@ from numpy.typing import NDArray
 from sqlalchemy import Connection, Engine, insert
 
 from syncd.config import Settings
-from syncd.log import get_logger, log_run
+from syncd.log import log_run
 from syncd.runs import finish_run, start_run, utc_now
-from syncd.segments import clv
-from syncd.segments.memberships import TEMP_TABLES as MEMBERSHIP_TEMP_TABLES
+from syncd.segments import clv, work
 from syncd.segments.memberships import (
     SegmentChange,
     SegmentError,
@@ -34,16 +33,12 @@ from syncd.segments.profiles import (
     ProfileError,
     build_work_tables,
     clv_inputs,
-    drop_temp_tables,
     write_clv_scores,
     write_profiles,
 )
-from syncd.segments.profiles import TEMP_TABLES as PROFILE_TEMP_TABLES
 from syncd.store.models import MODEL_FITS
 
 __all__ = ["ProfileError", "RecomputeResult", "SegmentError", "as_of_instant", "recompute"]
-
-log = get_logger("syncd.segments")
 
 HORIZON_DAYS = 90  # expected_orders_90d
 
@@ -68,11 +63,14 @@ class RecomputeResult:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    def segment_changes(self) -> dict[str, dict[str, int]]:
+        return {name: change.as_dict() for name, change in self.segments.items()}
+
     def counts(self) -> dict[str, Any]:
         return {
             "profiles": self.profiles,
             "buyers": self.buyers,
-            "segments": {name: change.as_dict() for name, change in self.segments.items()},
+            "segments": self.segment_changes(),
         }
 
     def as_json(self) -> dict[str, Any]:
@@ -84,7 +82,7 @@ class RecomputeResult:
             "profiles": self.profiles,
             "buyers": self.buyers,
             "currency": self.currency,
-            "segments": {name: change.as_dict() for name, change in self.segments.items()},
+            "segments": self.segment_changes(),
             "models": self.models,
         }
 
@@ -136,7 +134,7 @@ def recompute(
             started,
             {"profiles": result.profiles, "buyers": result.buyers},
             error=result.error,
-            segments={n: c.as_dict() for n, c in result.segments.items()},
+            segments=result.segment_changes(),
             as_of=instant.isoformat(),
         )
     return result
@@ -166,8 +164,7 @@ def _recompute(engine: Engine, settings: Settings, result: RecomputeResult) -> N
                 sizes = select_members(conn, settings.segments, as_of)
                 result.segments = record_changes(conn, sizes, as_of, write=result.written)
         finally:
-            if conn.dialect.name == "sqlite":  # Postgres drops them at commit
-                drop_temp_tables(conn, PROFILE_TEMP_TABLES + MEMBERSHIP_TEMP_TABLES)
+            work.drop_all(conn)
 
 
 def _fit_and_score(
