@@ -837,6 +837,117 @@ def api_customers_modified_since(client: httpx.Client, since: str) -> set[int]:
     return {row["id"] for row in rows if row["date_modified_gmt"] > since}
 
 
+# ------------------------------------------------------------------ write-back routes
+
+
+def test_put_customer_meta_data_follows_update_meta_data(live: SandboxServer) -> None:
+    store = live.store
+    customer_id = next(iter(store.customers))
+    before = dict(store.customers[customer_id])
+    with httpx.Client(base_url=live.api_url, auth=(KEY, SECRET), timeout=10) as client:
+        listed = client.get("/customers", params={"include": customer_id}).json()[0]
+        assert listed["meta_data"] == []
+        first = client.put(
+            f"/customers/{customer_id}",
+            json={
+                "meta_data": [{"key": "syncd_clv", "value": "10.00"}, {"key": "tier", "value": "a"}]
+            },
+        )
+        assert first.status_code == 200
+        meta = {m["key"]: m for m in first.json()["meta_data"]}
+        assert meta["syncd_clv"]["value"] == "10.00" and isinstance(meta["syncd_clv"]["id"], int)
+        # Without an id the key's value is replaced in place (same row id).
+        second = client.put(
+            f"/customers/{customer_id}",
+            json={"meta_data": [{"key": "syncd_clv", "value": "12.50"}]},
+        ).json()
+        rows = [m for m in second["meta_data"] if m["key"] == "syncd_clv"]
+        assert rows == [{"id": meta["syncd_clv"]["id"], "key": "syncd_clv", "value": "12.50"}]
+        # With an id that row takes the key and value; a null value deletes the row.
+        third = client.put(
+            f"/customers/{customer_id}",
+            json={
+                "meta_data": [
+                    {"id": meta["tier"]["id"], "key": "tier", "value": "b"},
+                    {"key": "syncd_clv", "value": None},
+                ],
+                "first_name": "Renamed",
+            },
+        ).json()
+        assert [(m["key"], m["value"]) for m in third["meta_data"]] == [("tier", "b")]
+        assert third["first_name"] == "Renamed"
+        assert third["date_modified_gmt"] > before["date_modified_gmt"]
+        # The list cache sees the change.
+        listed = client.get("/customers", params={"include": customer_id}).json()[0]
+        assert listed["first_name"] == "Renamed" and listed["meta_data"] == third["meta_data"]
+
+        unknown = client.put("/customers/999999", json={"first_name": "x"})
+        assert unknown.status_code == 400
+        assert unknown.json()["code"] == "woocommerce_rest_invalid_id"
+        bad = client.put(f"/customers/{customer_id}", json={"email": "nope"})
+        assert bad.status_code == 400 and bad.json()["code"] == "rest_invalid_param"
+        broken = client.put(
+            f"/customers/{customer_id}", content=b"{", headers={"Content-Type": "application/json"}
+        )
+        assert broken.status_code == 400 and broken.json()["code"] == "rest_invalid_json"
+    anonymous = httpx.put(f"{live.api_url}/customers/{customer_id}", json={"first_name": "x"})
+    assert anonymous.status_code == 401
+    assert anonymous.json()["code"] == "woocommerce_rest_cannot_edit"
+    assert store.customers[customer_id]["first_name"] == "Renamed"
+
+
+def test_customers_batch(live: SandboxServer) -> None:
+    store = live.store
+    ids = list(store.customers)[:3]
+    with httpx.Client(base_url=live.api_url, auth=(KEY, SECRET), timeout=10) as client:
+        too_many = {"update": [{"id": i, "first_name": "x"} for i in ids] * 34}
+        response = client.post("/customers/batch", json=too_many)
+        assert response.status_code == 413
+        assert response.json() == {
+            "code": "woocommerce_rest_request_entity_too_large",
+            "message": "Unable to accept more than 100 items for this request.",
+            "data": {"status": 413},
+        }
+        assert all(store.customers[i]["first_name"] != "x" for i in ids)
+
+        response = client.post(
+            "/customers/batch",
+            json={
+                "create": [{"email": "new.buyer@example.com", "first_name": "New"}],
+                "update": [
+                    {"id": ids[0], "meta_data": [{"key": "syncd_segment", "value": "vip"}]},
+                    {"id": 999999, "meta_data": [{"key": "syncd_segment", "value": "vip"}]},
+                ],
+                "delete": [ids[1]],
+            },
+        )
+        assert response.status_code == 200
+        result = response.json()
+        created = result["create"][0]
+        assert created["email"] == "new.buyer@example.com" and created["role"] == "customer"
+        assert result["update"][0]["meta_data"][0]["value"] == "vip"
+        assert result["update"][1] == {
+            "id": 999999,
+            "error": {
+                "code": "woocommerce_rest_invalid_id",
+                "message": "Invalid resource ID.",
+                "data": {"status": 400},
+            },
+        }
+        assert result["delete"][0]["id"] == ids[1]
+        assert client.get(f"/customers/{ids[1]}").status_code == 404
+        assert client.get(f"/customers/{created['id']}").json()["first_name"] == "New"
+        duplicate = client.post(
+            "/customers/batch", json={"create": [{"email": "NEW.buyer@example.com"}]}
+        ).json()
+        assert duplicate["create"][0]["error"]["code"] == "registration-error-email-exists"
+        assert set(client.post("/customers/batch", json={"update": []}).json()) == set()
+    anonymous = httpx.post(f"{live.api_url}/customers/batch", json={"delete": [ids[2]]})
+    assert anonymous.status_code == 401
+    assert anonymous.json()["code"] == "woocommerce_rest_cannot_batch"
+    assert ids[2] in store.customers
+
+
 class _RawClient:
     """A minimal keep-alive HTTP/1.1 client, so timings measure the server, not httpx."""
 

@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import API_PREFIX, FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
 
@@ -32,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-429", type=float, default=0.0)
     parser.add_argument("--rate-5xx", type=float, default=0.0)
     parser.add_argument("--rate-drop", type=float, default=0.0)
+    parser.add_argument(
+        "--destinations",
+        action="store_true",
+        help="also serve the Klaviyo, Mailchimp and webhook sandboxes",
+    )
+    parser.add_argument("--destinations-port", type=int, default=8898, help="0 picks a free one")
+    parser.add_argument("--klaviyo-key", default="pk_sandbox")
+    parser.add_argument("--klaviyo-list", default="Sbx001", help="a Klaviyo list to create")
+    parser.add_argument("--mailchimp-key", default="0123456789abcdef0123456789abcdef-us1")
+    parser.add_argument("--mailchimp-list", default="sandbox", help="a Mailchimp list to create")
+    parser.add_argument(
+        "--webhook-secret", default="whsec_sandbox", help="secret of /webhook/default"
+    )
     return parser
 
 
@@ -71,6 +85,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
 
+    destinations: DestinationSandbox | None = None
+    if args.destinations:
+        destinations = DestinationSandbox(
+            klaviyo_key=args.klaviyo_key,
+            mailchimp_key=args.mailchimp_key,
+            host=args.host,
+            port=args.destinations_port,
+            # A long-running sandbox would otherwise keep every body it was sent.
+            log_bodies=False,
+        )
+        destinations.klaviyo.add_list(args.klaviyo_list)
+        destinations.mailchimp.add_list(args.mailchimp_list)
+        destinations.webhooks.add("default", args.webhook_secret)
+        try:
+            destinations.start()
+        except OSError as exc:
+            server.stop()
+            print(
+                f"error: cannot listen on {args.host}:{args.destinations_port}: {exc}",
+                file=sys.stderr,
+            )
+            return 1
+
     stopped = threading.Event()
     # SIGTERM (docker stop, systemd) ends the process as cleanly as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
@@ -83,6 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(store.products)} products; Ctrl-C to stop",
         flush=True,
     )
+    if destinations is not None:
+        print(f"Klaviyo base_url:          {destinations.klaviyo_url}", flush=True)
+        print(f"  api key / list:          {args.klaviyo_key} / {args.klaviyo_list}", flush=True)
+        print(f"Mailchimp base_url:        {destinations.mailchimp_url}", flush=True)
+        print(
+            f"  api key / list:          {args.mailchimp_key} / {args.mailchimp_list}", flush=True
+        )
+        print(f"Webhook URL:               {destinations.webhook_url('default')}", flush=True)
+        print(f"  secret:                  {args.webhook_secret}", flush=True)
     try:
         while not stopped.wait(0.5):
             pass
@@ -90,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     finally:
         server.stop()
+        if destinations is not None:
+            destinations.stop()
     return 0
 
 

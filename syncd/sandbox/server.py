@@ -10,24 +10,21 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import contextlib
 import math
 import random
 import re
-import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import orjson
 
+from syncd.sandbox.httpserver import SandboxHandler, ServedSandbox
 from syncd.sandbox.store import ORDER_STATUSES, IndexEntry, SandboxStore
 from syncd.sources.woocommerce_auth import (
     OAUTH_TIMESTAMP_WINDOW,
@@ -36,11 +33,17 @@ from syncd.sources.woocommerce_auth import (
     parse_php_query,
 )
 
-__all__ = ["FaultConfig", "RequestRecord", "SandboxServer"]
+__all__ = ["FaultConfig", "FaultsAndLog", "RequestRecord", "SandboxServer"]
 
 API_PREFIX: Final = "/wp-json/wc/v3"
 _JSON_TYPE: Final = "application/json; charset=UTF-8"
 _HTML_TYPE: Final = "text/html; charset=UTF-8"
+# Headers WordPress's REST server sends with its JSON answers.
+_JSON_HEADERS: Final = (
+    ("X-Robots-Tag", "noindex"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Access-Control-Expose-Headers", "X-WP-Total, X-WP-TotalPages, Link"),
+)
 _NO_ROUTE: Final = ("rest_no_route", "No route was found matching the URL and request method")
 _OAUTH_PARAMS: Final = frozenset(
     {
@@ -70,6 +73,15 @@ _DATE_RE: Final = re.compile(
 )
 _OAUTH_HEADER_RE: Final = re.compile(r'(oauth_[a-z_-]*)=(:?"([^"]*)"|([^,]*))')
 _MATCH_CACHE_SIZE: Final = 64
+# WP_REST_Server::EDITABLE: the methods an update route answers.
+_WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+# WC_REST_Controller::check_batch_limit(): create + update + delete together, filterable
+# through woocommerce_rest_batch_items_limit (api-notes §1).
+BATCH_LIMIT: Final = 100
+# is_email()-like: what the customer schema's "format": "email" lets through.
+_WC_EMAIL: Final = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_CUSTOMER_TEXT: Final = ("email", "first_name", "last_name")
+_INVALID_ID: Final = ("woocommerce_rest_invalid_id", "Invalid resource ID.")
 _CRITICAL_ERROR: Final = (
     '<p>There has been a critical error on this website.</p><p><a href="https://wordpress.org/'
     'documentation/article/faq-troubleshooting/">Learn more about troubleshooting WordPress.'
@@ -117,6 +129,64 @@ class RequestRecord:
     fault: str | None
 
 
+RecordT = TypeVar("RecordT")
+
+
+class FaultsAndLog(Generic[RecordT]):
+    """Fault injection and a request log, as every sandbox (or vendor in one) keeps them.
+
+    ``faults`` may be assigned at any time (the RNG restarts from its seed); ``requests`` is
+    a snapshot of the log.
+    """
+
+    def __init__(self, faults: FaultConfig | None = None) -> None:
+        self._faults = faults or FaultConfig()
+        self._fault_rng = random.Random(self._faults.seed)
+        self._fault_lock = threading.Lock()
+        self._log: list[RecordT] = []
+        self._log_lock = threading.Lock()
+
+    @property
+    def faults(self) -> FaultConfig:
+        return self._faults
+
+    @faults.setter
+    def faults(self, config: FaultConfig) -> None:
+        with self._fault_lock:
+            self._faults = config
+            self._fault_rng = random.Random(config.seed)
+
+    @property
+    def requests(self) -> list[RecordT]:
+        """A snapshot of the request log, oldest first."""
+        with self._log_lock:
+            return list(self._log)
+
+    def reset_log(self) -> None:
+        with self._log_lock:
+            self._log.clear()
+
+    def _record(self, record: RecordT) -> None:
+        with self._log_lock:
+            self._log.append(record)
+
+    def _draw_fault(self) -> tuple[FaultConfig, str | None, int]:
+        """The config in force, the fault for one request (``drop``, ``rate_limit``,
+        ``server_error`` or None) and the status a ``server_error`` answers with."""
+        with self._fault_lock:
+            config = self._faults
+            roll = self._fault_rng.random()
+            extra = self._fault_rng.random()
+        status = (500, 502, 503)[min(int(extra * 3), 2)]
+        if roll < config.rate_drop:
+            return config, "drop", status
+        if roll < config.rate_drop + config.rate_429:
+            return config, "rate_limit", status
+        if roll < config.rate_drop + config.rate_429 + config.rate_5xx:
+            return config, "server_error", status
+        return config, None, status
+
+
 class _Reply(Exception):
     """Raised inside request handling to answer with a WooCommerce error body."""
 
@@ -139,7 +209,7 @@ class _Route:
     record_id: int = 0  # the single record, or the parent of a nested collection
 
 
-class SandboxServer:
+class SandboxServer(ServedSandbox, FaultsAndLog[RequestRecord]):
     """Serves a ``SandboxStore`` the way WooCommerce's wc/v3 REST API would.
 
     ``start()`` binds (port 0 picks a free one) and serves on a daemon thread; ``url`` is the
@@ -147,6 +217,8 @@ class SandboxServer:
     every request: HTTP Basic, ``consumer_key``/``consumer_secret`` in the query, or OAuth 1.0a.
     Assign ``faults`` at any time to change fault injection; ``requests`` is the request log.
     """
+
+    thread_name = "sandbox-woocommerce"
 
     def __init__(
         self,
@@ -160,20 +232,11 @@ class SandboxServer:
         self.store = store
         self.consumer_key = consumer_key
         self.consumer_secret = consumer_secret
-        self.host = host
-        self.port = port
-        self._faults = faults or FaultConfig()
-        self._fault_rng = random.Random(self._faults.seed)
-        self._fault_lock = threading.Lock()
-        self._log: list[RequestRecord] = []
-        self._log_lock = threading.Lock()
+        ServedSandbox.__init__(self, _Handler, host, port)
+        FaultsAndLog.__init__(self, faults)
         self._nonces: set[tuple[str, str]] = set()
         self._nonce_times: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
         self._nonce_lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
         self._match_cache: collections.OrderedDict[tuple[object, ...], tuple[int, list[int]]] = (
             collections.OrderedDict()
         )
@@ -182,99 +245,11 @@ class SandboxServer:
     # ------------------------------------------------------------------- lifecycle
 
     @property
-    def url(self) -> str:
-        """``http://host:port`` once started."""
-        if self._httpd is None:
-            raise RuntimeError("the server is not started")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self._httpd.server_address[1]}"
-
-    @property
     def api_url(self) -> str:
         return self.url + API_PREFIX
 
-    def start(self) -> SandboxServer:
-        if self._httpd is not None:
-            return self
-        httpd = _HTTPServer((self.host, self.port), self)
-        self._httpd = httpd
+    def _bound(self) -> None:
         self.store.set_site_url(self.url)
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            daemon=True,
-            name=f"sandbox-woocommerce-{self.url}",
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        httpd, thread = self._httpd, self._thread
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.server_close()
-        # Keep-alive connections have their own threads; close them so clients see the server
-        # go away instead of talking to a stopped store.
-        with self._connections_lock:
-            for conn in list(self._connections):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-            self._connections.clear()
-        if thread is not None:
-            thread.join(timeout=5)
-        self._httpd = None
-        self._thread = None
-
-    def __enter__(self) -> SandboxServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # ------------------------------------------------------------------ state
-
-    @property
-    def faults(self) -> FaultConfig:
-        return self._faults
-
-    @faults.setter
-    def faults(self, config: FaultConfig) -> None:
-        with self._fault_lock:
-            self._faults = config
-            self._fault_rng = random.Random(config.seed)
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        """A snapshot of the request log, oldest first."""
-        with self._log_lock:
-            return list(self._log)
-
-    def reset_log(self) -> None:
-        with self._log_lock:
-            self._log.clear()
-
-    def _record(self, record: RequestRecord) -> None:
-        with self._log_lock:
-            self._log.append(record)
-
-    def _draw_fault(self) -> tuple[FaultConfig, str | None, float]:
-        with self._fault_lock:
-            config = self._faults
-            roll = self._fault_rng.random()
-            extra = self._fault_rng.random()
-        if roll < config.rate_drop:
-            return config, "drop", extra
-        if roll < config.rate_drop + config.rate_429:
-            return config, "rate_limit", extra
-        if roll < config.rate_drop + config.rate_429 + config.rate_5xx:
-            return config, "server_error", extra
-        return config, None, extra
 
     # ------------------------------------------------------------------ auth
 
@@ -394,6 +369,196 @@ class SandboxServer:
         if links:
             headers["Link"] = ", ".join(links)
         return body, headers
+
+    # ------------------------------------------------------------------ writes
+
+    def _write(
+        self, method: str, path: str, body: bytes, content_type: str, authenticated: bool
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """POST customers, POST customers/batch, and POST/PUT/PATCH customers/{id}."""
+        parts = path.split("/")
+        if parts[0].lower() != "customers" or len(parts) > 2:
+            raise _Reply(404, *_NO_ROUTE)
+        if len(parts) == 1 and method != "POST":
+            raise _Reply(404, *_NO_ROUTE)
+        is_batch = len(parts) == 2 and parts[1].lower() == "batch" and method == "POST"
+        is_single = len(parts) == 2 and parts[1].isdigit() and parts[1].isascii()
+        if len(parts) == 2 and not (is_batch or is_single):
+            raise _Reply(404, *_NO_ROUTE)
+        params = _json_params(body, content_type)
+        if not authenticated:
+            if is_batch:
+                raise _Reply(
+                    401,
+                    "woocommerce_rest_cannot_batch",
+                    "Sorry, you are not allowed to batch manipulate this resource.",
+                )
+            if len(parts) == 1:
+                raise _Reply(
+                    401,
+                    "woocommerce_rest_cannot_create",
+                    "Sorry, you are not allowed to create resources.",
+                )
+            raise _Reply(
+                401,
+                "woocommerce_rest_cannot_edit",
+                "Sorry, you are not allowed to edit this resource.",
+            )
+        if is_batch:
+            return 200, orjson.dumps(self._batch(params)), {}
+        if len(parts) == 1:
+            return 201, orjson.dumps(self._create_customer(params)), {}
+        return 200, orjson.dumps(self._update_customer(int(parts[1]), params)), {}
+
+    def _batch(self, params: dict[str, Any]) -> dict[str, list[Any]]:
+        """WC_REST_Controller::batch_items() for customers."""
+        groups: dict[str, list[Any]] = {}
+        for name in ("create", "update", "delete"):
+            items = params.get(name)
+            if items:  # array_filter(): empty groups are dropped
+                groups[name] = items if isinstance(items, list) else [items]
+        total = sum(len(items) for items in groups.values())
+        if total > BATCH_LIMIT:
+            raise _Reply(
+                413,
+                "woocommerce_rest_request_entity_too_large",
+                f"Unable to accept more than {BATCH_LIMIT} items for this request.",
+            )
+        response: dict[str, list[Any]] = {}
+        for item in groups.get("create", []):
+            try:
+                entry: Any = self._create_customer(item if isinstance(item, dict) else {})
+            except _Reply as reply:
+                entry = {"id": 0, "error": reply.body}
+            response.setdefault("create", []).append(entry)
+        for item in groups.get("update", []):
+            item = item if isinstance(item, dict) else {}
+            record_id = _php_integer(str(item.get("id", 0))) or 0
+            try:
+                entry = self._update_customer(record_id, item)
+            except _Reply as reply:
+                entry = {"id": item.get("id", 0), "error": reply.body}
+            response.setdefault("update", []).append(entry)
+        for raw in groups.get("delete", []):
+            record_id = _php_integer(str(raw)) or 0
+            try:
+                entry = self._delete_customer(record_id)
+            except _Reply as reply:
+                entry = {"id": raw, "error": reply.body}
+            response.setdefault("delete", []).append(entry)
+        return response
+
+    def _customer_changes(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Checked update arguments, as the customer schema validates them (400
+        rest_invalid_param naming the bad ones)."""
+        errors: dict[str, tuple[str, str]] = {}
+        changes: dict[str, Any] = {}
+        for name in _CUSTOMER_TEXT:
+            if name in params:
+                value = params[name]
+                if not isinstance(value, str):
+                    errors[name] = ("rest_invalid_type", f"{name} is not of type string.")
+                elif name == "email" and not _WC_EMAIL.match(value.strip()):
+                    errors[name] = ("rest_invalid_email", "Invalid email address.")
+                else:
+                    changes[name] = value.strip() if name == "email" else value
+        for name in ("billing", "shipping"):
+            if name in params:
+                if isinstance(params[name], dict):
+                    changes[name] = params[name]
+                else:
+                    errors[name] = ("rest_invalid_type", f"{name} is not of type object.")
+        if "meta_data" in params:
+            meta = params["meta_data"]
+            if not isinstance(meta, list):
+                errors["meta_data"] = ("rest_invalid_type", "meta_data is not of type array.")
+            else:
+                for n, entry in enumerate(meta):
+                    if not isinstance(entry, dict) or not isinstance(entry.get("key", ""), str):
+                        errors["meta_data"] = (
+                            "rest_invalid_type",
+                            f"meta_data[{n}][key] is not of type string.",
+                        )
+                        break
+                else:
+                    changes["meta_data"] = [e for e in meta if isinstance(e.get("key"), str)]
+        if errors:
+            names = list(errors)
+            raise _Reply(
+                400,
+                "rest_invalid_param",
+                f"Invalid parameter(s): {', '.join(names)}",
+                {
+                    "params": {name: message for name, (_, message) in errors.items()},
+                    "details": {
+                        name: {"code": code, "message": message, "data": None}
+                        for name, (code, message) in errors.items()
+                    },
+                },
+            )
+        return changes
+
+    def _email_taken(self, email: str, other_than: int | None) -> bool:
+        wanted = email.strip().lower()
+        return any(
+            entry.email == wanted and entry.id != other_than
+            for entry in self.store.index("customers").values()
+        )
+
+    def _create_customer(self, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("id"):
+            raise _Reply(
+                400, "woocommerce_rest_customer_exists", "Cannot create existing resource."
+            )
+        changes = self._customer_changes(params)
+        email = changes.pop("email", None)
+        if not email:
+            raise _Reply(
+                400,
+                "rest_missing_callback_param",
+                "Missing parameter(s): email",
+                {"params": ["email"]},
+            )
+        with self.store.lock:
+            if self._email_taken(email, None):
+                raise _Reply(
+                    400,
+                    "registration-error-email-exists",
+                    "An account is already registered with your email address. "
+                    '<a href="#" class="showlogin">Please log in.</a>',
+                )
+            payload = self.store.create_customer(email, changes)
+            return dict(payload)
+
+    def _update_customer(self, record_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        changes = self._customer_changes(params)
+        store = self.store
+        with store.lock:
+            if record_id not in store.customers and record_id not in store.staff:
+                # The update controller answers 400 here, where GET answers 404.
+                raise _Reply(400, *_INVALID_ID)
+            current = str(store.payload("customers", record_id).get("email", "")).lower()
+            new_email = changes.get("email")
+            # Only a changed address needs the (linear) uniqueness scan.
+            if (
+                new_email is not None
+                and new_email.lower() != current
+                and self._email_taken(new_email, record_id)
+            ):
+                raise _Reply(
+                    400, "woocommerce_rest_customer_invalid_email", "Email address is invalid."
+                )
+            return dict(store.update_customer(record_id, changes))
+
+    def _delete_customer(self, record_id: int) -> dict[str, Any]:
+        # Batch deletes run with force=true (customers have no trash).
+        store = self.store
+        with store.lock:
+            if record_id not in store.customers:
+                raise _Reply(400, *_INVALID_ID)
+            payload = dict(store.customers[record_id])
+            store.delete_customer(record_id)
+            return payload
 
     def _matched(self, query: _Query) -> list[int]:
         # A sync pages through one query many times; remember its matches until the store
@@ -676,69 +841,12 @@ def _date_test(column: str, op: str, bound: str) -> Callable[[IndexEntry], bool]
     return lambda entry: str(getattr(entry, column)) < bound
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], app: SandboxServer) -> None:
-        self.app = app
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(SandboxHandler[SandboxServer]):
     server_version = "nginx"
-    # Headers and body go out in two writes; without this, Nagle + delayed ACK stall
-    # keep-alive clients for ~40 ms per response.
-    disable_nagle_algorithm = True
-    timeout = 120
 
-    @property
-    def app(self) -> SandboxServer:
-        server = self.server
-        assert isinstance(server, _HTTPServer)
-        return server.app
-
-    def setup(self) -> None:
-        super().setup()
-        with self.app._connections_lock:
-            self.app._connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.app._connections_lock:
-            self.app._connections.discard(self.connection)
-        super().finish()
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silent: tests read ``SandboxServer.requests`` instead."""
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_PUT(self) -> None:
-        self._handle()
-
-    def do_PATCH(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    def _handle(self) -> None:
+    def handle_request(self) -> None:
         app = self.app
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        if length > 0:
-            self.rfile.read(length)
+        body = self.read_body()
         raw_path, _, raw_query = self.path.partition("?")
         pairs = _decode_pairs(raw_query)
         path = raw_path
@@ -747,7 +855,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = path.strip("/")
         query_log = {name: value for name, value in pairs}
 
-        config, fault, extra = app._draw_fault()
+        config, fault, error_status = app._draw_fault()
         if config.latency_ms:
             time.sleep(config.latency_ms / 1000)
         if fault == "drop":
@@ -755,24 +863,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if fault is not None:
-            status = self._send_fault(config, fault, extra)
+            status = self._send_fault(config, fault, error_status)
             app._record(RequestRecord(self.command, path, query_log, status, fault))
             return
 
         try:
-            status, body, headers = self._dispatch(raw_path, raw_query, pairs, path)
+            status, answer, headers = self._dispatch(raw_path, raw_query, pairs, path, body)
         except _Reply as reply:
-            status, body, headers = reply.status, orjson.dumps(reply.body), {}
+            status, answer, headers = reply.status, orjson.dumps(reply.body), {}
         except Exception:
             # A bug in the sandbox answers like a broken WordPress does, and leaves a traceback
             # on stderr, rather than cutting the connection.
             traceback.print_exc()
-            status, body, headers = 500, orjson.dumps(_critical_error()), {}
-        self._send(status, body, _JSON_TYPE, headers)
+            status, answer, headers = 500, orjson.dumps(_critical_error()), {}
+        self._send(status, answer, _JSON_TYPE, headers)
         app._record(RequestRecord(self.command, path, query_log, status, None))
 
     def _dispatch(
-        self, raw_path: str, raw_query: str, pairs: list[tuple[str, str]], path: str
+        self,
+        raw_path: str,
+        raw_query: str,
+        pairs: list[tuple[str, str]],
+        path: str,
+        body: bytes = b"",
     ) -> tuple[int, bytes, dict[str, str]]:
         app = self.app
         if not (raw_path.startswith(API_PREFIX + "/") or raw_path.rstrip("/") == API_PREFIX):
@@ -781,6 +894,9 @@ class _Handler(BaseHTTPRequestHandler):
         authenticated = app._authenticate(
             self.command, raw_path, pairs, self.headers.get("Authorization", "")
         )
+        if self.command in _WRITE_METHODS:
+            content_type = self.headers.get_content_type()
+            return app._write(self.command, path, body, content_type, authenticated)
         if self.command == "GET" and path.strip("/") == "data/currencies/current":
             # WooCommerce's data controller: the store's currency, which prices are in.
             if not authenticated:
@@ -803,13 +919,12 @@ class _Handler(BaseHTTPRequestHandler):
         body, headers = app._respond(query, raw_query, path)
         return 200, body, headers
 
-    def _send_fault(self, config: FaultConfig, fault: str, extra: float) -> int:
+    def _send_fault(self, config: FaultConfig, fault: str, status: int) -> int:
         if fault == "rate_limit":
             headers = {"Retry-After": config.retry_after} if config.retry_after is not None else {}
             body = _html_error(429, "Too Many Requests")
             self._send(429, body, _HTML_TYPE, headers)
             return 429
-        status = (500, 502, 503)[min(int(extra * 3), 2)]
         if status == 500:
             self._send(500, orjson.dumps(_critical_error()), _JSON_TYPE, {})
         else:
@@ -818,17 +933,24 @@ class _Handler(BaseHTTPRequestHandler):
         return status
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        if content_type == _JSON_TYPE:
-            self.send_header("X-Robots-Tag", "noindex")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Access-Control-Expose-Headers", "X-WP-Total, X-WP-TotalPages, Link")
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+        extra = _JSON_HEADERS if content_type == _JSON_TYPE else ()
+        self.write_response(status, body, content_type, [*extra, *headers.items()])
+
+
+def _json_params(body: bytes, content_type: str) -> dict[str, Any]:
+    """The request's JSON body params, as WP_REST_Request::parse_json_params() reads them."""
+    if not body.strip() or content_type != "application/json":
+        return {}
+    try:
+        params = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _Reply(
+            400,
+            "rest_invalid_json",
+            "Invalid JSON body passed.",
+            {"json_error_code": 4, "json_error_message": str(exc)},
+        ) from None
+    return params if isinstance(params, dict) else {}
 
 
 def _critical_error() -> dict[str, Any]:

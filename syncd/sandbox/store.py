@@ -437,6 +437,94 @@ class SandboxStore:
             del self.customers[customer_id]
             self._remove("customers", customer_id)
 
+    def create_customer(self, email: str, changes: Mapping[str, Any] | None = None) -> Payload:
+        """Register a customer as ``POST /customers`` does (``wc_create_new_customer``): the
+        username from the email's local part, made unique; then ``changes`` as an update.
+        The caller checks the email is valid and not taken."""
+        with self.lock:
+            stamp = _Stamp.real_now(self.timezone)
+            user_id = self._take_user_id()
+            taken = {str(p.get("username", "")).lower() for p in self._users()}
+            base = email.split("@")[0] or "customer"
+            username = base
+            for n in itertools.count(1):
+                if username.lower() not in taken:
+                    break
+                username = f"{base}-{n}"
+            empty = dict.fromkeys(
+                ("first_name", "last_name", "company", "address_1", "address_2", "city"), ""
+            )
+            empty.update(postcode="", country="", state="")
+            payload = _new_user(
+                user_id,
+                stamp,
+                email,
+                ("", ""),
+                "customer",
+                username,
+                {**empty, "email": "", "phone": ""},
+                {**empty, "phone": ""},
+            )
+            self.customers[user_id] = payload
+            self._apply_links("customers", payload)
+            self._reindex("customers", user_id, created_gmt=stamp.gmt)
+            if changes:
+                self.update_customer(user_id, changes)
+            return payload
+
+    def update_customer(self, customer_id: int, changes: Mapping[str, Any]) -> Payload:
+        """Apply a wc/v3 customer update (``KeyError`` for an unknown id) and stamp
+        ``date_modified`` with the real time, as saving a WC_Customer does.
+
+        ``email``, ``first_name``, ``last_name`` and the known ``billing``/``shipping`` keys
+        are set; ``meta_data`` entries go through ``WC_Data::update_meta_data``: with an
+        ``id`` that row gets the key and value, without one the key's first row gets the
+        value and its other rows go, an unknown key (or id) adds a row, and a ``null``
+        value deletes the row when saved. The caller validates types.
+        """
+        with self.lock:
+            payload = self.payload("customers", customer_id)
+            for name in ("email", "first_name", "last_name"):
+                if name in changes:
+                    payload[name] = changes[name]
+            for name in ("billing", "shipping"):
+                given = changes.get(name)
+                if isinstance(given, Mapping):
+                    address = payload[name]
+                    for key, value in given.items():
+                        if key in address:
+                            address[key] = value
+            if "meta_data" in changes:
+                self._update_meta(payload, changes["meta_data"])
+            _Stamp.real_now(self.timezone).apply(payload, "date_modified")
+            self._reindex("customers", customer_id)
+            return payload
+
+    def _update_meta(self, payload: Payload, entries: Iterable[Mapping[str, Any]]) -> None:
+        meta: list[Payload] = payload.setdefault("meta_data", [])
+        for entry in entries:
+            key, value, meta_id = entry.get("key"), entry.get("value"), entry.get("id")
+            target: Payload | None = None
+            if meta_id:
+                target = next((m for m in meta if m.get("id") == meta_id), None)
+            else:
+                matches = [m for m in meta if m.get("key") == key]
+                if matches:
+                    target = matches[0]
+                    extra = {id(m) for m in matches[1:]}
+                    meta[:] = [m for m in meta if id(m) not in extra]
+            if target is not None:
+                target["key"] = key
+                target["value"] = value
+            else:
+                # add_meta_data($key, $value, unique=true): other rows with the key go first.
+                meta[:] = [m for m in meta if m.get("key") != key]
+                meta.append({"id": self._take_meta_id(), "key": key, "value": value})
+        meta[:] = [m for m in meta if m.get("value") is not None]
+
+    def _users(self) -> Iterable[Payload]:
+        return itertools.chain(self.customers.values(), self.staff.values())
+
     def mutate(self, fraction: float = 0.01, seed: int | None = None) -> dict[str, list[int]]:
         """Change about ``fraction`` of the records the way a live store changes.
 
@@ -685,6 +773,38 @@ class _Stamp:
             payload[f"{field}_gmt"] = self.gmt
 
 
+def _new_user(
+    user_id: int,
+    stamp: _Stamp,
+    email: str,
+    names: tuple[str, str],
+    role: str,
+    username: str,
+    billing: Payload,
+    shipping: Payload,
+) -> Payload:
+    """A wc/v3 customer as first saved: created and modified at ``stamp``."""
+    first, last = names
+    return {
+        "id": user_id,
+        "date_created": stamp.local,
+        "date_created_gmt": stamp.gmt,
+        "date_modified": stamp.local,
+        "date_modified_gmt": stamp.gmt,
+        "email": email,
+        "first_name": first,
+        "last_name": last,
+        "role": role,
+        "username": username,
+        "billing": billing,
+        "shipping": shipping,
+        "is_paying_customer": False,
+        "avatar_url": "https://secure.gravatar.com/avatar/"
+        f"{hashlib.md5(email.strip().lower().encode()).hexdigest()}?s=96&d=mm&r=g",
+        "meta_data": [],
+    }
+
+
 def _ascii(text: str) -> str:
     folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     return "".join(ch for ch in folded.lower() if ch.isalnum())
@@ -848,24 +968,7 @@ class _Generator:
         billing, shipping = self._addresses(country, first, last, email)
         stamp = self._stamp(created)
         username = email.split("@")[0]
-        return {
-            "id": user_id,
-            "date_created": stamp.local,
-            "date_created_gmt": stamp.gmt,
-            "date_modified": stamp.local,
-            "date_modified_gmt": stamp.gmt,
-            "email": email,
-            "first_name": first,
-            "last_name": last,
-            "role": role,
-            "username": username,
-            "billing": billing,
-            "shipping": shipping,
-            "is_paying_customer": False,
-            "avatar_url": "https://secure.gravatar.com/avatar/"
-            f"{hashlib.md5(email.strip().lower().encode()).hexdigest()}?s=96&d=mm&r=g",
-            "meta_data": [],
-        }
+        return _new_user(user_id, stamp, email, names, role, username, billing, shipping)
 
     def _make_staff(self) -> None:
         store = self.store
