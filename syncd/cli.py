@@ -104,8 +104,8 @@ def open_engine(settings: Settings) -> Any:
 
 @app.command()
 def validate() -> None:
-    """Check the config: settings, segment rules, SQL segments against the store (and, as
-    they arrive, the mapping files)."""
+    """Check the config and mapping files: settings, segment rules, mappings, and SQL segments
+    and SQL models against the store."""
     settings = load()
     path = settings.config_path or "config"
     if any(seg.sql is not None for seg in settings.segments.values()):
@@ -120,8 +120,41 @@ def validate() -> None:
             raise typer.Exit(2) from None
         finally:
             engine.dispose()
+    mappings = load_mappings_or_exit(settings)
+    if any(sync.spec.sql is not None for m in mappings for sync in m.syncs):
+        from syncd.sync import PushError, check_model
+
+        engine = open_engine(settings)
+        try:
+            for mapping in mappings:
+                for sync in mapping.syncs:
+                    check_model(engine, sync)
+        except PushError as exc:
+            err.print(f"{mapping.path}: {exc}", markup=False)
+            raise typer.Exit(2) from None
+        finally:
+            engine.dispose()
     sources = ", ".join(settings.sources) or "none"
-    say(f"{path}: ok (sources: {sources})")
+    syncs = ", ".join(s.name for m in mappings for s in m.syncs) or "none"
+    say(f"{path}: ok (sources: {sources}; destination syncs: {syncs})")
+    for mapping in mappings:
+        for sync in mapping.syncs:
+            asked = sync.spec.batch_size
+            if asked is not None and asked > sync.batch_size:
+                say(
+                    f"{mapping.path}: sync[{sync.name}].batch_size: {asked} capped at "
+                    f"{mapping.spec.destination}'s maximum of {sync.batch_size}"
+                )
+
+
+def load_mappings_or_exit(settings: Settings) -> list[Any]:
+    """The config's mapping files, checked; exit 2 listing every problem."""
+    from syncd.mapping import load_mappings
+
+    try:
+        return load_mappings(settings)
+    except ConfigError as exc:
+        raise fail_config(exc) from None
 
 
 def _progress_factory() -> tuple[Progress | None, Callable[[str, int, int | None], None] | None]:
@@ -261,6 +294,21 @@ def print_status(data: dict[str, Any]) -> None:
         say("segments: " + "  ".join(f"{n}: {v['size']}" for n, v in segs["sizes"].items()))
     if segs["last_run"]:
         say(_run_line("segments: last recompute", segs["last_run"]))
+    for name, dest in data.get("destinations", {}).items():
+        held = dest["records"]
+        line = (
+            f"push {name}: {held['in_destination']} in destination, "
+            f"{held['failed']} failed, {held['skipped']} skipped"
+        )
+        run = dest["last_run"]
+        if run:
+            c = run["counts"]
+            counts = " ".join(
+                f"{k}={c.get(k, 0)}"
+                for k in ("added", "updated", "removed", "unchanged", "failed", "skipped")
+            )
+            line += "; " + _run_line("last run", run) + f" [{counts}]"
+        say(line)
 
 
 def _run_line(what: str, run: dict[str, Any]) -> str:
@@ -268,6 +316,83 @@ def _run_line(what: str, run: dict[str, Any]) -> str:
     when = run["finished_at"] or run["started_at"]
     line = f"{what} {run['status']} at {when} ({run['duration_s']} s)"
     return f"{line}: {run['error']}" if run["error"] else line
+
+
+@app.command()
+def push(
+    syncs: Annotated[
+        list[str] | None, typer.Argument(help="Destination syncs to run (default: all).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and sample payloads; send nothing.")
+    ] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="Forget what was sent and send every row again.")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Run destination syncs once: send what changed since the last push."""
+    from syncd.sync import push as run_push
+    from syncd.sync import select_syncs
+
+    settings = load()
+    mappings = load_mappings_or_exit(settings)
+    try:
+        selected = select_syncs(mappings, syncs)
+    except KeyError as exc:
+        known = ", ".join(s.name for m in mappings for s in m.syncs) or "none configured"
+        where = settings.config_path or "config"
+        err.print(
+            f"{where}: destinations: unknown sync {exc.args[0]!r} (configured: {known})",
+            markup=False,
+        )
+        raise typer.Exit(2) from None
+    if not selected:
+        where = settings.config_path or "config"
+        err.print(f"{where}: destinations.mappings: no destination sync configured", markup=False)
+        raise typer.Exit(2)
+    engine = open_engine(settings)
+    try:
+        results = asyncio.run(run_push(engine, selected, dry_run=dry_run, full=full))
+    finally:
+        engine.dispose()
+    if json_output:
+        print(json.dumps([r.as_json() for r in results], indent=2, sort_keys=True, default=str))
+    else:
+        print_push(results)
+    raise typer.Exit(1 if any(r.status == "failed" for r in results) else 0)
+
+
+def print_push(results: Sequence[Any]) -> None:
+    dry = any(r.status == "dry-run" for r in results)
+    table = Table(title="push (dry run: nothing sent)" if dry else "push")
+    heads = ("sync", "destination", "mode", "status")
+    numbers = ("added", "updated", "removed", "unchanged", "failed", "skipped", "requests")
+    for col in heads + numbers:
+        # Sync names are what a user types next (syncd push NAME): never cut them.
+        table.add_column(col, justify="right" if col in numbers else "left", no_wrap=col == "sync")
+    for r in results:
+        c = r.counts
+        table.add_row(
+            r.sync,
+            r.destination,
+            r.mode,
+            r.status,
+            *(str(getattr(c, n)) for n in numbers),
+        )
+    out.print(table)
+    for r in results:
+        if r.error:
+            err.print(f"{r.sync}: failed: {r.error}", markup=False, highlight=False)
+        for reason, n in r.counts.failed_reasons.most_common(5):
+            say(f"{r.sync}: {n} refused: {reason}")
+        for reason, n in r.counts.skipped_reasons.most_common(5):
+            say(f"{r.sync}: {n} skipped: {reason}")
+        if r.status == "dry-run":
+            plan = ", ".join(f"{op} {n}" for op, n in sorted(r.planned.items())) or "nothing"
+            say(f"{r.sync}: would send: {plan}")
+            for sample in r.samples:
+                say(f"{r.sync}: sample {sample['op']} {json.dumps(sample['payload'], default=str)}")
 
 
 def _parse_day(value: str | None) -> date | None:
@@ -368,7 +493,7 @@ def demo(
         str, typer.Option(help="Where the demo store lives.")
     ] = "sqlite:///state/demo.db",
 ) -> None:
-    """The whole loop against the built-in sandbox store, on the embedded store."""
+    """The whole loop against the sandboxes, on the embedded store: sync, segments, push."""
     from pydantic import SecretStr
 
     from syncd.config import StoreSettings, WooCommerceSourceSettings
@@ -410,7 +535,16 @@ def demo(
             print_segments(run_segments(settings, engine))
             from syncd.status import collect_status
 
+            say("Pushing segments to sandboxed Klaviyo, Mailchimp, the store and a webhook…")
+            from syncd.sandbox.demo import demo_push
+
+            pushed, where = demo_push(engine, DEMO_SEGMENTS, server)
+            print_push(pushed)
+            for line in where:
+                say(line)
             print_status(collect_status(engine, settings))
+            if any(r.status == "failed" for r in pushed):
+                raise typer.Exit(1)
         finally:
             engine.dispose()
     say(f"Done. The store is {store_url}; query it with any SQL client.")

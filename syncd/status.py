@@ -21,6 +21,7 @@ from syncd.store.models import (
     ORDERS,
     PROFILES,
     QUARANTINE,
+    SYNC_RECORDS,
 )
 from syncd.store.models import SYNC_RUNS as RUNS
 from syncd.store.models import SYNC_STATE as STATE
@@ -132,6 +133,7 @@ def collect_status(
                 "streams": streams,
             }
         out["segments"] = _segments(conn, settings)
+        out["destinations"] = _destinations(conn)
         out["totals"] = {
             "customers": conn.execute(select(func.count()).select_from(CUSTOMERS)).scalar(),
             "orders": conn.execute(
@@ -159,4 +161,36 @@ def _segments(conn: Any, settings: Settings) -> dict[str, Any]:
             name: {"size": sizes.get(name, 0), "configured": name in settings.segments}
             for name in sorted(set(settings.segments) | set(sizes))
         },
+    }
+
+
+def _destinations(conn: Any) -> dict[str, Any]:
+    """Every destination sync that has run or holds records: its last run (with the run's
+    counts) and what its records say now."""
+    runs = {
+        r[0]
+        for r in conn.execute(select(RUNS.c.name).where(RUNS.c.kind == "destination").distinct())
+    }
+    held: dict[str, dict[str, int]] = {}
+    for name, status, in_dest, n in conn.execute(
+        select(
+            SYNC_RECORDS.c.sync,
+            SYNC_RECORDS.c.status,
+            SYNC_RECORDS.c.in_destination,
+            func.count(),
+        ).group_by(SYNC_RECORDS.c.sync, SYNC_RECORDS.c.status, SYNC_RECORDS.c.in_destination)
+    ):
+        counts = held.setdefault(name, {"in_destination": 0, "failed": 0, "skipped": 0})
+        if in_dest:
+            counts["in_destination"] += n
+        if status in ("failed", "skipped"):
+            counts[status] += n
+    return {
+        name: {
+            "last_run": _run_json(
+                _last_run(conn, RUNS.c.kind == "destination", RUNS.c.name == name)
+            ),
+            "records": held.get(name, {"in_destination": 0, "failed": 0, "skipped": 0}),
+        }
+        for name in sorted(runs | set(held))
     }

@@ -213,7 +213,7 @@ def test_validate_good_config(tmp_path: Path, sandbox: SandboxServer) -> None:
     write_config(tmp_path, "sqlite:///store.db", sandbox.url)
     run = syncd("--config", "config.toml", "validate", env=base_env(), cwd=tmp_path)
     assert run.returncode == 0, run.output
-    assert run.stdout_lines() == ["config.toml: ok (sources: woocommerce)"]
+    assert run.stdout_lines() == ["config.toml: ok (sources: woocommerce; destination syncs: none)"]
     assert KEY not in run.output and SECRET not in run.output
     # validate reads the config only: no store is created, the source is not called.
     assert not (tmp_path / "store.db").exists()
@@ -223,7 +223,7 @@ def test_validate_ok_line_is_one_line_however_long(tmp_path: Path, sandbox: Sand
     config = write_config(tmp_path, "sqlite:///store.db", sandbox.url)
     run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)), cwd=tmp_path)
     assert run.returncode == 0, run.output
-    assert run.stdout_lines() == [f"{config}: ok (sources: woocommerce)"]
+    assert run.stdout_lines() == [f"{config}: ok (sources: woocommerce; destination syncs: none)"]
 
 
 def test_validate_unknown_key_relative_config(tmp_path: Path, sandbox: SandboxServer) -> None:
@@ -533,6 +533,31 @@ def test_demo_builds_the_store(tmp_path: Path) -> None:
     assert live == ORDERS - want_trashed
     assert f"live orders: {live}" in run.stdout
     assert not (work / "state").exists()
+    # The push half: each destination holds exactly its segment (sizes from the status line).
+    sizes = dict(
+        (name, int(n))
+        for name, n in re.findall(
+            r"(\w+): (\d+)",
+            next(line for line in run.stdout_lines() if line.startswith("segments: big_spenders")),
+        )
+    )
+    lines = run.stdout_lines()
+    assert any(
+        line.startswith("Klaviyo: ")
+        and f", {sizes['champions']} on the Champions list, "
+        f"{sizes['open_carts']} 'Cart Abandoned' events"
+        in line
+        for line in lines
+    ), run.stdout
+    assert any(
+        line.startswith(f"Mailchimp: {sizes['big_spenders']} audience members")
+        and line.endswith(f"{sizes['big_spenders']} tagged 'big spender'")
+        for line in lines
+    ), run.stdout
+    assert f"Webhook: {sizes['win_back']} records in 1 signed batches" in lines
+    skipped = re.search(r"woocommerce-big-spenders: (\d+) skipped: not a registered", run.stdout)
+    tagged = sizes["big_spenders"] - (int(skipped.group(1)) if skipped else 0)
+    assert f"WooCommerce: {tagged} registered customers carry syncd_segments meta" in lines
 
 
 def test_sync_with_bad_records_exits_0_and_reports_the_quarantine(tmp_path: Path) -> None:

@@ -361,6 +361,30 @@ class ModelFit(SQLModel, table=True):
     fitted_at: datetime | None = _utc()
 
 
+class SyncRecord(SQLModel, table=True):
+    """Per destination sync and record: what was last sent, when, and how it went.
+
+    ``content_hash`` identifies the content last processed (sent, refused or skipped), so
+    an unchanged row is not sent again; ``in_destination`` says whether the destination
+    holds the record (a mirror sync removes only those); ``dest_id`` is the vendor's id
+    for it (Klaviyo profile ids: list removal takes ids, not emails).
+    """
+
+    __tablename__ = "sync_records"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    sync: str = Field(primary_key=True)
+    record_key: str = Field(primary_key=True)
+    content_hash: int = Field(sa_type=BigInteger)
+    status: str  # sent | failed | skipped
+    in_destination: bool = False
+    dest_id: str | None = None
+    attempts: int = 0  # consecutive failures of the current content
+    error: str | None = Field(default=None, sa_type=Text)  # the vendor's reason, or why skipped
+    sent_at: datetime | None = _utc()  # last accepted by the destination
+    updated_at: datetime | None = _utc()
+
+
 def _table(model: type[SQLModel]) -> Table:
     table: Table = model.__table__  # type: ignore[attr-defined]
     return table
@@ -381,3 +405,4 @@ QUARANTINE = _table(Quarantine)
 PROFILES = _table(CustomerProfile)
 MEMBERSHIPS = _table(SegmentMembership)
 MODEL_FITS = _table(ModelFit)
+SYNC_RECORDS = _table(SyncRecord)

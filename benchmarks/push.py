@@ -1,0 +1,318 @@
+"""Push benchmark: a 1,000,000-member audience through the sync engine to the sandboxes.
+
+Prints, for the embedded store (SQLite; ``--postgres URL`` adds Postgres):
+
+1. the first push of the whole audience (Mailchimp batch upsert, 500 per request);
+2. a push with nothing changed: its planning time (target <= 10 s) and requests (0);
+3. a push after 1% of the members changed: the requests it took (target: exactly
+   ceil(changed / 500));
+4. the achieved send rate against a sandbox rate limit (a webhook receiver that answers
+   429 past its limit per second): target >= 90% of the limit with zero 429 answers.
+
+    python benchmarks/push.py                       # 1,000,000 members
+    python benchmarks/push.py --members 50000       # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import multiprocessing
+import random
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import heading, num, print_table, verdict
+from syncd.config import Settings
+from syncd.mapping import load_mappings
+from syncd.sandbox.destinations import DestinationSandbox
+from syncd.store.engine import open_store
+from syncd.sync import PushResult, push, select_syncs
+
+LIST = "bench"
+SECRET = "bench-secret"
+MAILCHIMP_BATCH = 500  # the documented maximum the adapter uses
+PLAN_TARGET_S = 10.0
+RATE_SHARE_TARGET = 0.90
+
+
+def rows(members: int, chunk: int = 20_000) -> Iterator[list[dict[str, Any]]]:
+    entered = datetime(2026, 1, 1, tzinfo=UTC).isoformat(sep=" ")
+    for start in range(1, members + 1, chunk):
+        yield [
+            {
+                "cid": cid,
+                "email": f"member{cid}@example.com",
+                "first": f"First{cid}",
+                "last": f"Last{cid}",
+                "net": cid % 100_000,
+                "entered": entered,
+            }
+            for cid in range(start, min(start + chunk, members + 1))
+        ]
+
+
+def fill(engine: Engine, members: int) -> float:
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        for chunk in rows(members):
+            conn.execute(
+                text(
+                    "INSERT INTO customer_profiles (customer_id, email, first_name, last_name, "
+                    "country, orders_count, gross_revenue_minor, refunded_minor, "
+                    "net_revenue_minor, currency, distinct_products, lifecycle_stage, "
+                    "has_open_cart) VALUES (:cid, :email, :first, :last, 'DE', 1, :net, 0, "
+                    ":net, 'EUR', 1, 'active', false)"
+                ),
+                chunk,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO segment_memberships (segment, customer_id, entered_at) "
+                    "VALUES ('audience', :cid, :entered)"
+                ),
+                chunk,
+            )
+    return time.perf_counter() - started
+
+
+def serve_sandbox(control: Connection, limit: int) -> None:
+    """The destinations, in a process of their own like real ones: a sandbox holding a
+    million members in the pushing process would make its garbage collector and caches
+    part of the measurement. Answers the benchmark's questions over ``control``."""
+    with DestinationSandbox(log_bodies=False) as box:
+        box.mailchimp.add_list(LIST)
+        receiver = box.webhooks.add("limited", SECRET, rate_per_second=limit)
+        control.send(
+            {
+                "mailchimp_url": box.mailchimp_url,
+                "mailchimp_key": box.mailchimp.api_key,
+                "webhook_url": box.webhook_url("limited"),
+            }
+        )
+        while True:
+            command = control.recv()
+            if command == "stop":
+                return
+            if command == "reset":
+                box.reset_logs()
+                control.send(None)
+            elif command == "stats":
+                control.send(
+                    {
+                        "members": len(box.mailchimp.lists[LIST].members),
+                        "mailchimp_requests": len(box.mailchimp.requests),
+                        "webhook": [(r.status, r.at) for r in box.webhooks.requests],
+                        "webhook_records": len(receiver.records),
+                    }
+                )
+
+
+class Sandbox:
+    """The benchmark's handle on the sandbox process."""
+
+    def __init__(self, limit: int) -> None:
+        self.control, child = multiprocessing.Pipe()
+        self.process = multiprocessing.Process(
+            target=serve_sandbox, args=(child, limit), daemon=True
+        )
+        self.process.start()
+        self.urls: dict[str, str] = self.control.recv()
+
+    def ask(self, command: str) -> Any:
+        self.control.send(command)
+        return self.control.recv()
+
+    def close(self) -> None:
+        self.control.send("stop")
+        self.process.join(timeout=30)
+
+
+def mappings(folder: Path, box: Sandbox, rate: float) -> Settings:
+    (folder / "mailchimp.toml").write_text(
+        f"""
+destination = "mailchimp"
+base_url = "{box.urls["mailchimp_url"]}"
+[credentials]
+api_key = "{box.urls["mailchimp_key"]}"
+
+[[sync]]
+name = "mailchimp-audience"
+segment = "audience"
+mode = "upsert"
+object = "{LIST}"
+[sync.fields]
+email_address = "email"
+"merge_fields.FNAME" = "first_name"
+"merge_fields.LNAME" = "last_name"
+"merge_fields.REVENUE" = "net_revenue_minor | minor_to_major"
+marketing_consent = "marketing_consent"
+"""
+    )
+    (folder / "webhook.toml").write_text(
+        f"""
+destination = "webhook"
+base_url = "{box.urls["webhook_url"]}"
+[credentials]
+secret = "{SECRET}"
+[limits]
+# The receiver's documented limit, less a margin for clock-second window edges.
+requests_per_second = {rate}
+concurrency = 4
+
+[[sync]]
+name = "webhook-rate"
+segment = "audience"
+mode = "upsert"
+batch_size = 100
+[sync.fields]
+email = "email"
+"""
+    )
+    return Settings.model_validate(
+        {
+            "segments": {"audience": {"rule": "orders_count >= 1"}},
+            "destinations": {
+                "mappings": [str(folder / "mailchimp.toml"), str(folder / "webhook.toml")]
+            },
+        }
+    )
+
+
+def run_one(engine: Engine, settings: Settings, name: str, **kwargs: Any) -> PushResult:
+    selected = select_syncs(load_mappings(settings, env={}), [name])
+    (result,) = asyncio.run(push(engine, selected, **kwargs))
+    if result.status == "failed":
+        raise SystemExit(f"{name}: push failed: {result.error}")
+    return result
+
+
+def bench_store(label: str, url: str, members: int, limit: int, rate_rows: int) -> None:
+    heading(f"{label}: {num(members)} members")
+    engine = open_store(url)
+    print(f"  filling the store: {fill(engine, members):.1f} s", flush=True)
+    box = Sandbox(limit)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            settings = mappings(Path(folder), box, limit * 0.95)
+
+            first = run_one(engine, settings, "mailchimp-audience")
+            c = first.counts
+            print(
+                f"  first push: {num(c.added)} added in {first.duration_s:.1f} s "
+                f"({num(c.added / first.duration_s)} members/s, {num(c.requests)} requests)",
+                flush=True,
+            )
+            assert box.ask("stats")["members"] == members
+
+            box.ask("reset")
+            again = run_one(engine, settings, "mailchimp-audience")
+            plan_s, plan_requests = again.duration_s, again.counts.requests
+            assert again.counts.unchanged == members
+            assert box.ask("stats")["mailchimp_requests"] == 0
+
+            rng = random.Random(7)
+            changed = rng.sample(range(1, members + 1), members // 100)
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE customer_profiles SET first_name = 'Changed' WHERE customer_id = :c"
+                    ),
+                    [{"c": cid} for cid in changed],
+                )
+            box.ask("reset")
+            delta = run_one(engine, settings, "mailchimp-audience")
+            want = math.ceil(len(changed) / MAILCHIMP_BATCH)
+            seen = box.ask("stats")["mailchimp_requests"]
+            assert delta.counts.updated == len(changed), delta.counts
+
+            # The rate run: the first `rate_rows` members only.
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE segment_memberships SET exited_at = entered_at "
+                        "WHERE segment = 'audience' AND customer_id > :n"
+                    ),
+                    {"n": rate_rows},
+                )
+            box.ask("reset")
+            rated = run_one(engine, settings, "webhook-rate")
+            stats = box.ask("stats")
+            log = stats["webhook"]
+            throttled = sum(1 for status, _ in log if status == 429)
+            span = (log[-1][1] - log[0][1]) if len(log) > 1 else rated.duration_s
+            achieved = (len(log) - 1) / span if len(log) > 1 else 0.0
+            assert stats["webhook_records"] == rate_rows
+    finally:
+        box.close()
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print()
+    print_table(
+        ["figure", "measured", "target", "verdict"],
+        [
+            [
+                "no-change push: planning time",
+                f"{plan_s:.2f} s ({plan_requests} requests)",
+                f"<= {PLAN_TARGET_S:g} s, 0 requests",
+                verdict(plan_s <= PLAN_TARGET_S and plan_requests == 0),
+            ],
+            [
+                f"requests after a 1% change ({num(len(changed))} members)",
+                f"{delta.counts.requests} (sandbox saw {seen})",
+                f"ceil({len(changed)}/{MAILCHIMP_BATCH}) = {want}",
+                verdict(delta.counts.requests == want == seen),
+            ],
+            [
+                f"send rate vs a {limit}/s limit ({num(len(log))} requests)",
+                f"{achieved:.2f}/s = {achieved / limit:.1%}, {throttled} x 429",
+                f">= {RATE_SHARE_TARGET:.0%}, 0 x 429",
+                verdict(achieved >= RATE_SHARE_TARGET * limit and throttled == 0),
+            ],
+            ["peak memory of this process", f"{peak:,.0f} MB", "-", "-"],
+        ],
+    )
+    engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=int, default=1_000_000)
+    parser.add_argument("--limit", type=int, default=20, help="the receiver's requests/s")
+    parser.add_argument(
+        "--rate-rows", type=int, default=30_000, help="rows sent in the rate run (100/request)"
+    )
+    parser.add_argument("--postgres", metavar="URL", help="also run on this Postgres database")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_store("SQLite", f"sqlite:///{tmp}/push.db", args.members, args.limit, args.rate_rows)
+    if args.postgres:
+        from sqlalchemy import create_engine
+
+        admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text("DROP DATABASE IF EXISTS syncd_bench_push WITH (FORCE)"))
+            conn.execute(text("CREATE DATABASE syncd_bench_push"))
+        url = args.postgres.rsplit("/", 1)[0] + "/syncd_bench_push"
+        try:
+            bench_store("Postgres", url, args.members, args.limit, args.rate_rows)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text("DROP DATABASE IF EXISTS syncd_bench_push WITH (FORCE)"))
+            admin.dispose()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,826 @@
+"""Klaviyo: profiles, list membership, events and privacy deletion (API revision 2026-07-15).
+
+Every call goes to Klaviyo's JSON:API at ``https://a.klaviyo.com/api`` with a private key
+(``Authorization: Klaviyo-API-Key pk_...``) and the ``revision`` header that pins the
+request and response shapes this module was written against.
+
+Operations
+----------
+
+* ``upsert`` — one bulk profile import job per batch (``POST /api/profile-bulk-import-jobs``),
+  split into several jobs only when the body would pass Klaviyo's 5 MB cap. The job is
+  polled until ``complete`` and its ``/import-errors`` become per-row failures; every other
+  row is accepted.
+* ``add`` (mirror) — the same import job with the sync's list in ``relationships.lists``;
+  then the job's profiles are read back to learn the profile id each row got, returned as
+  ``Outcome.dest_id`` (Klaviyo removes list members by profile id only, never by email).
+* ``remove`` (mirror) — ``DELETE /api/lists/{list}/relationships/profiles`` with the
+  profile ids returned on ``add``. It takes the profile off the list; it does not touch
+  consent or delete the profile.
+* ``event`` — ``POST /api/event-bulk-create-jobs``, one event per row, each with
+  ``unique_id = Item.event_id``: Klaviyo deduplicates events by it, so a re-sent batch cannot
+  trigger a flow twice.
+* ``delete`` — ``POST /api/data-privacy-deletion-jobs``, one request per row.
+
+Payload conventions (the mapping's destination field names)
+-----------------------------------------------------------
+
+Profiles (``upsert``, ``add``, and the profile part of ``event``) use Klaviyo's own
+attribute names:
+
+* identity: ``email``, ``phone_number`` (E.164, ``+14155550123``), ``external_id`` — at
+  least one is required; an email must be a valid address and is sent trimmed and
+  lower-cased;
+* ``first_name``, ``last_name``, ``organization``, ``locale``, ``title``, ``image``;
+* ``location.address1``, ``location.address2``, ``location.city``, ``location.country``,
+  ``location.region``, ``location.zip``, ``location.timezone``, ``location.ip``,
+  ``location.latitude``, ``location.longitude``;
+* custom properties: ``properties.<name>`` (any JSON value).
+
+A null custom property is removed from the profile (``meta.patch_properties.unset`` of the
+import). A null standard attribute is left out of the request, so Klaviyo keeps what it
+has: the bulk import cannot clear one (Klaviyo's "Bulk Import Profiles API" guide). A field name not
+in the list above is refused by :meth:`KlaviyoDestination.check` with a reason naming it,
+since Klaviyo would otherwise reject the whole job.
+
+Events (``event`` mode) take the profile fields above to identify (and update) the
+person, plus:
+
+* ``properties.<name>`` — the event's properties (not the profile's);
+* ``value`` (number), ``value_currency`` (ISO 4217), ``time`` (ISO 8601; Klaviyo uses the
+  time of receipt when absent).
+
+The metric (event) name is the sync's ``object`` and is required; ``unique_id`` is the
+engine's ``Item.event_id``.
+
+Mirror mode: the sync's ``object`` is the Klaviyo list id (required).
+
+Delete mode: the row is identified by ``email``, else ``phone_number``, else ``id`` (a
+Klaviyo profile id); Klaviyo accepts exactly one of them per request and deletes every
+profile that matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Final
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from syncd.destinations.base import (
+    BatchRejected,
+    Destination,
+    Item,
+    Op,
+    Outcome,
+    SyncTarget,
+)
+from syncd.http import ApiError, RetryExhausted, ServiceClient, ServiceLimits
+from syncd.identity import normalize_email, normalize_phone
+
+__all__ = ["KlaviyoDestination", "KlaviyoOptions"]
+
+log = structlog.get_logger("syncd.destinations.klaviyo")
+
+# The API revision this adapter speaks; Klaviyo requires the header on every request and
+# keeps each revision's shapes stable for two years (developers.klaviyo.com, "API versioning
+# and deprecation policy").
+REVISION: Final = "2026-07-15"
+JSON_API: Final = "application/vnd.api+json"
+
+# Limits from the 2026-07-15 OpenAPI spec (klaviyo/openapi openapi/stable.json, operation
+# descriptions):
+# bulk_import_profiles: "Accepts up to 10,000 profiles per request. The maximum allowed
+# payload size is 5MB. The maximum allowed payload size per-profile is 100KB."
+MAX_IMPORT_PROFILES: Final = 10_000
+# "MB"/"KB" are read as the smaller decimal units so a body at the edge is never refused.
+MAX_IMPORT_BYTES: Final = 5_000_000
+MAX_PROFILE_BYTES: Final = 100_000
+# add_profiles_to_list / remove_profiles_from_list: "a maximum of 1000 profiles per call".
+MAX_LIST_PROFILES: Final = 1_000
+# bulk_create_events: "Accepts up to 1,000 events per request. The maximum allowed payload
+# size is 5MB."
+MAX_BULK_EVENTS: Final = 1_000
+MAX_EVENTS_BYTES: Final = 5_000_000
+# page[size] of the import-errors and job-profiles collections: default 20, maximum 100.
+PAGE_SIZE: Final = 100
+
+# Rate limits, per endpoint, from the spec's x-klaviyo-ratelimit (also in each operation's
+# description; tiers explained at developers.klaviyo.com/en/docs/rate_limits_and_error_handling).
+# Klaviyo counts each endpoint's burst (per second) and steady (per minute) windows
+# separately, so each class below gets its own ServiceClient paced at its steady rate:
+# the burst allowance is higher, but a sync that keeps sending would only run into the
+# steady window and then sit out its reset.
+# Bulk profile import jobs, their polling, import-errors and job profiles: 10/s, 150/m.
+IMPORT_LIMITS: Final = ServiceLimits(requests_per_second=150 / 60)
+# List relationships (add/remove profiles): 10/s, 150/m.
+LIST_LIMITS: Final = ServiceLimits(requests_per_second=150 / 60)
+# Bulk event create jobs: 10/s, 150/m (single POST /api/events would be 350/s, 3500/m, but
+# at 1 event a request that is 3,500 events a minute against 150,000 in bulk).
+EVENT_LIMITS: Final = ServiceLimits(requests_per_second=150 / 60)
+# Data privacy deletion jobs: 3/s, 60/m.
+DELETION_LIMITS: Final = ServiceLimits(requests_per_second=60 / 60)
+
+IDENTITY_FIELDS: Final = ("email", "phone_number", "external_id")
+# Profile attributes of the bulk import (ProfileImportJobCreateQuery) and of the event
+# bulk create profile; `_kx` and `anonymous_id` are browser-tracking ids, not mapped data.
+PROFILE_FIELDS: Final = frozenset(
+    {
+        *IDENTITY_FIELDS,
+        "first_name",
+        "last_name",
+        "organization",
+        "locale",
+        "title",
+        "image",
+        "location",
+        "properties",
+    }
+)
+LOCATION_FIELDS: Final = frozenset(
+    {
+        "address1",
+        "address2",
+        "city",
+        "country",
+        "latitude",
+        "longitude",
+        "region",
+        "zip",
+        "timezone",
+        "ip",
+    }
+)
+# Event attributes next to `properties` (EventsBulkCreateJob ... events.data[].attributes).
+EVENT_FIELDS: Final = frozenset({"value", "value_currency", "time"})
+DELETE_FIELDS: Final = frozenset({"email", "phone_number", "id"})
+
+# Bulk import job statuses (ProfileImportJobResponseObjectResource.status): queued,
+# processing, complete, cancelled. Anything but the last two is still running.
+_DONE: Final = frozenset({"complete", "cancelled"})
+# Sparse fieldset of a job poll: only what deciding and reporting need.
+_JOB_FIELDS: Final = "status,total_count,completed_count,failed_count"
+
+# An import error points at its row: "/data/attributes/profiles/data/<n>/..." in the
+# submitted document, or "/data/<n>/..." relative to the profiles list.
+_POINTER_INDEX: Final = (
+    re.compile(r"/profiles/data/(\d+)(?:/|$)"),
+    re.compile(r"^/data/(\d+)(?:/|$)"),
+)
+
+# A whole request refused for its content: the engine splits the batch to isolate the bad
+# rows. 401/403 (AuthError), 404 (a wrong list id is configuration, not content; bisecting
+# it would cost thousands of requests for the same answer), 429 and 5xx are not that.
+_CONTENT_STATUSES: Final = frozenset({400, 409, 413, 422})
+
+
+class KlaviyoOptions(BaseModel):
+    """``[options]`` of a Klaviyo mapping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # How long one bulk import job may take before the run gives up on it (seconds of
+    # waiting between polls). Jobs normally finish in seconds to a few minutes; a timed-out
+    # job fails the run and its batch is sent again next time (imports are upserts).
+    job_timeout: float = Field(default=1800.0, gt=0)
+
+
+class KlaviyoDestination(Destination):
+    """A Klaviyo account, reached with a private API key."""
+
+    type: ClassVar[str] = "klaviyo"
+    modes: ClassVar[frozenset[str]] = frozenset({"upsert", "mirror", "event", "delete"})
+    max_batch: ClassVar[Mapping[str, int]] = {
+        "upsert": MAX_IMPORT_PROFILES,
+        "add": MAX_IMPORT_PROFILES,
+        "remove": MAX_LIST_PROFILES,
+        "event": MAX_BULK_EVENTS,
+        # One deletion job per profile: the endpoint takes exactly one identifier.
+        "delete": 1,
+    }
+    credential_names: ClassVar[tuple[str, ...]] = ("api_key",)
+    default_limits: ClassVar[ServiceLimits] = IMPORT_LIMITS
+    # (Annotated in the base class: `type` here would name the class attribute above.)
+    Options = KlaviyoOptions
+    # Mirror mode needs the list id, event mode the metric name.
+    object_required: ClassVar[frozenset[str]] = frozenset({"mirror", "event"})
+
+    # Polling a bulk import job: the first wait, its growth factor and its cap (seconds).
+    # Polling is Klaviyo's protocol for asynchronous jobs, not a retry, so it lives here
+    # and not in syncd.http. Instance attributes so tests can make it instant.
+    poll_interval: float = 1.0
+    poll_backoff: float = 2.0
+    poll_interval_max: float = 30.0
+
+    def setup(self) -> None:
+        self.poll_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        options = self.options
+        self.job_timeout = (
+            options.job_timeout
+            if isinstance(options, KlaviyoOptions)
+            else KlaviyoOptions().job_timeout
+        )
+        # self.client (built with default_limits) serves import jobs; each other endpoint
+        # family gets its own documented pace. A mapping's [limits] replaces them all.
+        self.lists_client = self.make_client("lists", LIST_LIMITS)
+        self.events_client = self.make_client("events", EVENT_LIMITS)
+        self.deletion_client = self.make_client("deletion", DELETION_LIMITS)
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    @classmethod
+    def default_base_url(cls, credentials: Mapping[str, SecretStr]) -> str:
+        return "https://a.klaviyo.com"
+
+    @classmethod
+    def headers(cls, credentials: Mapping[str, SecretStr]) -> dict[str, str]:
+        key = credentials["api_key"].get_secret_value().strip()
+        return {
+            "Authorization": f"Klaviyo-API-Key {key}",
+            "revision": REVISION,
+            "Accept": JSON_API,
+        }
+
+    @classmethod
+    def check_credentials(cls, credentials: Mapping[str, SecretStr]) -> str | None:
+        key = credentials["api_key"].get_secret_value().strip()
+        # Server-side /api endpoints take only private keys, which "have the prefix pk_"; the
+        # 6-character public key (site id) is for client-side tracking and cannot read or
+        # write profiles (developers.klaviyo.com/en/docs/retrieve_api_credentials).
+        if not key.startswith("pk_"):
+            return (
+                "api_key must be a Klaviyo private API key (it starts with pk_); "
+                "the 6-character public key / site id does not work with the /api endpoints"
+            )
+        return None
+
+    def _clients(self) -> tuple[ServiceClient, ...]:
+        return (self.client, self.lists_client, self.events_client, self.deletion_client)
+
+    def request_count(self) -> int:
+        return sum(client.stats.requests for client in self._clients())
+
+    async def aclose(self) -> None:
+        for client in self._clients():
+            await client.aclose()
+
+    # -- validation -------------------------------------------------------------------------
+
+    def check(self, target: SyncTarget, op: Op, payload: Mapping[str, Any]) -> str | None:
+        if op == "remove":
+            # Removal works from the profile id stored on add; there is no payload.
+            return None
+        if op == "delete":
+            return _delete_reason(payload)
+        allowed = PROFILE_FIELDS | EVENT_FIELDS if op == "event" else PROFILE_FIELDS
+        unknown = sorted(set(payload) - allowed)
+        if unknown:
+            hint = "event" if op == "event" else "custom profile"
+            return (
+                f"unknown Klaviyo field {unknown[0]!r}; {hint} properties go under "
+                f"properties.{unknown[0]}"
+            )
+        for name in ("properties", "location"):
+            value = payload.get(name)
+            if value is not None and not isinstance(value, dict):
+                return f"{name} must be an object of fields, got {type(value).__name__}"
+        location = payload.get("location") or {}
+        unknown = sorted(set(location) - LOCATION_FIELDS)
+        if unknown:
+            return f"unknown Klaviyo location field 'location.{unknown[0]}'"
+        if op == "event" and "value" in payload:
+            value = payload["value"]
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                return f"event value must be a number, got {value!r}"
+        return _identity_reason(payload)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def send(self, target: SyncTarget, op: Op, items: Sequence[Item]) -> list[Outcome]:
+        if not items:
+            return []
+        if op == "upsert":
+            return await self._import(target, op, items, list_id=None)
+        if op == "add":
+            return await self._import(target, op, items, list_id=_require_object(target, op))
+        if op == "remove":
+            return await self._remove(_require_object(target, op), items)
+        if op == "event":
+            return await self._events(target, _require_object(target, op), items)
+        if op == "delete":
+            return [await self._delete(target, item) for item in items]
+        raise ValueError(f"klaviyo: unsupported operation {op!r}")
+
+    # -- profiles: bulk import jobs ---------------------------------------------------------
+
+    async def _import(
+        self, target: SyncTarget, op: Op, items: Sequence[Item], *, list_id: str | None
+    ) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(items)
+        rows: list[tuple[int, bytes]] = []  # (index in items, serialized profile resource)
+        for index, item in enumerate(items):
+            reason = self.check(target, op, item.payload)
+            if reason:
+                outcomes[index] = Outcome.rejected(reason)
+                continue
+            raw = orjson.dumps(_profile_resource(item.payload))
+            if len(raw) > MAX_PROFILE_BYTES:
+                outcomes[index] = Outcome.rejected(
+                    f"profile is {len(raw):,} bytes; Klaviyo accepts at most 100 KB per profile"
+                )
+                continue
+            rows.append((index, raw))
+
+        envelope = len(_import_body([], list_id))
+        for chunk in _chunks(rows, envelope, MAX_IMPORT_BYTES, MAX_IMPORT_PROFILES):
+            results = await self._run_import_job(chunk, items, list_id)
+            for index, outcome in results.items():
+                outcomes[index] = outcome
+        return [o if o is not None else Outcome.accepted() for o in outcomes]
+
+    async def _run_import_job(
+        self, chunk: list[tuple[int, bytes]], items: Sequence[Item], list_id: str | None
+    ) -> dict[int, Outcome]:
+        """Submit one import job, wait for it, and say what happened to each of its rows."""
+        body = _import_body([raw for _, raw in chunk], list_id)
+        document = await self._post(self.client, "/api/profile-bulk-import-jobs", body)
+        job = _data(document)
+        job_id = str(job["id"])
+        attributes = await self._wait_for_job(job_id, job.get("attributes") or {})
+
+        errors: dict[int, list[str]] = {}
+        failed = attributes.get("failed_count")
+        if failed is None or failed > 0 or attributes.get("status") == "cancelled":
+            errors = await self._import_errors(job_id, [items[i].payload for i, _ in chunk])
+
+        results: dict[int, Outcome] = {}
+        for position, (index, _) in enumerate(chunk):
+            if position in errors:
+                results[index] = Outcome.rejected("; ".join(errors[position]))
+            elif attributes.get("status") == "cancelled":
+                results[index] = Outcome.rejected(f"Klaviyo cancelled bulk import job {job_id}")
+        if list_id is None:
+            return results
+
+        # Mirror: learn each imported row's profile id; removal needs it.
+        pending = [(pos, index) for pos, (index, _) in enumerate(chunk) if index not in results]
+        if pending:
+            ids = await self._job_profile_ids(job_id, [items[i].payload for _, i in pending])
+            for position, (_, index) in enumerate(pending):
+                profile_id = ids.get(position)
+                results[index] = (
+                    Outcome.accepted(dest_id=profile_id)
+                    if profile_id
+                    else Outcome.rejected(
+                        f"bulk import job {job_id} completed but Klaviyo did not list this "
+                        "profile among the job's profiles, so its id (needed to take it off "
+                        "the list later) is unknown"
+                    )
+                )
+        return results
+
+    async def _wait_for_job(self, job_id: str, attributes: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Poll the job until Klaviyo says it is complete or cancelled."""
+        path = f"/api/profile-bulk-import-jobs/{job_id}"
+        interval, waited = self.poll_interval, 0.0
+        while attributes.get("status") not in _DONE:
+            if waited >= self.job_timeout:
+                raise RetryExhausted(
+                    self.client.service,
+                    None,
+                    "GET",
+                    path,
+                    f"bulk import job {job_id} still {attributes.get('status')!r} after "
+                    f"{waited:.0f}s of polling (job_timeout {self.job_timeout:g}s)",
+                    attempts=0,
+                    elapsed=waited,
+                )
+            await self.poll_sleep(interval)
+            waited += interval
+            interval = min(interval * self.poll_backoff, self.poll_interval_max)
+            document, _ = await self.client.get_json(
+                path,
+                params={"fields[profile-bulk-import-job]": _JOB_FIELDS},
+            )
+            attributes = _data(document).get("attributes") or {}
+        return attributes
+
+    async def _import_errors(
+        self, job_id: str, payloads: Sequence[Mapping[str, Any]]
+    ) -> dict[int, list[str]]:
+        """The job's import errors, by position in the submitted profile list."""
+        by_identity = _identity_index(payloads)
+        errors: dict[int, list[str]] = {}
+        unplaced: list[str] = []
+        params: Any = {"page[size]": PAGE_SIZE}
+        path = f"/api/profile-bulk-import-jobs/{job_id}/import-errors"
+        async for entry in self._pages(self.client, path, params):
+            attrs = entry.get("attributes") or {}
+            message = _error_text(attrs)
+            position = _pointer_position(attrs.get("source"), len(payloads))
+            if position is None:
+                position = _match(by_identity, _original_attributes(attrs.get("original_payload")))
+            if position is None:
+                unplaced.append(message)
+            else:
+                errors.setdefault(position, []).append(message)
+        if unplaced:
+            # Not attributable to a row: the rows stay accepted, the operator sees why.
+            log.warning(
+                "klaviyo.import_errors_unplaced",
+                job_id=job_id,
+                count=len(unplaced),
+                first=unplaced[0],
+            )
+        return errors
+
+    async def _job_profile_ids(
+        self, job_id: str, payloads: Sequence[Mapping[str, Any]]
+    ) -> dict[int, str]:
+        """Profile id per position in ``payloads``, matched by identity (email first)."""
+        by_identity = _identity_index(payloads)
+        ids: dict[int, str] = {}
+        params: Any = {"fields[profile]": "email,phone_number,external_id", "page[size]": PAGE_SIZE}
+        path = f"/api/profile-bulk-import-jobs/{job_id}/profiles"
+        async for profile in self._pages(self.client, path, params):
+            profile_id = profile.get("id")
+            if not profile_id:
+                continue
+            for key in _identity_keys(profile.get("attributes") or {}):
+                for position in by_identity.get(key, ()):
+                    ids.setdefault(position, str(profile_id))
+        return ids
+
+    # -- list membership --------------------------------------------------------------------
+
+    async def _remove(self, list_id: str, items: Sequence[Item]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        ids: list[str] = []
+        for item in items:
+            if item.dest_id:
+                outcomes.append(Outcome.accepted(dest_id=item.dest_id))
+                if item.dest_id not in ids:
+                    ids.append(item.dest_id)
+            else:
+                outcomes.append(
+                    Outcome.rejected(
+                        "no Klaviyo profile id recorded for this record; Klaviyo removes list "
+                        "members by profile id only (syncd stores it when it adds the profile)"
+                    )
+                )
+        if ids:
+            body = {"data": [{"type": "profile", "id": profile_id} for profile_id in ids]}
+            await self._post(
+                self.lists_client,
+                f"/api/lists/{list_id}/relationships/profiles",
+                orjson.dumps(body),
+                method="DELETE",
+            )
+        return outcomes
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def _events(
+        self, target: SyncTarget, metric: str, items: Sequence[Item]
+    ) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(items)
+        rows: list[tuple[int, bytes]] = []
+        for index, item in enumerate(items):
+            reason = self.check(target, "event", item.payload)
+            if reason is None and not item.event_id:
+                reason = (
+                    "no event id: Klaviyo's unique_id is what keeps a re-send from "
+                    "re-triggering flows"
+                )
+            if reason:
+                outcomes[index] = Outcome.rejected(reason)
+                continue
+            assert item.event_id is not None
+            raw = orjson.dumps(_event_entry(item.payload, metric, item.event_id))
+            if len(raw) > MAX_EVENTS_BYTES - len(_events_body([])):
+                outcomes[index] = Outcome.rejected(
+                    f"event is {len(raw):,} bytes; Klaviyo accepts at most 5 MB per request"
+                )
+                continue
+            rows.append((index, raw))
+        envelope = len(_events_body([]))
+        for chunk in _chunks(rows, envelope, MAX_EVENTS_BYTES, MAX_BULK_EVENTS):
+            # 202 without a body: Klaviyo validated the whole request and queued every event.
+            await self._post(
+                self.events_client,
+                "/api/event-bulk-create-jobs",
+                _events_body([r for _, r in chunk]),
+            )
+        return [o if o is not None else Outcome.accepted() for o in outcomes]
+
+    # -- deletion ---------------------------------------------------------------------------
+
+    async def _delete(self, target: SyncTarget, item: Item) -> Outcome:
+        payload = dict(item.payload)
+        if not payload.get("id") and item.dest_id:
+            payload["id"] = item.dest_id
+        reason = self.check(target, "delete", payload)
+        if reason:
+            return Outcome.rejected(reason)
+        profile: dict[str, Any]
+        email = normalize_email(payload.get("email"))
+        phone = _text(payload.get("phone_number"))
+        if email:
+            profile = {"type": "profile", "attributes": {"email": email}}
+        elif phone:
+            profile = {"type": "profile", "attributes": {"phone_number": phone}}
+        else:
+            profile = {"type": "profile", "id": _text(payload.get("id")), "attributes": {}}
+        body = {
+            "data": {
+                "type": "data-privacy-deletion-job",
+                "attributes": {"profile": {"data": profile}},
+            }
+        }
+        await self._post(
+            self.deletion_client, "/api/data-privacy-deletion-jobs", orjson.dumps(body)
+        )
+        return Outcome.accepted()
+
+    # -- HTTP helpers -----------------------------------------------------------------------
+
+    async def _post(
+        self, client: ServiceClient, path: str, body: bytes, *, method: str = "POST"
+    ) -> Any:
+        """Send a JSON:API body; a content refusal of the whole request is BatchRejected."""
+        try:
+            response = await client.request(
+                method, path, content=body, headers={"Content-Type": JSON_API}
+            )
+        except ApiError as exc:
+            # AuthError (401/403) and RetryExhausted (429/5xx/transport) never carry a
+            # content status: they propagate and fail the run, as the contract wants.
+            if exc.status not in _CONTENT_STATUSES or _points_at_relationships(exc.body):
+                raise
+            raise BatchRejected(exc.message) from exc
+        if not response.content:
+            return None
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(
+                client.service,
+                response.status_code,
+                method,
+                str(response.request.url),
+                f"expected a JSON:API document, got {response.text[:200]!r}",
+            ) from exc
+
+    async def _pages(
+        self, client: ServiceClient, path: str, params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every resource of a paginated collection, following ``links.next``.
+
+        The next link's query (its page cursor) is re-applied to our own path rather than
+        fetching the link as given: the API key never goes to a host it names.
+        """
+        query: Any = params
+        while True:
+            document, _ = await client.get_json(path, params=query)
+            for resource in (document or {}).get("data") or []:
+                if isinstance(resource, dict):
+                    yield resource
+            next_link = ((document or {}).get("links") or {}).get("next")
+            if not next_link:
+                return
+            query = parse_qsl(urlsplit(str(next_link)).query, keep_blank_values=True)
+            if not query:
+                return
+
+
+# -- payload building ---------------------------------------------------------------------
+
+
+def _require_object(target: SyncTarget, op: Op) -> str:
+    if not target.object:
+        what = "metric (event) name" if op == "event" else "list id"
+        raise ValueError(f"klaviyo sync {target.name!r}: object (the {what}) is required")
+    return target.object
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    return value.strip() or None
+
+
+def _identity_reason(payload: Mapping[str, Any]) -> str | None:
+    email, phone, external = (payload.get(name) for name in IDENTITY_FIELDS)
+    if _text(email) is not None and normalize_email(email) is None:
+        return f"invalid email address {email!r}"
+    if _text(phone) is not None and _e164(phone) is None:
+        return f"phone_number {phone!r} is not a valid E.164 number (+ and country code)"
+    if _text(email) is None and _text(phone) is None and _text(external) is None:
+        return "no email, phone_number or external_id to identify the Klaviyo profile"
+    return None
+
+
+def _delete_reason(payload: Mapping[str, Any]) -> str | None:
+    email, phone = payload.get("email"), payload.get("phone_number")
+    if _text(email) is not None:
+        return None if normalize_email(email) else f"invalid email address {email!r}"
+    if _text(phone) is not None:
+        return None if _e164(phone) else f"phone_number {phone!r} is not a valid E.164 number"
+    if _text(payload.get("id")) is not None:
+        return None
+    return "no email, phone_number or Klaviyo profile id to delete by"
+
+
+def _e164(value: Any) -> str | None:
+    text = _text(value)
+    # Klaviyo wants E.164; without a leading + there is no country to read it in.
+    if text is None or not text.startswith("+"):
+        return None
+    return normalize_phone(text, None)
+
+
+def _prune(value: Any) -> Any:
+    """The value without null members (the bulk import cannot clear a field anyway)."""
+    if isinstance(value, dict):
+        pruned = {k: _prune(v) for k, v in value.items() if v is not None}
+        # A group left empty ("location": {}) says nothing either.
+        return {k: v for k, v in pruned.items() if v != {}}
+    return value
+
+
+def _profile_attributes(payload: Mapping[str, Any]) -> dict[str, Any]:
+    attributes: dict[str, Any] = _prune({k: v for k, v in payload.items() if k in PROFILE_FIELDS})
+    email = normalize_email(attributes.get("email"))
+    if email:
+        # Klaviyo matches emails case-insensitively; one spelling keeps the id mapping simple.
+        attributes["email"] = email
+    for name in ("phone_number", "external_id"):
+        if name in attributes:
+            text = _text(attributes[name])
+            if text is None:
+                del attributes[name]
+            else:
+                attributes[name] = text
+    return attributes
+
+
+def _profile_resource(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """One profile of a bulk import job; null custom properties are unset."""
+    resource: dict[str, Any] = {"type": "profile", "attributes": _profile_attributes(payload)}
+    properties = payload.get("properties") or {}
+    unset = sorted(name for name, value in properties.items() if value is None)
+    if unset:
+        resource["meta"] = {"patch_properties": {"unset": unset}}
+    return resource
+
+
+def _import_body(profiles: Sequence[bytes], list_id: str | None) -> bytes:
+    data: dict[str, Any] = {
+        "type": "profile-bulk-import-job",
+        "attributes": {"profiles": {"data": [orjson.Fragment(raw) for raw in profiles]}},
+    }
+    if list_id is not None:
+        data["relationships"] = {"lists": {"data": [{"type": "list", "id": list_id}]}}
+    return orjson.dumps({"data": data})
+
+
+def _event_entry(payload: Mapping[str, Any], metric: str, event_id: str) -> dict[str, Any]:
+    profile = {k: v for k, v in payload.items() if k in PROFILE_FIELDS and k != "properties"}
+    event: dict[str, Any] = {
+        # properties is required by the schema, even when empty.
+        "properties": _prune(payload.get("properties") or {}),
+        "metric": {"data": {"type": "metric", "attributes": {"name": metric}}},
+        "unique_id": event_id,
+    }
+    for name in ("time", "value", "value_currency"):
+        if payload.get(name) is not None:
+            event[name] = payload[name]
+    return {
+        "type": "event-bulk-create",
+        "attributes": {
+            "profile": {"data": {"type": "profile", "attributes": _profile_attributes(profile)}},
+            "events": {"data": [{"type": "event", "attributes": event}]},
+        },
+    }
+
+
+def _events_body(entries: Sequence[bytes]) -> bytes:
+    return orjson.dumps(
+        {
+            "data": {
+                "type": "event-bulk-create-job",
+                "attributes": {
+                    "events-bulk-create": {"data": [orjson.Fragment(raw) for raw in entries]}
+                },
+            }
+        }
+    )
+
+
+def _chunks(
+    rows: list[tuple[int, bytes]], envelope: int, max_bytes: int, max_rows: int
+) -> Iterator[list[tuple[int, bytes]]]:
+    """Consecutive runs of rows whose request body stays within both caps."""
+    chunk: list[tuple[int, bytes]] = []
+    size = envelope
+    for row in rows:
+        extra = len(row[1]) + (1 if chunk else 0)  # the comma between array members
+        if chunk and (size + extra > max_bytes or len(chunk) >= max_rows):
+            yield chunk
+            chunk, size, extra = [], envelope, len(row[1])
+        chunk.append(row)
+        size += extra
+    if chunk:
+        yield chunk
+
+
+# -- reading results ----------------------------------------------------------------------
+
+
+def _data(document: Any) -> dict[str, Any]:
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError(f"klaviyo: expected a JSON:API resource document, got {document!r:.200}")
+    return data
+
+
+def _identity_keys(attributes: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The identities a profile can be recognised by, strongest first."""
+    keys: list[tuple[str, str]] = []
+    email = normalize_email(attributes.get("email"))
+    if email:
+        keys.append(("email", email))
+    external = _text(attributes.get("external_id"))
+    if external:
+        keys.append(("external_id", external))
+    phone = _text(attributes.get("phone_number"))
+    if phone:
+        keys.append(("phone_number", _e164(phone) or phone))
+    return keys
+
+
+def _identity_index(payloads: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[int]]:
+    index: dict[tuple[str, str], list[int]] = {}
+    for position, payload in enumerate(payloads):
+        for key in _identity_keys(payload):
+            index.setdefault(key, []).append(position)
+    return index
+
+
+def _match(index: Mapping[tuple[str, str], list[int]], attributes: Mapping[str, Any]) -> int | None:
+    for key in _identity_keys(attributes):
+        positions = index.get(key)
+        if positions:
+            return positions[0]
+    return None
+
+
+def _original_attributes(original: Any) -> Mapping[str, Any]:
+    """The profile attributes of an import error's ``original_payload`` (either shape)."""
+    if not isinstance(original, dict):
+        return {}
+    attributes = original.get("attributes")
+    return attributes if isinstance(attributes, dict) else original
+
+
+def _pointer_position(source: Any, count: int) -> int | None:
+    pointer = source.get("pointer") if isinstance(source, dict) else None
+    if not isinstance(pointer, str):
+        return None
+    for pattern in _POINTER_INDEX:
+        found = pattern.search(pointer)
+        if found and int(found.group(1)) < count:
+            return int(found.group(1))
+    return None
+
+
+def _points_at_relationships(body: Any) -> bool:
+    """Whether a 400 blames the request's relationships (an unknown list id): that is the
+    sync's configuration, the same for every row, so splitting the batch cannot help."""
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list) or not errors:
+        return False
+    pointers = [
+        ((e.get("source") or {}).get("pointer") or "") if isinstance(e, dict) else ""
+        for e in errors
+    ]
+    return all(str(p).startswith("/data/relationships") for p in pointers)
+
+
+def _error_text(attributes: Mapping[str, Any]) -> str:
+    for name in ("detail", "title", "code"):
+        value = attributes.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return "rejected by Klaviyo (no detail given)"

@@ -1,0 +1,895 @@
+"""The reverse-ETL engine, shared by every destination: plan, execute, record.
+
+One pass over a sync's rows (a segment's members joined to their profiles, or a SQL
+model) compares each row's content hash with ``sync_records``:
+
+* new keys are added, changed ones updated, unchanged ones skipped without mapping;
+* rows that failed last time are retried, up to the sync's ``max_attempts``;
+* rows that cannot be sent (no email for an email-keyed list) are skipped with the
+  adapter's reason and never sent to fail;
+* in mirror mode, records the destination holds whose key left the segment are removed.
+
+Rows to send are mapped and go out in batches of the destination's largest allowed
+size, a few batches in flight within the service's concurrency. Each batch's outcomes
+are committed as soon as they are known, so a crash loses at most the batches in
+flight, which the next run sends again (events keep their idempotency key, so a
+destination that deduplicates never triggers twice). A batch the vendor refuses as a
+whole is split in halves until the bad rows are alone.
+
+The content hash covers the sync's mapping (its fingerprint) and the row's input
+columns, not the mapped payload: the mapping is deterministic, so an unchanged row
+is known unchanged without being mapped, which keeps a no-change run over a million
+members cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
+
+import orjson
+import structlog
+from sqlalchemy import Connection, Engine, delete, func, select, text
+from sqlalchemy.exc import DBAPIError
+
+from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome
+from syncd.mapping import PERSON_COLUMNS, PII_COLUMNS, LoadedMapping, LoadedSync, nest
+from syncd.runs import finish_run, start_run, utc_now
+from syncd.store.models import CUSTOMER_RECORDS, CUSTOMERS, MEMBERSHIPS, PROFILES, SYNC_RECORDS
+from syncd.store.upsert import upsert
+
+__all__ = ["PushCounts", "PushError", "PushResult", "push_sync"]
+
+log = structlog.get_logger("syncd.sync")
+
+RECORDS = SYNC_RECORDS
+_T = TypeVar("_T")
+_READ_CHUNK: Final = 2000
+_KEY_CHUNK: Final = 500
+_SAMPLES: Final = 3
+# Columns written for an accepted record / a refused or skipped one (the latter keeps
+# in_destination, dest_id and sent_at as they were: the destination's copy is unchanged).
+_ACCEPTED_UPDATE: Final = (
+    "content_hash",
+    "status",
+    "in_destination",
+    "dest_id",
+    "attempts",
+    "error",
+    "sent_at",
+    "updated_at",
+)
+_REFUSED_UPDATE: Final = ("content_hash", "status", "attempts", "error", "updated_at")
+# What a row of the sync's rows becomes, by mode (mirror removals are planned apart).
+_SEND_OP: Final[dict[str, Op]] = {
+    "upsert": "upsert",
+    "mirror": "add",
+    "event": "event",
+    "delete": "delete",
+}
+_TRUE: Final = frozenset({"1", "yes", "true", "on", "subscribed"})
+
+
+class PushError(Exception):
+    """A sync that cannot run (its SQL model fails, a key column is missing)."""
+
+
+@dataclass
+class PushCounts:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: int = 0  # refused by the destination
+    skipped: int = 0  # not sent: invalid for the destination, or given up on
+    requests: int = 0
+    skipped_reasons: Counter[str] = field(default_factory=Counter)
+    failed_reasons: Counter[str] = field(default_factory=Counter)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "requests": self.requests,
+            # The most frequent reasons only: a run with a million bad rows must not
+            # write a million-entry JSON into sync_runs.
+            "skipped_reasons": dict(self.skipped_reasons.most_common(20)),
+            "failed_reasons": dict(self.failed_reasons.most_common(20)),
+        }
+
+
+@dataclass
+class PushResult:
+    sync: str
+    destination: str  # the mapping's name
+    mode: str
+    status: str  # success | partial | failed | dry-run
+    counts: PushCounts
+    error: str | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    # dry run: what would be sent, by op
+    planned: dict[str, int] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sync": self.sync,
+            "destination": self.destination,
+            "mode": self.mode,
+            "status": self.status,
+            "counts": self.counts.as_json(),
+            "error": self.error,
+            "planned": self.planned,
+            "samples": self.samples,
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+class _Known(NamedTuple):
+    """A sync_records row, as much of it as planning needs."""
+
+    content_hash: int
+    status: str
+    attempts: int
+    in_destination: bool
+    error: str | None
+
+
+class _Pending(NamedTuple):
+    """A row planned for sending, mapped when its batch goes."""
+
+    key: str
+    digest: int
+    known: _Known | None
+    raw: Any
+
+
+@dataclass
+class _Entry:
+    """A row on its way out: its item, its hash, and what the store knew of it."""
+
+    item: Item
+    content_hash: int
+    known: _Known | None
+
+
+# ---------------------------------------------------------------------------
+# Reading rows
+# ---------------------------------------------------------------------------
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _consenting(conn: Connection, spec: Any) -> set[int]:
+    """The people whose registered record carries an opt-in meta value (one of the sync's
+    ``consent_meta_keys`` with a true-ish value). One pass over the registered records,
+    in the store's own JSON functions, instead of a subquery per member."""
+    keys = ", ".join(_quote(k) for k in spec.consent_meta_keys) or "NULL"
+    truthy = ", ".join(_quote(v) for v in sorted(_TRUE))
+    where = "r.deleted_at IS NULL"
+    if spec.source is not None:
+        where += f" AND r.source = {_quote(spec.source)}"
+    if conn.dialect.name == "postgresql":
+        sql = (
+            "SELECT DISTINCT r.customer_id FROM customer_records r CROSS JOIN LATERAL "
+            "jsonb_array_elements(CASE WHEN jsonb_typeof(r.raw->'meta_data') = 'array' "
+            f"THEN r.raw->'meta_data' ELSE '[]'::jsonb END) m WHERE {where} "
+            f"AND m->>'key' IN ({keys}) AND lower(m->>'value') IN ({truthy})"
+        )
+    else:
+        sql = (
+            "SELECT DISTINCT r.customer_id FROM customer_records r, "
+            f"json_each(r.raw, '$.meta_data') m WHERE {where} "
+            "AND json_type(r.raw, '$.meta_data') = 'array' "
+            f"AND json_extract(m.value, '$.key') IN ({keys}) "
+            f"AND lower(CAST(json_extract(m.value, '$.value') AS TEXT)) IN ({truthy})"
+        )
+    return {cid for (cid,) in conn.execute(text(sql))}
+
+
+def _driver_batches(conn: Connection, sql: str, args: Any) -> Iterator[list[tuple[Any, ...]]]:
+    """Batches of driver rows; Postgres streams them from a server-side cursor."""
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    if conn.dialect.name == "postgresql":
+        cursor = raw.cursor(name=f"syncd_push_{id(conn):x}")
+        cursor.itersize = _READ_CHUNK
+    else:
+        cursor = raw.cursor()
+    try:
+        cursor.execute(sql, args)
+        while batch := cursor.fetchmany(_READ_CHUNK):
+            yield batch
+    finally:
+        cursor.close()
+
+
+class _Source(Protocol):
+    """Where a sync's rows come from: ``plan`` yields ``(key, content hash, raw row)`` for
+    every row (the key as ``_load_known`` returns it: an int customer id or a str), ``row``
+    turns a raw row into column values for mapping."""
+
+    def plan(self, fingerprint: bytes) -> Iterator[tuple[Any, int, Any]]: ...
+
+    def row(self, raw: Any) -> dict[str, Any]: ...
+
+
+def _digest(fingerprint: bytes, values: Any) -> int:
+    """A row's content hash: the mapping's fingerprint and the row's input values, as a
+    signed 64-bit integer (a BIGINT in the store: cheaper to read back a million of than
+    text; a false "unchanged" needs a 1 in 2**64 collision on the same record)."""
+    body = orjson.dumps(values, default=str)
+    digest = hashlib.blake2b(fingerprint + body, digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class _SegmentSource:
+    """A segment's current members with the columns the mapping reads, as the driver
+    returns them: SQLAlchemy's Row objects and type processing cost more than the rest of
+    planning on a large audience, so they are spent only on the rows that are sent."""
+
+    def __init__(self, conn: Connection, sync: LoadedSync) -> None:
+        self.conn = conn
+        spec = sync.spec
+        self.event = spec.mode == "event"
+        wanted = set(sync.columns()) | {"customer_id"}
+        if self.event:
+            wanted.add("entered_at")
+        profile_cols = [c for c in PROFILES.c.keys() if c in wanted]  # noqa: SIM118
+        columns: list[Any] = [PROFILES.c[c] for c in profile_cols]
+        if "entered_at" in wanted:
+            columns.append(MEMBERSHIPS.c.entered_at)
+        for name in PERSON_COLUMNS:
+            if name in wanted:
+                columns.append(
+                    select(CUSTOMERS.c[name])
+                    .where(CUSTOMERS.c.id == PROFILES.c.customer_id)
+                    .scalar_subquery()
+                    .label(name)
+                )
+        if "woocommerce_id" in wanted:
+            records = CUSTOMER_RECORDS
+            of_person = [
+                records.c.customer_id == PROFILES.c.customer_id,
+                records.c.deleted_at.is_(None),
+            ]
+            if spec.source is not None:
+                of_person.append(records.c.source == spec.source)
+            columns.append(
+                select(func.min(records.c.source_id))
+                .where(*of_person)
+                .scalar_subquery()
+                .label("woocommerce_id")
+            )
+        self.stmt = (
+            select(*columns)
+            .select_from(
+                MEMBERSHIPS.join(PROFILES, PROFILES.c.customer_id == MEMBERSHIPS.c.customer_id)
+            )
+            .where(MEMBERSHIPS.c.segment == spec.segment, MEMBERSHIPS.c.exited_at.is_(None))
+            # The open-membership index is in this order: no sort of a million rows.
+            .order_by(MEMBERSHIPS.c.customer_id)
+        )
+        dialect = conn.dialect
+        self.names = [str(c.key) for c in self.stmt.selected_columns]
+        self.processors = [
+            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+        ]
+        # Values computed once for the whole audience and appended to each row.
+        self.segments: dict[int, tuple[str, ...]] | None = None
+        if "segments" in wanted:
+            # Sorted, so the same memberships always make the same value and hash.
+            found: dict[int, list[str]] = {}
+            for cid, name in conn.execute(
+                select(MEMBERSHIPS.c.customer_id, MEMBERSHIPS.c.segment)
+                .where(MEMBERSHIPS.c.exited_at.is_(None))
+                .order_by(MEMBERSHIPS.c.customer_id, MEMBERSHIPS.c.segment)
+            ):
+                found.setdefault(cid, []).append(name)
+            self.segments = {cid: tuple(names) for cid, names in found.items()}
+            self.names.append("segments")
+            self.processors.append(None)
+        self.consent: set[int] | None = None
+        if "marketing_consent" in wanted:
+            self.consent = _consenting(conn, spec)
+            self.names.append("marketing_consent")
+            self.processors.append(None)
+
+    def plan(self, fingerprint: bytes) -> Iterator[tuple[Any, int, Any]]:
+        conn = self.conn
+        compiled = self.stmt.compile(
+            dialect=conn.dialect, compile_kwargs={"render_postcompile": True}
+        )
+        params = compiled.construct_params()
+        args: Any = (
+            tuple(params[name] for name in compiled.positiontup)
+            if compiled.positiontup is not None
+            else params
+        )
+        cid_at = self.names.index("customer_id")
+        entered_at = self.names.index("entered_at") if self.event else -1
+        to_time = self.processors[entered_at] if self.event else None
+        segments, consent = self.segments, self.consent
+        # The loop runs once per member: locals, and the digest spelled out (= _digest).
+        blake2b, dumps, from_bytes = hashlib.blake2b, orjson.dumps, int.from_bytes
+        for batch in _driver_batches(conn, str(compiled), args):
+            for raw in batch:
+                cid = raw[cid_at]
+                if segments is not None or consent is not None:
+                    extra: tuple[Any, ...] = ()
+                    if segments is not None:
+                        extra += (segments.get(cid, ()),)
+                    if consent is not None:
+                        extra += (cid in consent,)
+                    raw = (*raw, *extra)
+                body = dumps(raw, default=str)
+                digest = from_bytes(
+                    blake2b(fingerprint + body, digest_size=8).digest(), "big", signed=True
+                )
+                if self.event:
+                    when = raw[entered_at]
+                    yield f"{cid}@{_iso(to_time(when) if to_time else when)}", digest, raw
+                else:
+                    yield cid, digest, raw
+
+    def row(self, raw: Any) -> dict[str, Any]:
+        return {
+            name: proc(value) if proc is not None and value is not None else value
+            for name, proc, value in zip(self.names, self.processors, raw, strict=True)
+        }
+
+
+def _run_model(conn: Connection, sync: LoadedSync, sql: str) -> Any:
+    """Execute a SQL model (or a wrapper of it); PushError naming the sync when the query
+    fails or lacks a column the mapping reads."""
+    spec = sync.spec
+    try:
+        result = conn.execution_options(yield_per=_READ_CHUNK).execute(text(sql))
+    except DBAPIError as exc:
+        raise PushError(f"sync[{spec.name}].sql: the query failed: {exc.orig}") from None
+    columns = list(result.keys())
+    missing = [c for c in (spec.key, *sync.columns()) if c not in columns]
+    if missing:
+        result.close()
+        raise PushError(
+            f"sync[{spec.name}].sql: the query has no column {missing[0]!r} "
+            f"(it returns {', '.join(columns)})"
+        )
+    return result
+
+
+class _ModelSource:
+    """A SQL model's rows (user SQL: read through SQLAlchemy, keyed by its ``key``)."""
+
+    def __init__(self, conn: Connection, sync: LoadedSync) -> None:
+        self.conn = conn
+        self.sync = sync
+        self.columns: list[str] = []
+
+    def plan(self, fingerprint: bytes) -> Iterator[tuple[Any, int, Any]]:
+        spec = self.sync.spec
+        assert spec.sql is not None
+        result = _run_model(self.conn, self.sync, spec.sql)
+        self.columns = list(result.keys())
+        at = self.columns.index(spec.key)
+        for row in result:
+            raw = tuple(row)
+            yield str(raw[at]), _digest(fingerprint, raw), raw
+
+    def row(self, raw: Any) -> dict[str, Any]:
+        return dict(zip(self.columns, raw, strict=True))
+
+
+def check_model(engine: Engine, sync: LoadedSync) -> None:
+    """Run a SQL model with LIMIT 0 (``syncd validate``): PushError when it cannot work."""
+    if sync.spec.sql is None:
+        return
+    with engine.connect() as conn:
+        _run_model(conn, sync, f"SELECT * FROM ({sync.spec.sql}) AS m LIMIT 0").close()
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def _mask(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value[:1] + "***") if value else value
+    return "***"
+
+
+def masked_payload(sync: LoadedSync, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload with every value derived from a personal column masked (--dry-run)."""
+    return nest(
+        (f.target, _mask(f.value(row)) if PII_COLUMNS & set(f.columns) else f.value(row))
+        for f in sync.fields
+    )
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def _held(digest: int) -> _Known:
+    return _Known(digest, "sent", 0, True, None)
+
+
+def _load_known(conn: Connection, sync: str, int_keys: bool) -> dict[Any, int | _Known]:
+    """The sync's records by key. A record the destination holds as last sent (nearly all
+    of them) is just its hash, loaded by dict.update from the driver's row batches: a
+    million small objects built in Python would cost seconds. With ``int_keys`` (keys
+    that are customer ids) the keys come back as integers, as the planner yields them."""
+    known: dict[Any, int | _Known] = {}
+    postgres = conn.dialect.name == "postgresql"
+    param = "%(sync)s" if postgres else ":sync"
+    args = {"sync": sync}
+    key = f"CAST(record_key AS {'BIGINT' if postgres else 'INTEGER'})" if int_keys else "record_key"
+    held = (
+        f"SELECT {key}, content_hash FROM sync_records "
+        f"WHERE sync = {param} AND status = 'sent' AND in_destination"
+    )
+    for batch in _driver_batches(conn, held, args):
+        known.update(batch)
+    others = (
+        f"SELECT {key}, content_hash, status, attempts, in_destination, error "
+        f"FROM sync_records WHERE sync = {param} AND NOT (status = 'sent' AND in_destination)"
+    )
+    for batch in _driver_batches(conn, others, args):
+        for key, digest, status, attempts, in_dest, error in batch:
+            known[key] = _Known(digest, status, attempts, bool(in_dest), error)
+    return known
+
+
+class _Run:
+    """One sync's push: the state shared by the planner loop and the batch tasks."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        mapping: LoadedMapping,
+        sync: LoadedSync,
+        adapter: Destination,
+        *,
+        dry_run: bool,
+        full: bool,
+    ) -> None:
+        self.engine = engine
+        self.mapping = mapping
+        self.sync = sync
+        self.adapter = adapter
+        self.dry_run = dry_run
+        self.full = full
+        self.counts = PushCounts()
+        self.samples: list[dict[str, Any]] = []
+        self.planned: Counter[str] = Counter()
+        self.fatal: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max(1, adapter.client.limits.concurrency))
+        self._skipped: list[dict[str, Any]] = []
+
+    # -- planning -----------------------------------------------------------------------
+
+    def _send_op(self) -> Op:
+        return _SEND_OP[self.sync.spec.mode]
+
+    def _classify(self, known: _Known | None, digest: int) -> str:
+        """send | unchanged | skipped (for a stored reason) | gave_up."""
+        if known is None or self.full:
+            return "send"
+        spec = self.sync.spec
+        # An event or an erasure is sent once per record; a changed profile does not
+        # make a second one.
+        same = spec.mode in ("event", "delete") or known.content_hash == digest
+        if not same:
+            return "send"
+        if known.status == "sent":
+            return "unchanged"
+        if known.status == "skipped":
+            return "skipped"
+        return "gave_up" if known.attempts >= spec.max_attempts else "send"
+
+    async def run(self) -> None:
+        sync, spec = self.sync, self.sync.spec
+        op = self._send_op()
+        batch_size = self.mapping.batch_for(sync, op)
+        fingerprint = sync.fingerprint.encode()
+        once = spec.mode in ("event", "delete")
+        if not self.dry_run:
+            await self.adapter.prepare(sync.target)
+        with self.engine.connect() as conn:
+            # A segment sync outside event mode keys its records by customer id: integers
+            # on both sides make the million-row comparison cheaper.
+            known = _load_known(conn, spec.name, spec.sql is None and spec.mode != "event")
+            source: _Source = (
+                _SegmentSource(conn, sync) if spec.sql is None else _ModelSource(conn, sync)
+            )
+            pending: list[_Pending] = []
+            for key, digest, row in source.plan(fingerprint):
+                if self.fatal is not None:
+                    break
+                held = known.pop(key, None)
+                if type(held) is int:
+                    # The common case, kept short: the destination has this content.
+                    if not self.full and (held == digest or once):
+                        self.counts.unchanged += 1
+                        continue
+                    held = _held(held)
+                previous = cast(_Known | None, held)
+                verdict = self._classify(previous, digest)
+                if verdict == "unchanged":
+                    self.counts.unchanged += 1
+                elif verdict == "skipped":
+                    self._count_skip(previous.error if previous else None)
+                elif verdict == "gave_up":
+                    assert previous is not None
+                    self._count_skip(f"gave up after {previous.attempts} failed attempts")
+                else:
+                    pending.append(_Pending(str(key), digest, previous, row))
+                    if len(pending) >= batch_size:
+                        await self._send_pending(op, source, pending)
+                        pending = []
+            if pending and self.fatal is None:
+                await self._send_pending(op, source, pending)
+        self._flush_skipped()
+        await self._drain()
+        if self.fatal is None:
+            await self._leavers(known)
+
+    async def _send_pending(self, op: Op, source: _Source, pending: list[_Pending]) -> None:
+        """Map the rows planned for sending, skip those the destination cannot take, and
+        dispatch the rest as one batch."""
+        sync, spec = self.sync, self.sync.spec
+        batch: list[_Entry] = []
+        for p in pending:
+            row = source.row(p.raw)
+            payload = sync.payload(row)
+            reason = self.adapter.check(sync.target, op, payload)
+            if reason is not None:
+                self._count_skip(reason)
+                self._skipped.append(self._record(p.key, p.digest, "skipped", error=reason))
+                continue
+            self.planned[op] += 1
+            if self.dry_run:
+                if len(self.samples) < _SAMPLES:
+                    self.samples.append(
+                        {"op": op, "key": p.key, "payload": masked_payload(sync, row)}
+                    )
+                continue
+            event_id = f"syncd:{spec.name}:{p.key}" if spec.mode in ("event", "delete") else None
+            batch.append(_Entry(Item(p.key, payload, None, event_id), p.digest, p.known))
+        if len(self._skipped) >= _READ_CHUNK:
+            self._flush_skipped()
+        if batch:
+            await self._dispatch(op, batch)
+
+    def _count_skip(self, reason: str | None) -> None:
+        self.counts.skipped += 1
+        self.counts.skipped_reasons[reason or "not sendable"] += 1
+
+    # -- leavers -------------------------------------------------------------------------
+
+    async def _leavers(self, held: dict[Any, int | _Known]) -> None:
+        spec = self.sync.spec
+        known = {str(k): _held(v) if type(v) is int else cast(_Known, v) for k, v in held.items()}
+        if spec.mode not in ("mirror", "upsert"):
+            return
+        # Records of rows gone from the segment that the destination never got (skipped
+        # or refused): nothing to undo there, so they are forgotten here.
+        never_sent = [k for k, v in known.items() if not v.in_destination]
+        if never_sent and not self.dry_run:
+            with self.engine.begin() as conn:
+                for chunk in _chunks(never_sent, _KEY_CHUNK):
+                    conn.execute(
+                        delete(RECORDS).where(
+                            RECORDS.c.sync == spec.name, RECORDS.c.record_key.in_(chunk)
+                        )
+                    )
+        if spec.mode != "mirror":
+            return
+        leaving = [k for k, v in known.items() if v.in_destination]
+        gave_up = {
+            k
+            for k in leaving
+            if known[k].status == "failed" and known[k].attempts >= spec.max_attempts
+        }
+        for key in gave_up:
+            self._count_skip(f"gave up removing after {known[key].attempts} failed attempts")
+        leaving = [k for k in leaving if k not in gave_up]
+        self.planned["remove"] += len(leaving) if self.dry_run else 0
+        if self.dry_run or not leaving:
+            return
+        size = self.mapping.batch_for(self.sync, "remove")
+        for chunk in _chunks(leaving, size):
+            if self.fatal is not None:
+                break
+            with self.engine.connect() as conn:
+                ids = dict(
+                    conn.execute(
+                        select(RECORDS.c.record_key, RECORDS.c.dest_id).where(
+                            RECORDS.c.sync == spec.name, RECORDS.c.record_key.in_(chunk)
+                        )
+                    ).all()
+                )
+            entries = [
+                _Entry(Item(k, {}, ids.get(k), None), known[k].content_hash, known[k])
+                for k in chunk
+            ]
+            await self._dispatch("remove", entries)
+        await self._drain()
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def _dispatch(self, op: Op, entries: list[_Entry]) -> None:
+        """Start a batch once a slot is free: at most `concurrency` batches in flight."""
+        await self._slots.acquire()
+        if self.fatal is not None:
+            self._slots.release()
+            return
+        task = asyncio.create_task(self._batch(op, entries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _attach_dest_ids(self, entries: list[_Entry]) -> None:
+        """Give records the destination already holds their vendor id: an adapter may
+        treat a known member differently (Mailchimp leaves a known member's status alone)."""
+        held = [e.item.key for e in entries if e.known is not None and e.known.in_destination]
+        if not held:
+            return
+        ids: dict[str, str | None] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(held, _KEY_CHUNK):
+                rows = conn.execute(
+                    select(RECORDS.c.record_key, RECORDS.c.dest_id).where(
+                        RECORDS.c.sync == self.sync.spec.name, RECORDS.c.record_key.in_(chunk)
+                    )
+                )
+                ids.update((key, dest_id) for key, dest_id in rows)
+        for entry in entries:
+            dest_id = ids.get(entry.item.key)
+            if dest_id is not None and entry.item.dest_id is None:
+                entry.item = replace(entry.item, dest_id=dest_id)
+
+    async def _batch(self, op: Op, entries: list[_Entry]) -> None:
+        try:
+            if op != "remove":
+                self._attach_dest_ids(entries)
+            outcomes = await self._send_split(op, [e.item for e in entries])
+            self._commit(op, entries, outcomes)
+        except Exception as exc:  # the run fails; the batch goes out next time
+            if self.fatal is None:
+                self.fatal = exc
+        finally:
+            self._slots.release()
+
+    async def _send_split(self, op: Op, items: Sequence[Item]) -> list[Outcome]:
+        target = self.sync.target
+        try:
+            outcomes = await self.adapter.send(target, op, items)
+        except BatchRejected as exc:
+            if len(items) == 1:
+                return [Outcome.rejected(exc.message)]
+            # One bad row must not hold back the rest: halve until it is alone.
+            middle = len(items) // 2
+            first = await self._send_split(op, items[:middle])
+            return first + await self._send_split(op, items[middle:])
+        if len(outcomes) != len(items):
+            raise RuntimeError(
+                f"{self.adapter.type}: {len(outcomes)} outcomes for {len(items)} items"
+            )
+        return outcomes
+
+    # -- recording -----------------------------------------------------------------------
+
+    def _record(
+        self,
+        key: str,
+        digest: int,
+        status: str,
+        *,
+        error: str | None = None,
+        attempts: int = 0,
+        dest_id: str | None = None,
+        in_destination: bool = False,
+    ) -> dict[str, Any]:
+        now = utc_now()
+        return {
+            "sync": self.sync.spec.name,
+            "record_key": key,
+            "content_hash": digest,
+            "status": status,
+            "in_destination": in_destination,
+            "dest_id": dest_id,
+            "attempts": attempts,
+            "error": error,
+            "sent_at": now if status == "sent" else None,
+            "updated_at": now,
+        }
+
+    def _flush_skipped(self) -> None:
+        if not self._skipped or self.dry_run:
+            self._skipped = []
+            return
+        with self.engine.begin() as conn:
+            upsert(
+                conn,
+                RECORDS,
+                self._skipped,
+                keys=("sync", "record_key"),
+                update=_REFUSED_UPDATE,
+            )
+        self._skipped = []
+
+    def _commit(self, op: Op, entries: Sequence[_Entry], outcomes: Sequence[Outcome]) -> None:
+        name = self.sync.spec.name
+        accepted: list[dict[str, Any]] = []
+        refused: list[dict[str, Any]] = []
+        removed: list[str] = []
+        counts = self.counts
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            key, known = entry.item.key, entry.known
+            if outcome.ok:
+                if op == "remove":
+                    removed.append(key)
+                    counts.removed += 1
+                    continue
+                if known is not None and known.in_destination:
+                    counts.updated += 1
+                else:
+                    counts.added += 1
+                accepted.append(
+                    self._record(
+                        key,
+                        entry.content_hash,
+                        "sent",
+                        dest_id=outcome.dest_id or entry.item.dest_id,
+                        in_destination=op != "delete",
+                    )
+                )
+            else:
+                message = outcome.error or "refused by the destination"
+                counts.failed += 1
+                counts.failed_reasons[message[:200]] += 1
+                # Attempts count failures of this content: changed content starts again.
+                same = known is not None and known.content_hash == entry.content_hash
+                attempts = (
+                    known.attempts if same and known is not None and not self.full else 0
+                ) + 1
+                refused.append(
+                    self._record(
+                        key, entry.content_hash, "failed", error=message, attempts=attempts
+                    )
+                )
+        with self.engine.begin() as conn:
+            if accepted:
+                upsert(
+                    conn, RECORDS, accepted, keys=("sync", "record_key"), update=_ACCEPTED_UPDATE
+                )
+            if refused:
+                upsert(conn, RECORDS, refused, keys=("sync", "record_key"), update=_REFUSED_UPDATE)
+            for chunk in _chunks(removed, _KEY_CHUNK):
+                conn.execute(
+                    delete(RECORDS).where(RECORDS.c.sync == name, RECORDS.c.record_key.in_(chunk))
+                )
+
+
+def _chunks(keys: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(keys), size):
+        yield keys[start : start + size]
+
+
+async def push_sync(
+    engine: Engine,
+    mapping: LoadedMapping,
+    sync: LoadedSync,
+    adapter: Destination,
+    *,
+    dry_run: bool = False,
+    full: bool = False,
+) -> PushResult:
+    """Run one destination sync once; the run is recorded in ``sync_runs`` (not a dry run)."""
+    name = sync.spec.name
+    started = utc_now()
+    run_id = None if dry_run else start_run(engine, "destination", name)
+    before = adapter.request_count()
+    state = _Run(engine, mapping, sync, adapter, dry_run=dry_run, full=full)
+    error: str | None = None
+    try:
+        await state.run()
+    except PushError as exc:
+        error = str(exc)
+    except Exception as exc:  # recorded and reported; the service keeps running
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("push.failed", sync=name)
+    if error is None and state.fatal is not None:
+        fatal = state.fatal
+        error = str(fatal) or type(fatal).__name__
+    counts = state.counts
+    counts.requests = adapter.request_count() - before
+    if dry_run:
+        status = "dry-run" if error is None else "failed"
+    elif error is not None:
+        status = "failed"
+    else:
+        status = "partial" if counts.failed else "success"
+    if run_id is not None:
+        finish_run(engine, run_id, status, counts.as_json(), error)
+    result = PushResult(
+        sync=name,
+        destination=mapping.name,
+        mode=sync.spec.mode,
+        status=status,
+        counts=counts,
+        error=error,
+        samples=state.samples,
+        planned=dict(state.planned),
+        duration_s=(utc_now() - started).total_seconds(),
+    )
+    log.info(
+        "push.finished",
+        sync=name,
+        destination=mapping.name,
+        status=status,
+        duration_s=round(result.duration_s, 3),
+        **{k: v for k, v in counts.as_json().items() if not k.endswith("_reasons")},
+    )
+    return result
+
+
+def select_syncs(
+    mappings: Sequence[LoadedMapping], names: Sequence[str] | None
+) -> list[tuple[LoadedMapping, LoadedSync]]:
+    """The syncs to run, in file order; KeyError naming the first unknown name."""
+    every = [(m, s) for m in mappings for s in m.syncs]
+    if not names:
+        return every
+    known = {s.name for _, s in every}
+    for name in names:
+        if name not in known:
+            raise KeyError(name)
+    wanted = set(names)
+    return [(m, s) for m, s in every if s.name in wanted]
+
+
+async def push(
+    engine: Engine,
+    selected: Sequence[tuple[LoadedMapping, LoadedSync]],
+    *,
+    dry_run: bool = False,
+    full: bool = False,
+    transport: Any = None,
+) -> list[PushResult]:
+    """Run the selected syncs once, one adapter (one HTTP client) per mapping."""
+    results: list[PushResult] = []
+    adapters: dict[int, Destination] = {}
+    try:
+        for mapping, sync in selected:
+            adapter = adapters.get(id(mapping))
+            if adapter is None:
+                adapter = adapters[id(mapping)] = mapping.open(transport)
+            results.append(
+                await push_sync(engine, mapping, sync, adapter, dry_run=dry_run, full=full)
+            )
+    finally:
+        for adapter in adapters.values():
+            await adapter.aclose()
+    return results
