@@ -395,6 +395,22 @@ def print_push(results: Sequence[Any]) -> None:
                 say(f"{r.sync}: sample {sample['op']} {json.dumps(sample['payload'], default=str)}")
 
 
+@app.command()
+def run() -> None:
+    """The service: scheduled syncs, recomputes and pushes, store webhooks, and the HTTP
+    side (/healthz, /readyz, /metrics, /status), until SIGTERM or SIGINT."""
+    from syncd.service import serve
+
+    settings = load()
+    mappings = load_mappings_or_exit(settings)
+    engine = open_engine(settings)
+    try:
+        code = asyncio.run(serve(engine, settings, mappings))
+    finally:
+        engine.dispose()
+    raise typer.Exit(code)
+
+
 def _parse_day(value: str | None) -> date | None:
     if value is None:
         return None

@@ -326,7 +326,17 @@ class WooCommerceSourceSettings(BaseModel):
     reconcile_every_hours: Annotated[float, Field(ge=0)] = 24.0
     # The daemon's polling interval for this source.
     sync_every_minutes: Annotated[float, Field(gt=0)] = 15.0
+    # Each scheduled run starts up to this many seconds late, at random, so several
+    # sources (or replicas) do not hit the store in lockstep.
+    jitter_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # /readyz and the alerts call the source stale when its last successful sync is
+    # older than this. Default: 0 = three polling intervals.
+    stale_after_minutes: Annotated[float, Field(ge=0)] = 0.0
     verify_tls: bool = True
+
+    @property
+    def freshness_minutes(self) -> float:
+        return self.stale_after_minutes or 3 * self.sync_every_minutes
 
     @field_validator("type", mode="before")
     @classmethod
@@ -406,6 +416,23 @@ class ServerSettings(BaseModel):
     host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     # 0 asks the OS for a free port (tests, the sandbox).
     port: Annotated[int, Field(ge=0, le=65535)] = 8787
+    # When set, every endpoint but /healthz and the store webhooks (which carry their own
+    # signature) requires "Authorization: Bearer <token>".
+    token: SecretRef | None = None
+
+
+class AlertSettings(BaseModel):
+    """When the service raises an alert (an error log line, and a POST to a Slack-compatible
+    webhook when one is configured), once per incident, with a recovery notice."""
+
+    model_config = _MODEL_CONFIG
+
+    # A Slack (or compatible: Mattermost, Rocket.Chat, Teams workflows) incoming webhook.
+    slack_webhook_url: SecretRef | None = None
+    # A job that failed this many times in a row.
+    consecutive_failures: Annotated[int, Field(ge=1)] = 3
+    # A destination sync whose refused rows exceed this share of the rows it sent.
+    rejected_share: Annotated[float, Field(gt=0, le=1)] = 0.05
 
 
 class LogSettings(BaseModel):
@@ -613,6 +640,7 @@ class Settings(BaseSettings):
     profiles: ProfileSettings = Field(default_factory=ProfileSettings)
     segments: dict[Name, SegmentSettings] = Field(default_factory=dict)
     destinations: DestinationsSettings = Field(default_factory=DestinationsSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     # Not a settings key: where these settings were loaded from (None when built in code).
     _config_path: Path | None = PrivateAttr(default=None)

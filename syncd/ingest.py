@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, delete, select, update
 
 from syncd.config import WooCommerceSourceSettings
 from syncd.http import ApiError, AuthError
@@ -116,6 +116,23 @@ class SyncResult:
                 out[f"{stream}.{k}"] = v
         out["requests"] = self.requests
         return out
+
+
+# The streams whose records can arrive outside a poll (webhook deliveries).
+APPLY_STREAMS = ("customers", "orders", "products", "coupons", "refunds")
+
+
+@dataclass
+class AppliedBatch:
+    """What ``SourceSync.apply_payloads``/``apply_deletions`` did with records that arrived
+    outside a poll."""
+
+    stream: str
+    counts: StreamCounts
+    # The store's people (``customers.id``) whose records changed: their profiles and
+    # memberships need a recompute.
+    people: set[int] = field(default_factory=set)
+    stale: int = 0  # payloads older than the stored row, left out
 
 
 # What a handler does with one page: an async step that may fetch more (variations, unknown
@@ -910,6 +927,208 @@ class SourceSync:
 
         await self._in_db_thread(work)
 
+    # -- records that arrive outside a poll (webhook deliveries) -------------------------
+
+    async def apply_payloads(self, stream: str, payloads: Sequence[Any]) -> AppliedBatch:
+        """Store full records that arrived outside a poll (webhook deliveries) through the
+        handlers a polled page goes through: the same normalization, identity resolution,
+        quarantine and upsert, in one transaction.
+
+        Deliveries are not ordered: of several payloads of one record the newest (by
+        ``date_modified_gmt``, then arrival) is kept, and one older than the stored row is
+        left out (``stale``), so a late delivery never rolls a record back. No cursor moves:
+        one record says nothing about the rows around it. A variation's payload refreshes
+        its parent product with all its variations, the way a poll reads them. May call
+        the store's API, as a poll would: a registered buyer the store has not seen yet,
+        a variable product's variations, the store currency before any product is stored.
+        """
+        if stream not in APPLY_STREAMS:
+            raise ValueError(f"unknown stream {stream!r}: expected one of {APPLY_STREAMS}")
+        self.counts = {stream: StreamCounts()}
+        await asyncio.to_thread(self._load_bookkeeping)
+        items, stale = await asyncio.to_thread(self._newest_payloads, stream, list(payloads))
+        batch = AppliedBatch(stream=stream, counts=self.counts[stream], stale=stale)
+        if not items:
+            return batch
+        prepare: Prepare
+        commit: Commit
+        if stream == "customers":
+            prepare, commit = _no_prepare, self._commit_customers
+        else:
+            prepare, commit = self._handlers(stream)
+        if stream == "orders":
+            # Only this batch's buyers matter; a cached set would go stale while polls add
+            # accounts in another SourceSync.
+            self._known = await asyncio.to_thread(self._known_among, items)
+        if stream == "products":
+            items = await self._with_variation_parents(items)
+        if stream in ("products", "coupons"):
+            # Looked up per batch: a poll keeps the stored products in the store's currency.
+            self.currency = await self._apply_currency()
+        self.counts[stream].fetched += len(items)
+        prepared = await prepare(items)
+        ids = [i for i in (_id_of(item) for item in items) if _positive_int(i)]
+
+        def work() -> set[int]:
+            with self.engine.begin() as conn:
+                commit(conn, prepared)
+                return self._people_of(conn, stream, ids)
+
+        batch.people = await asyncio.to_thread(work)
+        return batch
+
+    async def apply_deletions(self, stream: str, ids: Sequence[int]) -> AppliedBatch:
+        """Mark records the source reports deleted (a webhook's ``{"id": N}``) the way id
+        reconciliation marks the ones it finds missing: kept for history with ``deleted_at``
+        set, the people they belonged to refreshed. A product takes its variations along.
+        A row already marked keeps its first ``deleted_at``."""
+        if stream not in APPLY_STREAMS:
+            raise ValueError(f"unknown stream {stream!r}: expected one of {APPLY_STREAMS}")
+        self.counts = {stream: StreamCounts()}
+        batch = AppliedBatch(stream=stream, counts=self.counts[stream])
+        wanted = sorted({i for i in ids if _positive_int(i)})
+        if not wanted:
+            return batch
+        table = TABLE_OF_STREAM[stream]
+        now = utcnow()
+
+        def work() -> set[int]:
+            match: ColumnElement[bool] = table.c.source_id.in_(wanted)
+            if stream == "products":
+                match = match | PRODUCTS.c.parent_source_id.in_(wanted)
+            with self.engine.begin() as conn:
+                people: set[int] = set()
+                if "customer_id" in table.c:
+                    people = {
+                        int(p)
+                        for p in conn.execute(
+                            select(table.c.customer_id).where(
+                                table.c.source == self.name,
+                                match,
+                                table.c.customer_id.is_not(None),
+                            )
+                        ).scalars()
+                    }
+                result = conn.execute(
+                    update(table)
+                    .where(table.c.source == self.name, match, table.c.deleted_at.is_(None))
+                    .values(deleted_at=now)
+                )
+                if people:
+                    refresh_people(conn, people)
+                self.counts[stream].deleted += max(result.rowcount, 0)
+                return people
+
+        batch.people = await asyncio.to_thread(work)
+        return batch
+
+    def _newest_payloads(self, stream: str, payloads: list[Any]) -> tuple[list[Any], int]:
+        """The newest payload per record, minus those older than the stored row; payloads
+        without a usable id pass through (the commit handler quarantines them)."""
+        keyed: dict[int, Any] = {}
+        loose: list[Any] = []
+        for payload in payloads:
+            pid = _id_of(payload)
+            if not _positive_int(pid):
+                loose.append(payload)
+                continue
+            previous = keyed.get(pid)
+            if previous is None or not _older(payload, previous):
+                keyed[pid] = payload
+        table = TABLE_OF_STREAM[stream]
+        stale = len(payloads) - len(loose) - len(keyed)
+        if not keyed or "modified_at" not in table.c:
+            return [*keyed.values(), *loose], stale
+        with self.engine.connect() as conn:
+            stored: dict[int, datetime | None] = {
+                r.source_id: r.modified_at
+                for r in conn.execute(
+                    select(table.c.source_id, table.c.modified_at).where(
+                        table.c.source == self.name, table.c.source_id.in_(list(keyed))
+                    )
+                )
+            }
+        fresh = []
+        for pid, payload in keyed.items():
+            modified, current = modified_of(payload), stored.get(pid)
+            if modified is not None and current is not None and modified < current:
+                stale += 1
+                continue
+            fresh.append(payload)
+        return [*fresh, *loose], stale
+
+    def _known_among(self, orders: list[Any]) -> set[int]:
+        """Which of these orders' account ids the store already links to people."""
+        wanted = {
+            str(o["customer_id"])
+            for o in orders
+            if isinstance(o, Mapping) and _positive_int(o.get("customer_id"))
+        }
+        if not wanted:
+            return set()
+        with self.engine.connect() as conn:
+            return {
+                int(v)
+                for v in conn.execute(
+                    select(IDENTITIES.c.value).where(
+                        IDENTITIES.c.source == self.name,
+                        IDENTITIES.c.kind == "customer_id",
+                        IDENTITIES.c.value.in_(sorted(wanted)),
+                    )
+                ).scalars()
+            }
+
+    async def _with_variation_parents(self, items: list[Any]) -> list[Any]:
+        """Variations are stored with their parent (``parent_source_id``), which a poll reads
+        together: a variation's payload is replaced by its parent product, whose variations
+        ``_prepare_products`` then reads."""
+
+        def is_variation(item: Any) -> bool:
+            return (
+                isinstance(item, Mapping)
+                and item.get("type") == "variation"
+                and _positive_int(item.get("parent_id"))
+            )
+
+        present = {_id_of(i) for i in items}
+        parents = sorted({i["parent_id"] for i in items if is_variation(i)} - present)
+        kept = [i for i in items if not is_variation(i)]
+        if parents:
+            # A parent in the trash is not listed: polling sees its variations go with it.
+            kept += await self.client.by_ids("products", parents)
+        return kept
+
+    async def _apply_currency(self) -> str:
+        """The store currency for product and coupon amounts: the stored products' (a poll
+        writes them in it), else asked from the store as a poll would."""
+
+        def stored() -> str | None:
+            with self.engine.connect() as conn:
+                code: str | None = conn.execute(
+                    select(PRODUCTS.c.currency)
+                    .where(PRODUCTS.c.source == self.name, PRODUCTS.c.currency.is_not(None))
+                    .order_by(PRODUCTS.c.id.desc())
+                    .limit(1)
+                ).scalar()
+            return code
+
+        return await asyncio.to_thread(stored) or await self._store_currency()
+
+    def _people_of(self, conn: Connection, stream: str, ids: list[int]) -> set[int]:
+        if not ids or stream not in ("orders", "customers"):
+            return set()
+        table = ORDERS if stream == "orders" else RECORDS
+        return {
+            int(p)
+            for p in conn.execute(
+                select(table.c.customer_id).where(
+                    table.c.source == self.name,
+                    table.c.source_id.in_(ids),
+                    table.c.customer_id.is_not(None),
+                )
+            ).scalars()
+        }
+
 
 class _PageWriter:
     """Pages written in one transaction until flushed: rows and their cursor commit together,
@@ -964,3 +1183,14 @@ def _id_of(item: Any) -> Any:
 def _max_modified(items: Sequence[Any]) -> datetime | None:
     stamps = [m for m in (modified_of(i) for i in items if isinstance(i, Mapping)) if m is not None]
     return max(stamps) if stamps else None
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _older(a: Any, b: Any) -> bool:
+    """``a`` was modified before ``b`` (both payloads of one record); unknown is not older."""
+    ma = modified_of(a) if isinstance(a, Mapping) else None
+    mb = modified_of(b) if isinstance(b, Mapping) else None
+    return ma is not None and mb is not None and ma < mb

@@ -22,7 +22,7 @@ from syncd.store.models import SYNC_RUNS
 from tests.test_cli import base_env, syncd
 from tests.test_push import SECRET, add_people, email
 
-MEMBERS = 3000
+MEMBERS = 1500
 
 
 def write_config(tmp_path: Path, store_url: str, sandbox: DestinationSandbox, batch: int) -> Path:
@@ -113,7 +113,7 @@ def test_push_killed_mid_run_sends_every_row_once_bar_the_batches_in_flight(
     cmd = [sys.executable, "-m", "syncd", "--config", str(config), "push"]
     kills = 0
     # Three kills in the webhook sync, two in the Klaviyo event sync after it.
-    for target in (20, 60, 110):
+    for target in (10, 30, 55):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while len(receiver.batches) < target and time.monotonic() < deadline:
@@ -121,7 +121,7 @@ def test_push_killed_mid_run_sends_every_row_once_bar_the_batches_in_flight(
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         kills += 1
-    for target in (30, 90):
+    for target in (15, 45):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while (

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +68,52 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     raise StoreError(
         f"unsupported store url {url!r}: expected sqlite:///… or postgresql+psycopg://…"
     )
+
+
+class WriterLock:
+    """Turns for the writers of one process on a SQLite store.
+
+    SQLite has a single writer, and in WAL mode a transaction that read before another
+    connection committed cannot start writing: it fails at once with "database is locked"
+    rather than waiting. Jobs and webhook applies that write the store therefore take
+    turns; on Postgres this lock is a no-op and they run side by side.
+    """
+
+    def __init__(self, exclusive: bool) -> None:
+        self._lock = threading.Lock() if exclusive else None
+
+    def __enter__(self) -> None:
+        if self._lock is not None:
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """The lock, waited for off the event loop."""
+        if self._lock is None:
+            yield
+            return
+        await asyncio.to_thread(self._lock.acquire)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+
+_WRITERS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
+_WRITERS_GUARD = threading.Lock()
+
+
+def writer_lock(engine: Engine) -> WriterLock:
+    """The process's writer lock for ``engine`` (see WriterLock)."""
+    with _WRITERS_GUARD:
+        lock = _WRITERS.get(engine)
+        if lock is None:
+            lock = _WRITERS[engine] = WriterLock(engine.dialect.name == "sqlite")
+        return lock
 
 
 def open_store(url: str, **kwargs: Any) -> Engine:

@@ -385,6 +385,57 @@ class SyncRecord(SQLModel, table=True):
     updated_at: datetime | None = _utc()
 
 
+class Event(SQLModel, table=True):
+    """Store webhook deliveries (and, later, other behavioural events), kept as received.
+
+    A delivery is stored before it is answered and applied afterwards, so one the process
+    did not get to (a crash, a restart) is applied when the service starts again.
+    WooCommerce's ``X-WC-Webhook-Delivery-ID`` is ``wp_hash(webhook id + unix second)``:
+    two different deliveries of one webhook in the same second share it. Uniqueness is
+    therefore on the delivery id *and* a digest of the signed body: a delivery sent twice
+    (a proxy retry) is stored once, two events that merely share a second are both kept.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("source", "delivery_id", "body_sha256"),
+        # The worker's start-up query: what is still pending.
+        Index("ix_events_status", "status"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str
+    delivery_id: str = Field(sa_type=String(128))  # the header, or sha256:<body> without one
+    body_sha256: str = Field(sa_type=String(64))  # hex digest of the raw (signed) body
+    topic: str  # e.g. order.updated
+    resource: str  # order | customer | product | coupon
+    event: str  # created | updated | deleted | restored | published
+    webhook_id: int | None = Field(default=None, sa_type=BigInteger)  # X-WC-Webhook-ID
+    received_at: datetime = _utc(nullable=False)
+    applied_at: datetime | None = _utc()
+    status: str  # pending | applied | failed
+    attempts: int = 0  # failed attempts to apply (transient errors are retried)
+    error: str | None = Field(default=None, sa_type=Text)
+    payload: Any = _json()
+
+
+class JobLease(SQLModel, table=True):
+    """Which ``syncd run`` process claimed each scheduled trigger of a job.
+
+    ``slot`` is the trigger's nominal fire time (before jitter, to the millisecond), the same
+    on every replica; the primary key lets exactly one replica claim a slot, so each
+    scheduled job runs once per trigger however many replicas share the store. Rows older
+    than two days are pruned by the daemon.
+    """
+
+    __tablename__ = "job_leases"
+
+    job: str = Field(primary_key=True)  # "source:<name>", "segments", "destination:<sync>"
+    slot: datetime = Field(primary_key=True, sa_type=UTCDateTime)
+    owner: str  # host:pid:random of the claiming process
+    claimed_at: datetime = _utc(nullable=False, index=True)
+
+
 def _table(model: type[SQLModel]) -> Table:
     table: Table = model.__table__  # type: ignore[attr-defined]
     return table
@@ -406,3 +457,5 @@ PROFILES = _table(CustomerProfile)
 MEMBERSHIPS = _table(SegmentMembership)
 MODEL_FITS = _table(ModelFit)
 SYNC_RECORDS = _table(SyncRecord)
+EVENTS = _table(Event)
+JOB_LEASES = _table(JobLease)

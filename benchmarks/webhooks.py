@@ -1,0 +1,308 @@
+"""Webhook benchmark: ``syncd run`` as a subprocess, fed signed WooCommerce deliveries.
+
+Prints:
+
+1. latency from webhook receipt to the destination's request, p50/p95/p99 (target p95
+   <= 2 s): each delivery is a new buyer's order; the service applies it, recomputes,
+   and its event sync posts the buyer's entry to a webhook receiver;
+2. deliveries per second the service accepts, and the p99 response time (targets
+   >= 500/s, p99 <= 100 ms on this 2-core machine);
+3. the idle service's CPU and memory (targets < 1 % CPU, < 200 MB).
+
+    python benchmarks/webhooks.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import heading, num, print_table, verdict
+from syncd.sandbox.destinations import DestinationSandbox
+from syncd.sandbox.server import SandboxServer
+from syncd.sandbox.store import SandboxStore
+
+SECRET = "bench-webhook-secret"
+HOOK_SECRET = "bench-hook-secret"
+FIXTURE = Path(__file__).resolve().parent.parent / "tests/fixtures/woocommerce/order_single.json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def order(order_id: int, email: str, template: dict[str, Any]) -> bytes:
+    body = copy.deepcopy(template)
+    now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "")
+    body.update(
+        id=order_id,
+        number=str(order_id),
+        status="completed",
+        customer_id=0,
+        date_created=now,
+        date_created_gmt=now,
+        date_modified=now,
+        date_modified_gmt=now,
+        date_paid=now,
+        date_paid_gmt=now,
+        refunds=[],
+    )
+    body["billing"] = {**body["billing"], "email": email}
+    return json.dumps(body).encode()
+
+
+def headers(body: bytes, delivery: str) -> dict[str, str]:
+    signature = base64.b64encode(hmac.new(SECRET.encode(), body, hashlib.sha256).digest())
+    return {
+        "Content-Type": "application/json",
+        "X-WC-Webhook-Topic": "order.created",
+        "X-WC-Webhook-Resource": "order",
+        "X-WC-Webhook-Event": "created",
+        "X-WC-Webhook-ID": "1",
+        "X-WC-Webhook-Delivery-ID": delivery,
+        "X-WC-Webhook-Signature": signature.decode(),
+    }
+
+
+def write_config(
+    folder: Path, shop: SandboxServer, box: DestinationSandbox, port: int, store: str | None = None
+) -> Path:
+    (folder / "hook.toml").write_text(
+        f"""
+destination = "webhook"
+base_url = "{box.webhook_url("crm")}"
+[credentials]
+secret = "{HOOK_SECRET}"
+[limits]
+requests_per_second = 200
+concurrency = 4
+
+[[sync]]
+name = "buyer-entered"
+segment = "buyers"
+mode = "event"
+[sync.fields]
+email = "email"
+"""
+    )
+    config = folder / "config.toml"
+    config.write_text(
+        f"""
+[store]
+url = "{store or f"sqlite:///{folder}/store.db"}"
+
+[sources.shop]
+type = "woocommerce"
+url = "{shop.url}"
+consumer_key = "{shop.consumer_key}"
+consumer_secret = "{shop.consumer_secret}"
+webhook_secret = "{SECRET}"
+sync_every_minutes = 60
+
+[server]
+port = {port}
+
+[log]
+level = "warning"
+
+[segments.buyers]
+rule = "orders_count >= 1"
+
+[destinations]
+mappings = ["hook.toml"]
+"""
+    )
+    return config
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def blast(base: str, template: dict[str, Any], count: int, workers: int) -> list[float]:
+    times: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(count):
+        queue.put_nowait(n)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            n = queue.get_nowait()
+            body = order(800000 + n, f"blast{n}@example.com", template)
+            started = time.perf_counter()
+            answer = await client.post(
+                f"{base}/webhooks/shop", content=body, headers=headers(body, f"blast-{n}")
+            )
+            times.append(time.perf_counter() - started)
+            if answer.status_code != 200:
+                raise SystemExit(f"delivery {n} answered {answer.status_code}: {answer.text}")
+
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(workers)))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=40, help="latency deliveries")
+    parser.add_argument("--deliveries", type=int, default=3000, help="throughput deliveries")
+    parser.add_argument("--workers", type=int, default=16, help="concurrent senders")
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--store", metavar="URL", help="the service's store (default: SQLite in a temp folder)"
+    )
+    args = parser.parse_args()
+    template = json.loads(FIXTURE.read_text())
+    shop_store = SandboxStore(seed=5, customers=20, guests=10, orders=100)
+    with (
+        SandboxServer(shop_store) as shop,
+        DestinationSandbox(log_bodies=False) as box,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        receiver = box.webhooks.add("crm", HOOK_SECRET)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        config = write_config(Path(tmp), shop, box, port, args.store)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "syncd", "--config", str(config), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client = httpx.Client(timeout=10)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if client.get(f"{base}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            else:
+                raise SystemExit("the service did not come up")
+            # The first scheduled sync runs at start; measure after it, not against it.
+            while time.monotonic() < deadline:
+                status = client.get(f"{base}/status").json()
+                if (status["sources"].get("shop") or {}).get("last_run"):
+                    break
+                time.sleep(0.2)
+            time.sleep(2)
+
+            heading("Latency: webhook receipt to the destination's request")
+            latencies: list[float] = []
+            for n in range(args.samples):
+                email = f"latency{n}@example.com"
+                body = order(700000 + n, email, template)
+                sent = time.time()
+                answer = client.post(
+                    f"{base}/webhooks/shop", content=body, headers=headers(body, f"lat-{n}")
+                )
+                assert answer.status_code == 200, answer.text
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    arrived = next(
+                        (r for r in list(receiver.records) if r["data"].get("email") == email),
+                        None,
+                    )
+                    if arrived is not None:
+                        latencies.append(time.time() - sent)
+                        break
+                    time.sleep(0.005)
+                else:
+                    raise SystemExit(f"delivery {n} never reached the destination")
+                time.sleep(0.2)
+            p50, p95, p99 = (percentile(latencies, q) for q in (0.5, 0.95, 0.99))
+            print(
+                f"  {len(latencies)} deliveries: p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s"
+            )
+
+            heading("Throughput: deliveries accepted")
+            started = time.perf_counter()
+            times = asyncio.run(blast(base, template, args.deliveries, args.workers))
+            wall = time.perf_counter() - started
+            rate = len(times) / wall
+            p99_ms = percentile(times, 0.99) * 1000
+            print(
+                f"  {num(len(times))} deliveries in {wall:.2f} s: "
+                f"{rate:,.0f}/s, p99 {p99_ms:.1f} ms"
+            )
+
+            heading("Idle")
+            # Let the blast's deliveries be applied and pushed first.
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and len(receiver.records) < args.samples + len(times):
+                time.sleep(0.5)
+            time.sleep(5)
+            cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
+            time.sleep(args.idle_seconds)
+            cpu = (proc_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+            rss = proc_rss_mb(proc.pid)
+            print(f"  CPU {cpu:.2%} over {args.idle_seconds:g} s, RSS {rss:.0f} MB")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print()
+    print_table(
+        ["figure", "measured", "target", "verdict"],
+        [
+            [
+                "receipt -> destination p50 / p95 / p99",
+                f"{p50:.2f} / {p95:.2f} / {p99:.2f} s",
+                "p95 <= 2 s",
+                verdict(p95 <= 2.0),
+            ],
+            [
+                "deliveries accepted per second",
+                f"{rate:,.0f}/s",
+                ">= 500/s",
+                verdict(rate >= 500),
+            ],
+            ["their p99 response time", f"{p99_ms:.1f} ms", "<= 100 ms", verdict(p99_ms <= 100)],
+            ["idle CPU", f"{cpu:.2%}", "< 1 %", verdict(cpu < 0.01)],
+            ["idle memory (RSS)", f"{rss:.0f} MB", "< 200 MB", verdict(rss < 200)],
+            ["exit status after SIGTERM", str(proc.returncode), "0", verdict(proc.returncode == 0)],
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,946 @@
+"""The scheduler of ``syncd run``: which job runs when, where, and what it sets off.
+
+Jobs
+    ``source:<name>``       one per source, every ``sync_every_minutes`` with up to
+                            ``jitter_seconds`` of random delay;
+    ``segments``            the profile and segment recompute: chained after a source sync
+                            that stored rows (and after webhooks that changed customers), and
+                            once a day so time-based segments ("no order for 90 days") move
+                            even when no data does;
+    ``destination:<sync>``  one per destination sync: chained after a recompute that
+                            changed its segment (a SQL-model sync, which can read anything,
+                            after every recompute), and on its own ``schedule`` if it has one.
+
+No job ever overlaps itself. A chained request for a job that is running is remembered and
+runs once more right after it; a scheduled trigger that finds its job running is queued
+and runs right after it too. Requests and triggers coalesce: however many arrive during a
+run, one run follows (for triggers, the newest slot's). The work of a run happens on its own
+thread (with its own event loop for the async engines), so the service's loop, which
+serves HTTP and webhooks, never waits on a sync.
+
+Replicas (Postgres)
+    Every interval schedule is anchored to a fixed epoch, so all replicas compute the same
+    nominal fire times ("slots") whatever their start time; jitter is added on top and
+    does not change the slot. Every run holds a session-level advisory lock on its job
+    (on a connection of its own; a crashed replica's lock dies with its connection), so
+    one job never runs on two replicas at once: a run that finds its job busy elsewhere
+    waits for it. Holding the lock, a scheduled run then claims ``(job, slot)`` in
+    ``job_leases`` with ``INSERT … ON CONFLICT DO NOTHING`` on the table's primary key:
+    the database lets exactly one insert through, so however close together two replicas
+    fire (even when one finishes the run before the other fires), each trigger runs once
+    and the loser just drops it. A lease row means its slot ran (or is running).
+SQLite
+    One process only: `Daemon.start` takes an exclusive ``flock`` on ``<database>.lock`` for
+    the process's life and refuses to start (`DaemonError`) when another process has it.
+
+Every run ends with one ``run.status`` line (kind, name, status, duration, counts, next
+run), the run's metrics, and what the alerts need to know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+from apscheduler.schedulers.base import STATE_RUNNING  # type: ignore[import-untyped]
+from apscheduler.triggers.base import BaseTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
+from sqlalchemy import Connection, Engine, create_engine, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.pool import NullPool
+
+from syncd.config import Settings
+from syncd.ingest import SourceSync
+from syncd.log import get_logger
+from syncd.mapping import LoadedMapping, LoadedSync, schedule_seconds
+from syncd.segments.recompute import recompute
+from syncd.store.engine import writer_lock
+from syncd.store.models import JOB_LEASES
+from syncd.store.models import SYNC_RUNS as RUNS
+from syncd.sync import push
+
+if TYPE_CHECKING:
+    from syncd.alerts import Alerts
+    from syncd.metrics import Metrics
+
+__all__ = [
+    "ANCHOR",
+    "Daemon",
+    "DaemonError",
+    "JobInfo",
+    "claim_slot",
+    "job_lock_key",
+    "slot_claimed",
+]
+
+log = get_logger("syncd.daemon")
+
+# Interval schedules count from here, so every replica (and every restart) agrees on the
+# nominal fire times: a 15-minute source fires at :00, :15, :30 and :45 UTC plus jitter.
+ANCHOR: Final = datetime(2000, 1, 1, tzinfo=UTC)
+RECOMPUTE_EVERY: Final = 86_400.0
+LEASE_RETENTION: Final = timedelta(days=2)
+_STATUS_LEVELS: Final = {"success": logging.INFO, "partial": logging.WARNING}
+
+
+class DaemonError(Exception):
+    """The daemon cannot start (another process holds the SQLite store, say)."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def _slot_key(moment: datetime) -> datetime:
+    """A slot as stored: UTC, to the millisecond (float arithmetic in the triggers must not
+    make two replicas' copies of one slot differ in the last microsecond)."""
+    moment = moment.astimezone(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def job_lock_key(job: str) -> int:
+    """The Postgres advisory lock key (a signed bigint) of a job."""
+    digest = hashlib.blake2b(f"syncd.job:{job}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def slot_claimed(engine: Engine, job: str, slot: datetime) -> bool:
+    """Whether trigger ``slot`` of ``job`` was claimed already."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(JOB_LEASES.c.owner).where(
+                JOB_LEASES.c.job == job, JOB_LEASES.c.slot == _slot_key(slot)
+            )
+        ).first()
+    return found is not None
+
+
+def claim_slot(engine: Engine, job: str, slot: datetime, owner: str) -> bool:
+    """Claim trigger ``slot`` of ``job`` for ``owner``: True for exactly one caller per
+    ``(job, slot)``, however many race (the primary key decides, in the database)."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    stmt = (
+        dialect.insert(JOB_LEASES)
+        .values(job=job, slot=_slot_key(slot), owner=owner, claimed_at=_utcnow())
+        .on_conflict_do_nothing(index_elements=["job", "slot"])
+        # A row comes back only from the insert that went through (rowcount is not
+        # dependable across drivers for ON CONFLICT statements).
+        .returning(JOB_LEASES.c.owner)
+    )
+    with engine.begin() as conn:
+        return conn.execute(stmt).first() is not None
+
+
+# ---------------------------------------------------------------------------
+# Triggers that know their slots
+# ---------------------------------------------------------------------------
+
+
+class _SlotTrigger(BaseTrigger):  # type: ignore[misc]
+    """A trigger without jitter (``inner``) plus our own jitter, remembering which nominal
+    fire time (the slot) each jittered fire time stands for.
+
+    APScheduler hands a job neither its scheduled time nor its trigger's; the job asks
+    `slot_at` for the slot of the latest fire time due. APScheduler computes the next
+    fire time from the previous *jittered* one; mapping it back to its nominal time keeps
+    jitter from accumulating (and keeps every replica's slots the same).
+    """
+
+    def __init__(self, inner: Any, jitter: float, description: str) -> None:
+        self.inner = inner
+        self.jitter = max(0.0, jitter)
+        self.description = description
+        self._fires: deque[tuple[datetime, datetime]] = deque(maxlen=64)
+        self._rng = random.Random()
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        # An unknown previous time (fell out of the history) restarts from ``now``: the
+        # inner trigger then lands on the shared grid again rather than drift by jitter.
+        previous = None
+        if previous_fire_time is not None:
+            previous = next(
+                (nominal for fire, nominal in self._fires if fire == previous_fire_time), None
+            )
+        nominal: datetime | None = self.inner.get_next_fire_time(previous, now)
+        if nominal is None:
+            return None
+        fire = (
+            nominal + timedelta(seconds=self._rng.uniform(0, self.jitter))
+            if self.jitter
+            else nominal
+        )
+        self._fires.append((fire, nominal))
+        return fire
+
+    def slot_at(self, moment: datetime) -> datetime | None:
+        """The nominal time of the latest fire time at or before ``moment``."""
+        due = [(fire, nominal) for fire, nominal in self._fires if fire <= moment]
+        return max(due)[1] if due else None
+
+    def previous_slot(self, now: datetime) -> datetime | None:
+        """The latest nominal fire time at or before ``now`` (interval schedules only)."""
+        if not isinstance(self.inner, IntervalTrigger):
+            return None
+        start = self.inner.start_date.timestamp()
+        length: float = self.inner.interval_length
+        if now.timestamp() < start:
+            return None
+        n = math.floor((now.timestamp() - start) / length)
+        return datetime.fromtimestamp(start + n * length, tz=UTC)
+
+    def __str__(self) -> str:
+        return self.description
+
+
+def _interval(seconds: float, jitter: float, description: str) -> _SlotTrigger:
+    # Jitter past half the interval could push one slot's run beyond the next slot.
+    jitter = min(jitter, seconds / 2)
+    inner = IntervalTrigger(seconds=seconds, start_date=ANCHOR, timezone=UTC)
+    return _SlotTrigger(inner, jitter, description)
+
+
+def _schedule_trigger(schedule: str) -> _SlotTrigger:
+    seconds = schedule_seconds(schedule)
+    if seconds is not None:
+        return _interval(float(seconds), 0.0, schedule)
+    return _SlotTrigger(CronTrigger.from_crontab(schedule, timezone=UTC), 0.0, schedule)
+
+
+# ---------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    status: str
+    counts: dict[str, Any]
+    error: str | None = None
+    stored: bool = False  # a source run wrote rows
+    segments_changed: set[str] = field(default_factory=set)  # a recompute's moved segments
+    failures_in_a_row: int = 0
+
+
+@dataclass
+class _Job:
+    id: str  # "source:<name>", "segments", "destination:<sync>"
+    kind: str  # the sync_runs kind: source | segments | destination
+    name: str  # the sync_runs name
+    trigger: _SlotTrigger | None
+    mapping: LoadedMapping | None = None
+    sync: LoadedSync | None = None
+    task: asyncio.Task[None] | None = None
+    rerun: str | None = None  # why to run once more after the run in flight
+    pending: datetime | None = None  # the slot that fired during the run in flight
+    last_status: str | None = None
+    last_finished_at: datetime | None = None
+    claimed: int = 0  # scheduled slots this daemon won
+    lost: int = 0  # scheduled slots another replica (or an earlier life) had claimed
+    coalesced: int = 0  # scheduled slots dropped here for a newer one queued behind them
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What `Daemon.jobs` reports per job."""
+
+    name: str
+    kind: str
+    schedule: str | None
+    next_run_at: str | None
+    running: bool
+    last_status: str | None
+    last_finished_at: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "schedule": self.schedule,
+            "next_run_at": self.next_run_at,
+            "running": self.running,
+            "last_status": self.last_status,
+            "last_finished_at": self.last_finished_at,
+        }
+
+
+@dataclass
+class _HeldLock:
+    conn: Connection
+    key: int
+
+
+class Daemon:
+    """Schedules and runs syncd's jobs on the running event loop. See the module docstring.
+
+    Extra keyword arguments (tests and tuning): ``owner`` names this daemon in
+    ``job_leases`` (default host:pid:random); ``catch_up`` runs, at start, each interval
+    job whose latest slot nobody ran (the first start, a restart after downtime), so a
+    15-minute source does not wait 15 minutes for its first sync; ``recompute_every``
+    (seconds, None for never) is the recompute's own schedule; ``overdue_after`` is how
+    late a scheduled run may be before the job counts as overdue; ``watch_every`` is the
+    period of the freshness/overdue check that feeds the alerts; ``debounce`` coalesces
+    webhook-driven recomputes.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        mappings: list[LoadedMapping],
+        *,
+        metrics: Metrics | None = None,
+        alerts: Alerts | None = None,
+        owner: str | None = None,
+        catch_up: bool = True,
+        recompute_every: float | None = RECOMPUTE_EVERY,
+        overdue_after: float = 60.0,
+        watch_every: float = 30.0,
+        debounce: float = 0.3,
+        lock_poll: float = 0.25,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.mappings = mappings
+        self.metrics = metrics
+        self.alerts = alerts
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.catch_up = catch_up
+        self.overdue_after = overdue_after
+        self.watch_every = watch_every
+        self.debounce = debounce
+        self.lock_poll = lock_poll
+
+        self._jobs: dict[str, _Job] = {}
+        for name, source in settings.sources.items():
+            seconds = source.sync_every_minutes * 60
+            self._add(
+                _Job(
+                    f"source:{name}",
+                    "source",
+                    name,
+                    _interval(seconds, source.jitter_seconds, f"every {seconds:g}s"),
+                )
+            )
+        segments_trigger = (
+            _interval(recompute_every, 0.0, f"every {recompute_every:g}s")
+            if recompute_every
+            else None
+        )
+        self._add(_Job("segments", "segments", "segments", segments_trigger))
+        for mapping in mappings:
+            for sync in mapping.syncs:
+                schedule = sync.spec.schedule
+                trigger = _schedule_trigger(schedule) if schedule else None
+                self._add(
+                    _Job(
+                        f"destination:{sync.name}", "destination", sync.name, trigger, mapping, sync
+                    )
+                )
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduler: Any = None
+        self._started = False
+        self._stopping = False
+        self._started_at: datetime | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._debounce_task: asyncio.Task[None] | None = None
+        self._changed: dict[str, set[int]] = {}
+        self._lock_engine: Engine | None = None
+        self._lock_fd: int | None = None
+        # Job threads still running (abandoned ones included), and whether stop() left the
+        # SQLite lock for the last of them to release: the store is in use until they end.
+        self._threads = 0
+        self._threads_lock = threading.Lock()
+        # Postgres runs jobs side by side; SQLite's single writer needs them in turn
+        # (webhook applies take the same turns).
+        self._store_writer = writer_lock(engine)
+        self._release_when_idle = False
+        self._last_prune = -math.inf
+
+    def _add(self, job: _Job) -> None:
+        self._jobs[job.id] = job
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the store (SQLite: exclusively), start the scheduler on the running loop,
+        and catch up on missed slots. Raises DaemonError when the store is taken."""
+        if self._started:
+            raise DaemonError("the daemon was started already")
+        self._loop = asyncio.get_running_loop()
+        if self.engine.dialect.name == "sqlite":
+            self._lock_sqlite()
+        else:
+            # Lock sessions get their own connections (never the shared pool's): a session
+            # holds its advisory lock for a whole run, and closing it is the release.
+            self._lock_engine = create_engine(
+                self.engine.url, poolclass=NullPool, isolation_level="AUTOCOMMIT"
+            )
+        self._started = True
+        self._started_at = _utcnow()
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        for job in self._jobs.values():
+            if job.trigger is None:
+                continue
+            scheduler.add_job(
+                self._fire,
+                trigger=job.trigger,
+                args=[job.id],
+                id=job.id,
+                name=job.id,
+                # Our own bookkeeping keeps runs from overlapping (and queues triggers that
+                # fire during a run); these make APScheduler agree and never drop a late
+                # trigger (a blocked loop, a suspended host): it runs once, coalesced.
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+        scheduler.start()
+        self._scheduler = scheduler
+        self._watch_task = asyncio.create_task(self._watch(), name="syncd-watch")
+        if self.catch_up:
+            now = _utcnow()
+            for job in self._jobs.values():
+                slot = job.trigger.previous_slot(now) if job.trigger is not None else None
+                if slot is not None:
+                    self._launch(job, slot, "catch-up")
+        log.info(
+            "daemon.started",
+            owner=self.owner,
+            jobs=[j.as_dict() for j in self.job_infos()],
+        )
+
+    async def stop(self, timeout: float = 8.0) -> None:
+        """Take no new work; wait up to ``timeout`` s for runs in flight, then abandon them.
+
+        An abandoned run's thread is left to finish or to die with the process; its
+        ``sync_runs`` row stays "running" and the job's next run marks it abandoned, and
+        everything it committed stands.
+        """
+        if not self._started or self._stopping:
+            return
+        deadline = time.monotonic() + max(0.0, timeout)
+        self._stopping = True
+        for task in (self._watch_task, self._debounce_task):
+            if task is not None:
+                task.cancel()
+        if self._scheduler is not None and self._scheduler.state == STATE_RUNNING:
+            self._scheduler.shutdown(wait=False)
+        tasks = {job.task: job for job in self._jobs.values() if job.task is not None}
+        abandoned: list[str] = []
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            for task in pending:
+                abandoned.append(tasks[task].id)
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=0.5)
+        if self.alerts is not None:
+            # Deliver what is queued (a failure alert of the last run, say), briefly.
+            await self.alerts.aclose(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+        with self._threads_lock:
+            if self._threads:
+                self._release_when_idle = True
+            else:
+                self._release_store()
+        if abandoned:
+            log.warning("daemon.stopped", abandoned=abandoned)
+        else:
+            log.info("daemon.stopped")
+
+    def _release_store(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._lock_engine is not None:
+            self._lock_engine.dispose()
+            self._lock_engine = None
+
+    def _lock_sqlite(self) -> None:
+        database = self.engine.url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return  # a private in-memory store: nobody else can open it
+        path = Path(database + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DaemonError(
+                f"another syncd run (pid {holder}) is already using the SQLite store "
+                f"{database}: only one process may run against a SQLite store; stop it "
+                "first, or move the store to Postgres to run several replicas"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    # -- what the HTTP side reads -----------------------------------------------------------
+
+    def readiness(self, now: datetime | None = None) -> dict[str, Any]:
+        """``{"scheduler_running": bool, "overdue_jobs": [job names]}`` for /readyz."""
+        running = (
+            self._started
+            and not self._stopping
+            and self._scheduler is not None
+            and self._scheduler.state == STATE_RUNNING
+        )
+        return {"scheduler_running": bool(running), "overdue_jobs": self.overdue_jobs(now)}
+
+    def overdue_jobs(self, now: datetime | None = None) -> list[str]:
+        """Scheduled jobs whose next run is more than ``overdue_after`` s in the past: the
+        scheduler stalled, or the loop is blocked, and the job silently does not run."""
+        if self._scheduler is None or self._stopping:
+            return []
+        now = now or _utcnow()
+        late = timedelta(seconds=self.overdue_after)
+        overdue = []
+        for job in self._jobs.values():
+            if job.trigger is None:
+                continue
+            scheduled = self._scheduler.get_job(job.id)
+            when = scheduled.next_run_time if scheduled is not None else None
+            if when is not None and when + late < now:
+                overdue.append(job.id)
+        return overdue
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job: name, kind, schedule, next_run_at, running, last_status, last_finished_at."""
+        return [info.as_dict() for info in self.job_infos()]
+
+    def job_infos(self) -> list[JobInfo]:
+        return [
+            JobInfo(
+                name=job.id,
+                kind=job.kind,
+                schedule=job.trigger.description if job.trigger is not None else None,
+                next_run_at=_iso(self._next_run_at(job)),
+                running=job.task is not None,
+                last_status=job.last_status,
+                last_finished_at=_iso(job.last_finished_at),
+            )
+            for job in self._jobs.values()
+        ]
+
+    def lease_stats(self) -> dict[str, dict[str, int]]:
+        """Per scheduled job: slots claimed (and run) here, slots another replica (or an
+        earlier life of the store) had claimed, slots merged into a newer one here."""
+        return {
+            job.id: {"claimed": job.claimed, "lost": job.lost, "coalesced": job.coalesced}
+            for job in self._jobs.values()
+            if job.trigger is not None
+        }
+
+    def _next_run_at(self, job: _Job) -> datetime | None:
+        if self._scheduler is None or job.trigger is None or self._stopping:
+            return None
+        scheduled = self._scheduler.get_job(job.id)
+        when: datetime | None = scheduled.next_run_time if scheduled is not None else None
+        return when
+
+    # -- triggers ---------------------------------------------------------------------------
+
+    def run_now(self, job_id: str, reason: str = "requested") -> bool:
+        """Run a job as soon as it is free (once more after the run in flight, if any).
+        False when there is no such job or the daemon is not running. Call on the loop."""
+        job = self._jobs.get(job_id)
+        if job is None or not self._started or self._stopping:
+            return False
+        self._launch(job, None, reason)
+        return True
+
+    async def customers_changed(self, source: str, customer_ids: set[int]) -> None:
+        """Webhooks changed these customers: recompute soon, without waiting for a schedule.
+
+        Calls within ``debounce`` s of the first are coalesced into one recompute; the
+        recompute then runs the destination syncs whose segments moved, as always.
+        """
+        if not customer_ids or not self._started or self._stopping:
+            return
+        self._changed.setdefault(source, set()).update(customer_ids)
+        if self._debounce_task is None:
+            self._debounce_task = asyncio.create_task(self._debounced(), name="syncd-debounce")
+
+    async def _debounced(self) -> None:
+        try:
+            await asyncio.sleep(self.debounce)
+        finally:
+            self._debounce_task = None
+        changed, self._changed = self._changed, {}
+        count = sum(len(ids) for ids in changed.values())
+        self.run_now(
+            "segments", f"webhooks changed {count} customers ({', '.join(sorted(changed))})"
+        )
+
+    async def _fire(self, job_id: str) -> None:
+        """APScheduler's job: find the slot due and launch its run (quickly: APScheduler
+        counts this coroutine as the running instance, our bookkeeping tracks the run)."""
+        job = self._jobs[job_id]
+        assert job.trigger is not None
+        slot = job.trigger.slot_at(_utcnow())
+        if slot is not None:
+            self._launch(job, slot, "schedule")
+
+    def _launch(self, job: _Job, slot: datetime | None, reason: str) -> None:
+        if self._stopping:
+            return
+        if job.task is not None:
+            if slot is None:
+                job.rerun = reason
+            else:
+                if job.pending is not None:
+                    job.coalesced += 1
+                    log.info("job.coalesced", job=job.id, slot=_iso(job.pending), into=_iso(slot))
+                job.pending = slot
+            return
+        assert self._loop is not None
+        job.task = self._loop.create_task(self._run_job(job, slot, reason), name=job.id)
+
+    async def _run_job(self, job: _Job, slot: datetime | None, reason: str) -> None:
+        try:
+            while True:
+                await self._run_once(job, slot, reason)
+                if self._stopping:
+                    break
+                if job.pending is not None:
+                    # The queued trigger's run also serves any chained request: it starts
+                    # after the request arrived, here or (holding the lock) on a replica.
+                    slot, reason, job.pending, job.rerun = job.pending, "schedule", None, None
+                elif job.rerun is not None:
+                    slot, reason, job.rerun = None, job.rerun, None
+                else:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not kill the job for good
+            log.exception("job.crashed", job=job.id)
+        finally:
+            job.task = None
+            if self._stopping:
+                job.pending = job.rerun = None
+
+    async def _run_once(self, job: _Job, slot: datetime | None, reason: str) -> None:
+        # The job's lock first, then the slot: a lease row then always means the slot ran
+        # (or is running).
+        held: _HeldLock | None = None
+        if self._lock_engine is not None:
+            held = await self._acquire(job, slot)
+            if held is None:
+                return
+        if slot is not None:
+            try:
+                claimed = await asyncio.to_thread(claim_slot, self.engine, job.id, slot, self.owner)
+            except BaseException:
+                if held is not None:
+                    await asyncio.to_thread(self._release, held)
+                raise
+            if not claimed:
+                job.lost += 1
+                log.debug("job.slot_taken", job=job.id, slot=_iso(slot))
+                if held is not None:
+                    await asyncio.to_thread(self._release, held)
+                return
+            job.claimed += 1
+        started = time.monotonic()
+        outcome = await self._in_thread(job, held)
+        self._finished(job, outcome, time.monotonic() - started, reason)
+
+    # -- cross-replica locks ----------------------------------------------------------------
+
+    async def _acquire(self, job: _Job, slot: datetime | None) -> _HeldLock | None:
+        """The job's advisory lock, waiting while another replica holds it. None when the
+        wait became pointless: the slot was claimed meanwhile (the holder was running this
+        very trigger), a newer slot queued behind this one, or the daemon is stopping."""
+        assert self._lock_engine is not None
+        key = job_lock_key(job.id)
+        conn = await asyncio.to_thread(self._lock_engine.connect)
+        try:
+            while True:
+                got = await asyncio.to_thread(
+                    lambda: bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
+                )
+                if got:
+                    return _HeldLock(conn, key)
+                if self._stopping:
+                    break
+                if slot is not None:
+                    if await asyncio.to_thread(slot_claimed, self.engine, job.id, slot):
+                        job.lost += 1  # routine with replicas: the other one ran it
+                        log.debug("job.slot_taken", job=job.id, slot=_iso(slot))
+                        break
+                    if job.pending is not None:
+                        job.coalesced += 1
+                        break
+                await asyncio.sleep(self.lock_poll)
+        except BaseException:
+            await asyncio.to_thread(conn.close)
+            raise
+        await asyncio.to_thread(conn.close)
+        return None
+
+    @staticmethod
+    def _release(held: _HeldLock) -> None:
+        try:
+            held.conn.execute(select(func.pg_advisory_unlock(held.key)))
+        except Exception as exc:  # closing the session releases it anyway
+            log.warning("job.unlock_failed", error=str(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                held.conn.close()
+
+    # -- running a job ----------------------------------------------------------------------
+
+    async def _in_thread(self, job: _Job, held: _HeldLock | None) -> _Outcome:
+        """Run the job on a daemon thread of its own and await its outcome.
+
+        Not asyncio.to_thread: its pool's threads are joined at interpreter exit, so a run
+        abandoned at shutdown would hold the process past its stop budget.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Outcome] = loop.create_future()
+
+        def deliver(outcome: _Outcome) -> None:
+            if not future.done():
+                future.set_result(outcome)
+
+        def body() -> None:
+            try:
+                with self._store_writer:
+                    outcome = self._execute(job)
+            except BaseException as exc:  # SystemExit in a job, say: still the run's failure
+                outcome = _Outcome("failed", {}, f"{type(exc).__name__}: {exc}")
+            finally:
+                if held is not None:
+                    self._release(held)
+                self._thread_done()
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(deliver, outcome)
+
+        with self._threads_lock:
+            self._threads += 1
+        try:
+            threading.Thread(target=body, name=f"syncd-{job.id}", daemon=True).start()
+        except BaseException:
+            if held is not None:
+                self._release(held)
+            self._thread_done()
+            raise
+        return await future
+
+    def _thread_done(self) -> None:
+        with self._threads_lock:
+            self._threads -= 1
+            if self._threads == 0 and self._release_when_idle:
+                self._release_when_idle = False
+                self._release_store()
+
+    def _execute(self, job: _Job) -> _Outcome:
+        """One run of ``job``, blocking (on the job's thread)."""
+        try:
+            if job.kind == "source":
+                outcome = asyncio.run(self._source(job.name))
+            elif job.kind == "segments":
+                outcome = self._recompute()
+            else:
+                assert job.mapping is not None and job.sync is not None
+                outcome = asyncio.run(self._push(job.mapping, job.sync))
+        except Exception as exc:
+            log.exception("job.failed", job=job.id)
+            outcome = _Outcome("failed", {}, f"{type(exc).__name__}: {exc}")
+        if self.alerts is not None:
+            try:
+                outcome.failures_in_a_row = self._failures_in_a_row(
+                    job, self.alerts.settings.consecutive_failures
+                )
+            except Exception as exc:
+                log.warning("job.history_unreadable", job=job.id, error=str(exc))
+                outcome.failures_in_a_row = 1 if outcome.status == "failed" else 0
+        return outcome
+
+    async def _source(self, name: str) -> _Outcome:
+        runner = SourceSync(self.engine, name, self.settings.sources[name])
+        try:
+            result = await runner.run()
+        finally:
+            await runner.client.aclose()
+        counts: dict[str, Any] = {s: c.as_dict() for s, c in result.counts.items()}
+        counts["requests"] = result.requests
+        stored = any(c.stored or c.deleted for c in result.counts.values())
+        return _Outcome(result.status, counts, result.error, stored=stored)
+
+    def _recompute(self) -> _Outcome:
+        try:
+            result = recompute(self.engine, self.settings)
+        except Exception as exc:
+            # recompute() recorded the failure in sync_runs and logged it already.
+            return _Outcome("failed", {}, str(exc) or type(exc).__name__)
+        moved = {
+            name for name, change in result.segments.items() if change.entered or change.exited
+        }
+        return _Outcome(result.status, result.counts(), result.error, segments_changed=moved)
+
+    async def _push(self, mapping: LoadedMapping, sync: LoadedSync) -> _Outcome:
+        (result,) = await push(self.engine, [(mapping, sync)])
+        return _Outcome(result.status, result.counts.as_json(), result.error)
+
+    def _failures_in_a_row(self, job: _Job, limit: int) -> int:
+        """Failed runs of the job counting back from the newest finished one (at most
+        ``limit``), read from sync_runs so replicas and restarts agree."""
+        with self.engine.connect() as conn:
+            statuses = conn.execute(
+                select(RUNS.c.status)
+                .where(
+                    RUNS.c.kind == job.kind,
+                    RUNS.c.name == job.name,
+                    RUNS.c.status.in_(("success", "partial", "failed")),
+                )
+                .order_by(RUNS.c.id.desc())
+                .limit(limit)
+            ).scalars()
+            streak = 0
+            for status in statuses:
+                if status != "failed":
+                    break
+                streak += 1
+        return streak
+
+    def _finished(self, job: _Job, outcome: _Outcome, duration_s: float, reason: str) -> None:
+        """Back on the loop: the status line, metrics, alerts, and what the run sets off."""
+        job.last_status = outcome.status
+        job.last_finished_at = _utcnow()
+        log.log(
+            _STATUS_LEVELS.get(outcome.status, logging.ERROR),
+            "run.status",
+            kind=job.kind,
+            name=job.name,
+            status=outcome.status,
+            duration_s=round(duration_s, 3),
+            counts=outcome.counts,
+            next_run_at=_iso(self._next_run_at(job)),
+            trigger=reason,
+            error=outcome.error,
+        )
+        if self.metrics is not None:
+            try:
+                self.metrics.observe_run(
+                    job.kind, job.name, outcome.status, duration_s, outcome.counts
+                )
+            except Exception:
+                log.exception("metrics.observe_failed", job=job.id)
+        if self.alerts is not None:
+            try:
+                self.alerts.run_finished(
+                    job.kind,
+                    job.name,
+                    outcome.status,
+                    outcome.counts,
+                    failures_in_a_row=outcome.failures_in_a_row,
+                )
+            except Exception:
+                log.exception("alerts.failed", job=job.id)
+        if job.kind == "source" and outcome.stored:
+            self._launch(self._jobs["segments"], None, f"source {job.name} stored rows")
+        elif job.kind == "segments" and outcome.status != "failed":
+            for dest in self._destinations_for(outcome.segments_changed):
+                segment = dest.sync.spec.segment if dest.sync is not None else None
+                why = f"segment {segment} changed" if segment else "recomputed"
+                self._launch(dest, None, why)
+
+    def _destinations_for(self, moved: set[str]) -> list[_Job]:
+        """Destination syncs to run after a recompute: those whose segment moved, and SQL
+        models (they may read anything the recompute rewrote)."""
+        out = []
+        for job in self._jobs.values():
+            if job.kind != "destination" or job.sync is None:
+                continue
+            segment = job.sync.spec.segment
+            if segment is None or segment in moved:
+                out.append(job)
+        return out
+
+    # -- the watch: freshness, overdue jobs, lease pruning ------------------------------------
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.watch_every)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("daemon.watch_failed")
+
+    async def check(self, now: datetime | None = None) -> dict[str, Any]:
+        """Look for stale sources and overdue jobs now (the watch does this every
+        ``watch_every`` s) and tell the alerts; returns what was found."""
+        now = now or _utcnow()
+        overdue = self.overdue_jobs(now)
+        stale = await asyncio.to_thread(self.stale_sources, now)
+        if self.alerts is not None:
+            self.alerts.jobs_overdue(overdue)
+            self.alerts.sources_stale(stale)
+        if time.monotonic() - self._last_prune > 3600:
+            self._last_prune = time.monotonic()
+            await asyncio.to_thread(self._prune_leases, now)
+        return {"overdue_jobs": overdue, "stale_sources": stale}
+
+    def stale_sources(self, now: datetime | None = None) -> dict[str, str]:
+        """Configured sources without a successful sync within their freshness: name -> why.
+        A source that never succeeded counts once the daemon has run that long."""
+        now = now or _utcnow()
+        with self.engine.connect() as conn:
+            last_ok: Mapping[str, datetime | None] = dict(
+                conn.execute(
+                    select(RUNS.c.name, func.max(RUNS.c.finished_at))
+                    .where(RUNS.c.kind == "source", RUNS.c.status.in_(("success", "partial")))
+                    .group_by(RUNS.c.name)
+                ).all()
+            )
+        stale: dict[str, str] = {}
+        for name, source in self.settings.sources.items():
+            freshness = timedelta(minutes=source.freshness_minutes)
+            last = last_ok.get(name)
+            if last is None:
+                since = self._started_at or now
+                if now - since > freshness:
+                    stale[name] = (
+                        f"source {name} has not synced successfully since syncd started "
+                        f"{_iso(since)} (freshness {source.freshness_minutes:g} min)"
+                    )
+            elif now - last > freshness:
+                stale[name] = (
+                    f"source {name} last synced successfully at {_iso(last)}, more than "
+                    f"{source.freshness_minutes:g} min ago"
+                )
+        return stale
+
+    def _prune_leases(self, now: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(JOB_LEASES).where(JOB_LEASES.c.claimed_at < now - LEASE_RETENTION))

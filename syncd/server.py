@@ -1,0 +1,302 @@
+"""The HTTP side of ``syncd run``: one small Starlette app, served by uvicorn.
+
+Endpoints:
+
+``GET /healthz``
+    200 ``{"status": "ok"}`` whenever the process answers (liveness; no token needed).
+``GET /readyz``
+    200 when every check passes, else 503; the body lists every check with its detail::
+
+        {"status": "ready" | "not ready",
+         "checks": {"store":     {"ok": true, "detail": "SELECT 1 answered in 0.4 ms"},
+                    "scheduler": {"ok": true, "detail": "running"},
+                    "jobs":      {"ok": true, "detail": "no overdue jobs", "overdue": []},
+                    "source:<name>": {"ok": true, "detail": "...",
+                                      "last_success_at": "2024-…Z", "age_s": 61.2,
+                                      "freshness_minutes": 45.0}}}
+
+    ``store``: the store answers ``SELECT 1`` (within a few seconds). ``scheduler`` and
+    ``jobs`` come from the daemon (present when the app is given a ``readiness``
+    callable): its scheduler is running, no job's next run is overdue. One
+    ``source:<name>`` check per configured source: its last successful (or partial)
+    sync finished within its ``freshness_minutes``. A source that has never succeeded
+    is given that same window from the server's start before it counts as stale, so a
+    fresh deployment becomes ready with its first sync instead of failing at once.
+``GET /metrics``
+    Prometheus text format (OpenMetrics when the scraper asks); see `syncd.metrics`.
+``GET /status``
+    The JSON of ``syncd status --json`` (`syncd.status.collect_status`).
+``POST /webhooks/{source}``
+    The WooCommerce webhook intake. No token: deliveries are signed and the intake
+    checks the signature.
+
+When ``[server] token`` is set, every endpoint but ``/healthz`` and the webhooks needs
+``Authorization: Bearer <token>``; a missing or wrong token gets 401 with a
+``WWW-Authenticate: Bearer`` header.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import anyio
+import anyio.to_thread
+from sqlalchemy import Engine, func, select, text
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from syncd.config import Settings
+from syncd.log import get_logger, redact_processor
+from syncd.metrics import Metrics
+from syncd.status import collect_status, iso
+from syncd.store.models import SYNC_RUNS as RUNS
+
+__all__ = ["STORE_CHECK_TIMEOUT", "Readiness", "create_app"]
+
+log = get_logger("syncd.server")
+
+# A readiness probe must answer before the prober's own timeout (Kubernetes: 1 s by
+# default, Docker and load balancers a few): a store that takes longer than this is
+# not "reachable" for serving purposes. The query's thread is left to finish.
+STORE_CHECK_TIMEOUT: Final = 3.0
+
+_SUCCESS_STATUSES: Final = ("success", "partial")
+
+
+# The daemon's part of /readyz (`syncd.daemon.Daemon.readiness`):
+# {"scheduler_running": bool, "overdue_jobs": [job names]}. A Mapping, so a plain dict
+# or any TypedDict the daemon declares fits.
+Readiness = Mapping[str, Any]
+
+Clock = Callable[[], datetime]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """A short, single-line description of an error for a JSON detail."""
+    message = str(exc).strip().splitlines()
+    line = message[0] if message else ""
+    text_ = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    if len(text_) > limit:
+        text_ = text_[: limit - 1] + "…"
+    # Driver errors can quote connection strings: the same redaction as the logs.
+    return str(redact_processor(None, "", {"detail": text_})["detail"])
+
+
+def _unauthorized(error: str, description: str) -> JSONResponse:
+    # RFC 6750: a request without credentials gets the bare challenge; one with a bad
+    # token is told invalid_token.
+    challenge = 'Bearer realm="syncd"'
+    if error:
+        challenge += f', error="{error}"'
+    return JSONResponse(
+        {"error": "unauthorized", "detail": description},
+        status_code=401,
+        headers={"WWW-Authenticate": challenge},
+    )
+
+
+def _bearer_guard(settings: Settings) -> Callable[[Request], Response | None]:
+    """A check that returns a 401 response for an unauthorized request, else None."""
+    secret = settings.server.token
+    if secret is None:
+        return lambda request: None
+    expected = secret.get_secret_value().encode("utf-8")
+
+    def guard(request: Request) -> Response | None:
+        header = request.headers.get("authorization")
+        if header is None:
+            return _unauthorized("", "an Authorization: Bearer <token> header is required")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _unauthorized("invalid_request", "expected Authorization: Bearer <token>")
+        # compare_digest takes time independent of where the strings differ, so the
+        # token cannot be guessed byte by byte from response times.
+        if not hmac.compare_digest(token.strip().encode("utf-8"), expected):
+            return _unauthorized("invalid_token", "the token is not valid")
+        return None
+
+    return guard
+
+
+def _protected(guard: Callable[[Request], Response | None], endpoint: Endpoint) -> Endpoint:
+    async def wrapped(request: Request) -> Response:
+        denied = guard(request)
+        if denied is not None:
+            return denied
+        return await endpoint(request)
+
+    return wrapped
+
+
+def _probe_store(engine: Engine, sources: list[str]) -> tuple[float, dict[str, datetime | None]]:
+    """SELECT 1's latency in seconds and each source's last successful sync (blocking)."""
+    with engine.connect() as conn:
+        started = time.perf_counter()
+        conn.execute(text("SELECT 1")).scalar_one()
+        latency = time.perf_counter() - started
+        last: dict[str, datetime | None] = dict.fromkeys(sources)
+        if sources:
+            for name, finished in conn.execute(
+                select(RUNS.c.name, func.max(RUNS.c.finished_at))
+                .where(
+                    RUNS.c.kind == "source",
+                    RUNS.c.name.in_(sources),
+                    RUNS.c.status.in_(_SUCCESS_STATUSES),
+                )
+                .group_by(RUNS.c.name)
+            ):
+                last[name] = finished
+    return latency, last
+
+
+def _source_check(
+    freshness_minutes: float,
+    last_success: datetime | None,
+    now: datetime,
+    started_at: datetime,
+) -> dict[str, Any]:
+    window = freshness_minutes * 60.0
+    check: dict[str, Any] = {
+        "freshness_minutes": freshness_minutes,
+        "last_success_at": iso(last_success),
+    }
+    if last_success is None:
+        up_for = max(0.0, (now - started_at).total_seconds())
+        check["ok"] = up_for <= window
+        check["detail"] = (
+            f"no successful sync yet; the server started {up_for:.0f} s ago "
+            f"and the source is stale after {window:.0f} s"
+        )
+        return check
+    age = max(0.0, (now - last_success).total_seconds())
+    check["age_s"] = round(age, 3)
+    check["ok"] = age <= window
+    check["detail"] = (
+        f"last success {age:.0f} s ago (within {window:.0f} s)"
+        if check["ok"]
+        else f"stale: last success {age:.0f} s ago, more than {window:.0f} s"
+    )
+    return check
+
+
+def create_app(
+    engine: Engine,
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    readiness: Callable[[], Readiness] | None = None,
+    webhook: Endpoint | None = None,
+    clock: Clock = _utcnow,
+) -> Starlette:
+    """The service's ASGI app.
+
+    ``readiness`` is the daemon's state for /readyz (without it, /readyz checks only
+    the store and the sources); ``webhook`` answers ``POST /webhooks/{source}`` (without
+    it the route does not exist). ``clock`` is injectable for tests.
+    """
+    guard = _bearer_guard(settings)
+    started_at = clock()
+    sources = sorted(settings.sources)
+
+    async def healthz(request: Request) -> Response:
+        # Liveness only: the event loop answers. Nothing here may touch the store, or a
+        # database outage would get a healthy process restarted in a loop.
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        checks: dict[str, dict[str, Any]] = {}
+        last: dict[str, datetime | None] | None = None
+        try:
+            # abandon_on_cancel: on timeout answer now and let the thread finish on its own
+            # (a plain thread call would wait for a hung connect before answering).
+            with anyio.fail_after(STORE_CHECK_TIMEOUT):
+                latency, last = await anyio.to_thread.run_sync(
+                    _probe_store, engine, sources, abandon_on_cancel=True
+                )
+            checks["store"] = {"ok": True, "detail": f"SELECT 1 answered in {latency * 1e3:.1f} ms"}
+        except TimeoutError:
+            checks["store"] = {
+                "ok": False,
+                "detail": f"no answer within {STORE_CHECK_TIMEOUT:g} s",
+            }
+        except Exception as exc:  # any driver or pool error means "not reachable"
+            checks["store"] = {"ok": False, "detail": _first_line(exc)}
+
+        if readiness is not None:
+            try:
+                state = readiness()
+                running = bool(state["scheduler_running"])
+                overdue = sorted(str(job) for job in state["overdue_jobs"])
+            except Exception as exc:  # a broken daemon must show as not ready, not a 500
+                log.warning("readyz.readiness_failed", error=_first_line(exc))
+                checks["scheduler"] = {"ok": False, "detail": _first_line(exc)}
+            else:
+                checks["scheduler"] = {
+                    "ok": running,
+                    "detail": "running" if running else "not running",
+                }
+                checks["jobs"] = {
+                    "ok": not overdue,
+                    "detail": (
+                        "no overdue jobs"
+                        if not overdue
+                        else "next run overdue: " + ", ".join(overdue)
+                    ),
+                    "overdue": overdue,
+                }
+
+        now = clock()
+        for name in sources:
+            freshness = settings.sources[name].freshness_minutes
+            if last is None:
+                checks[f"source:{name}"] = {
+                    "ok": False,
+                    "detail": "unknown: the store is not reachable",
+                    "freshness_minutes": freshness,
+                    "last_success_at": None,
+                }
+            else:
+                checks[f"source:{name}"] = _source_check(freshness, last[name], now, started_at)
+
+        ready = all(check["ok"] for check in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        # The scrape reads the store: off the event loop, so webhooks keep answering.
+        body, content_type = await run_in_threadpool(metrics.render, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    async def status(request: Request) -> Response:
+        try:
+            data = await run_in_threadpool(collect_status, engine, settings)
+        except Exception as exc:
+            log.warning("status.failed", error=_first_line(exc))
+            return JSONResponse(
+                {"error": "store unavailable", "detail": _first_line(exc)}, status_code=503
+            )
+        return JSONResponse(data)
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", _protected(guard, readyz), methods=["GET"]),
+        Route("/metrics", _protected(guard, metrics_endpoint), methods=["GET"]),
+        Route("/status", _protected(guard, status), methods=["GET"]),
+    ]
+    if webhook is not None:
+        routes.append(Route("/webhooks/{source}", webhook, methods=["POST"]))
+    return Starlette(routes=routes)
