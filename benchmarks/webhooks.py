@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import copy
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -28,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import heading, num, print_table, verdict
+from syncd.sandbox.deliveries import delivery, new_order
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import SandboxServer
 from syncd.sandbox.store import SandboxStore
@@ -53,37 +49,9 @@ def free_port() -> int:
         return port
 
 
-def order(order_id: int, email: str, template: dict[str, Any]) -> bytes:
-    body = copy.deepcopy(template)
-    now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "")
-    body.update(
-        id=order_id,
-        number=str(order_id),
-        status="completed",
-        customer_id=0,
-        date_created=now,
-        date_created_gmt=now,
-        date_modified=now,
-        date_modified_gmt=now,
-        date_paid=now,
-        date_paid_gmt=now,
-        refunds=[],
-    )
-    body["billing"] = {**body["billing"], "email": email}
-    return json.dumps(body).encode()
-
-
-def headers(body: bytes, delivery: str) -> dict[str, str]:
-    signature = base64.b64encode(hmac.new(SECRET.encode(), body, hashlib.sha256).digest())
-    return {
-        "Content-Type": "application/json",
-        "X-WC-Webhook-Topic": "order.created",
-        "X-WC-Webhook-Resource": "order",
-        "X-WC-Webhook-Event": "created",
-        "X-WC-Webhook-ID": "1",
-        "X-WC-Webhook-Delivery-ID": delivery,
-        "X-WC-Webhook-Signature": signature.decode(),
-    }
+def order(order_id: int, email: str, template: dict[str, Any], key: str) -> tuple[bytes, Any]:
+    """A new buyer's signed order.created delivery: (body, headers)."""
+    return delivery(SECRET, new_order(template, order_id, email), "order.created", key)
 
 
 def write_config(
@@ -163,11 +131,9 @@ async def blast(base: str, template: dict[str, Any], count: int, workers: int) -
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             n = queue.get_nowait()
-            body = order(800000 + n, f"blast{n}@example.com", template)
+            body, sign = order(800000 + n, f"blast{n}@example.com", template, f"blast-{n}")
             started = time.perf_counter()
-            answer = await client.post(
-                f"{base}/webhooks/shop", content=body, headers=headers(body, f"blast-{n}")
-            )
+            answer = await client.post(f"{base}/webhooks/shop", content=body, headers=sign)
             times.append(time.perf_counter() - started)
             if answer.status_code != 200:
                 raise SystemExit(f"delivery {n} answered {answer.status_code}: {answer.text}")
@@ -228,11 +194,9 @@ def main() -> None:
             latencies: list[float] = []
             for n in range(args.samples):
                 email = f"latency{n}@example.com"
-                body = order(700000 + n, email, template)
+                body, sign = order(700000 + n, email, template, f"lat-{n}")
                 sent = time.time()
-                answer = client.post(
-                    f"{base}/webhooks/shop", content=body, headers=headers(body, f"lat-{n}")
-                )
+                answer = client.post(f"{base}/webhooks/shop", content=body, headers=sign)
                 assert answer.status_code == 200, answer.text
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:

@@ -4,10 +4,6 @@ without waiting for the schedule, and SIGTERM exits 0 within 10 s."""
 
 from __future__ import annotations
 
-import base64
-import copy
-import hashlib
-import hmac
 import json
 import signal
 import socket
@@ -15,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from syncd.sandbox.deliveries import delivery, new_order
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import SandboxServer
 from syncd.sandbox.store import SandboxStore
@@ -104,32 +100,6 @@ mappings = ["hook.toml"]
     return config
 
 
-def signed(body: bytes) -> str:
-    return base64.b64encode(
-        hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).digest()
-    ).decode()
-
-
-def new_order(order_id: int, email: str) -> dict[str, Any]:
-    order = copy.deepcopy(fixture("order_single.json"))
-    now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "")
-    order.update(
-        id=order_id,
-        number=str(order_id),
-        status="completed",
-        customer_id=0,
-        date_created=now,
-        date_created_gmt=now,
-        date_modified=now,
-        date_modified_gmt=now,
-        date_paid=now,
-        date_paid_gmt=now,
-        refunds=[],
-    )
-    order["billing"] = {**order["billing"], "email": email}
-    return order
-
-
 def test_the_service_runs_serves_reacts_to_webhooks_and_stops_cleanly(tmp_path: Path) -> None:
     store_url = f"sqlite:///{tmp_path}/store.db"
     shop_store = SandboxStore(seed=3, customers=30, guests=20, orders=200)
@@ -191,16 +161,8 @@ def test_the_service_runs_serves_reacts_to_webhooks_and_stops_cleanly(tmp_path: 
 
             # A signed webhook for a new buyer reaches the destination without a poll.
             email = "webhook.buyer@example.com"
-            body = json.dumps(new_order(990001, email)).encode()
-            headers = {
-                "Content-Type": "application/json",
-                "X-WC-Webhook-Topic": "order.created",
-                "X-WC-Webhook-Resource": "order",
-                "X-WC-Webhook-Event": "created",
-                "X-WC-Webhook-ID": "7",
-                "X-WC-Webhook-Delivery-ID": "delivery-990001",
-                "X-WC-Webhook-Signature": signed(body),
-            }
+            order = new_order(fixture("order_single.json"), 990001, email)
+            body, headers = delivery(WEBHOOK_SECRET, order, "order.created", "delivery-990001")
             forged = client.post(
                 f"{base}/webhooks/shop",
                 content=body,
