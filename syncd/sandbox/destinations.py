@@ -252,9 +252,11 @@ class _Vendor(FaultsAndLog[DestRequest]):
     # -- per vendor -----------------------------------------------------------------------
 
     def handle(self, request: _Request) -> _Response:
+        """Answer one request as the vendor would: each vendor subclass implements it."""
         raise NotImplementedError
 
     def throttled(self, retry_after: str | None) -> _Response:
+        """The vendor's own 429 answer: each vendor subclass implements it."""
         raise NotImplementedError
 
     def server_error(self, status: int) -> _Response:

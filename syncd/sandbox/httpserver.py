@@ -106,6 +106,7 @@ class SandboxHandler(BaseHTTPRequestHandler, Generic[AppT]):
         self.handle_request()
 
     def handle_request(self) -> None:
+        """Serve one request: each sandbox's handler subclass implements it."""
         raise NotImplementedError
 
     def read_body(self) -> bytes:
