@@ -72,6 +72,7 @@ from syncd.ingest import SourceSync
 from syncd.log import get_logger
 from syncd.mapping import LoadedMapping, LoadedSync, schedule_seconds
 from syncd.segments.recompute import recompute
+from syncd.status import iso
 from syncd.store.engine import writer_lock
 from syncd.store.models import JOB_LEASES
 from syncd.store.models import SYNC_RUNS as RUNS
@@ -107,10 +108,6 @@ class DaemonError(Exception):
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 def _slot_key(moment: datetime) -> datetime:
@@ -541,10 +538,10 @@ class Daemon:
                 name=job.id,
                 kind=job.kind,
                 schedule=job.trigger.description if job.trigger is not None else None,
-                next_run_at=_iso(self._next_run_at(job)),
+                next_run_at=iso(self._next_run_at(job)),
                 running=job.task is not None,
                 last_status=job.last_status,
-                last_finished_at=_iso(job.last_finished_at),
+                last_finished_at=iso(job.last_finished_at),
             )
             for job in self._jobs.values()
         ]
@@ -617,7 +614,7 @@ class Daemon:
             else:
                 if job.pending is not None:
                     job.coalesced += 1
-                    log.info("job.coalesced", job=job.id, slot=_iso(job.pending), into=_iso(slot))
+                    log.info("job.coalesced", job=job.id, slot=iso(job.pending), into=iso(slot))
                 job.pending = slot
             return
         assert self._loop is not None
@@ -663,7 +660,7 @@ class Daemon:
                 raise
             if not claimed:
                 job.lost += 1
-                log.debug("job.slot_taken", job=job.id, slot=_iso(slot))
+                log.debug("job.slot_taken", job=job.id, slot=iso(slot))
                 if held is not None:
                     await asyncio.to_thread(self._release, held)
                 return
@@ -693,7 +690,7 @@ class Daemon:
                 if slot is not None:
                     if await asyncio.to_thread(slot_claimed, self.engine, job.id, slot):
                         job.lost += 1  # routine with replicas: the other one ran it
-                        log.debug("job.slot_taken", job=job.id, slot=_iso(slot))
+                        log.debug("job.slot_taken", job=job.id, slot=iso(slot))
                         break
                     if job.pending is not None:
                         job.coalesced += 1
@@ -843,7 +840,7 @@ class Daemon:
             status=outcome.status,
             duration_s=round(duration_s, 3),
             counts=outcome.counts,
-            next_run_at=_iso(self._next_run_at(job)),
+            next_run_at=iso(self._next_run_at(job)),
             trigger=reason,
             error=outcome.error,
         )
@@ -932,11 +929,11 @@ class Daemon:
                 if now - since > freshness:
                     stale[name] = (
                         f"source {name} has not synced successfully since syncd started "
-                        f"{_iso(since)} (freshness {source.freshness_minutes:g} min)"
+                        f"{iso(since)} (freshness {source.freshness_minutes:g} min)"
                     )
             elif now - last > freshness:
                 stale[name] = (
-                    f"source {name} last synced successfully at {_iso(last)}, more than "
+                    f"source {name} last synced successfully at {iso(last)}, more than "
                     f"{source.freshness_minutes:g} min ago"
                 )
         return stale

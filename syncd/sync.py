@@ -29,7 +29,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
 
 import orjson
@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome
 from syncd.mapping import PERSON_COLUMNS, PII_COLUMNS, LoadedMapping, LoadedSync, nest
 from syncd.runs import finish_run, start_run, utc_now
+from syncd.status import iso
 from syncd.store.models import CUSTOMER_RECORDS, CUSTOMERS, MEMBERSHIPS, PROFILES, SYNC_RECORDS
 from syncd.store.upsert import upsert
 
@@ -400,9 +401,8 @@ def check_model(engine: Engine, sync: LoadedSync) -> None:
 
 
 def _iso(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return str(value)
+    # status.iso gives None only for None, never for a datetime.
+    return cast(str, iso(value)) if isinstance(value, datetime) else str(value)
 
 
 def _mask(value: Any) -> Any:
