@@ -6,7 +6,9 @@ Prints:
    <= 2 s): each delivery is a new buyer's order; the service applies it, recomputes,
    and its event sync posts the buyer's entry to a webhook receiver;
 2. deliveries per second the service accepts, and the p99 response time (targets
-   >= 500/s, p99 <= 100 ms on this 2-core machine);
+   >= 500/s, p99 <= 100 ms on this 2-core machine): once sent as fast as the service
+   answers over 16 connections (the most it takes, and p99 at that load), once paced at
+   500/s (p99 at the target rate, counted from when each delivery was due);
 3. the idle service's CPU and memory (targets < 1 % CPU, < 200 MB).
 
     python benchmarks/webhooks.py
@@ -122,33 +124,72 @@ def proc_rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def blast(base: str, template: dict[str, Any], count: int, workers: int) -> list[float]:
+def raw_request(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """One HTTP/1.1 keep-alive POST, as bytes ready for the socket."""
+    head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {len(body)}"]
+    head += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def blast(
+    port: int, requests: list[bytes], connections: int, rate: float | None = None
+) -> list[float]:
+    """Send the prepared requests over ``connections`` keep-alive connections; the response
+    times in seconds.
+
+    Without ``rate``, each connection sends its next request as soon as the previous one is
+    answered (the most the service takes). With ``rate``, request i is due at i / rate
+    seconds and its time counts from then, so a slow answer that delays the next request
+    on its connection is counted in full, not hidden (no coordinated omission).
+
+    A plain asyncio client, not httpx: on 2 cores the sender shares the CPU with the service,
+    and httpx tops out near 650 requests/s against a server that does nothing, which would
+    make this a measure of the client.
+    """
     times: list[float] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for n in range(count):
-        queue.put_nowait(n)
+    pending = list(reversed(list(enumerate(requests))))
+    start = time.perf_counter()
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not queue.empty():
-            n = queue.get_nowait()
-            body, sign = order(800000 + n, f"blast{n}@example.com", template, f"blast-{n}")
-            started = time.perf_counter()
-            answer = await client.post(f"{base}/webhooks/shop", content=body, headers=sign)
-            times.append(time.perf_counter() - started)
-            if answer.status_code != 200:
-                raise SystemExit(f"delivery {n} answered {answer.status_code}: {answer.text}")
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while pending:
+                n, request = pending.pop()
+                started = time.perf_counter()
+                if rate is not None:
+                    started = start + n / rate
+                    await asyncio.sleep(max(0.0, started - time.perf_counter()))
+                writer.write(request)
+                status = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                answer = await reader.readexactly(length)
+                times.append(time.perf_counter() - started)
+                if status.split()[1:2] != [b"200"]:
+                    raise SystemExit(f"a delivery was answered {status!r}: {answer!r}")
+        finally:
+            writer.close()
 
-    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(workers)))
+    await asyncio.gather(*(connection() for _ in range(connections)))
     return times
+
+
+def settle(receiver: Any, expected: int, timeout: float = 300) -> None:
+    """Wait until the receiver got ``expected`` buyers' entries (every delivery pushed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(receiver.records) < expected:
+        time.sleep(0.5)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=40, help="latency deliveries")
     parser.add_argument("--deliveries", type=int, default=3000, help="throughput deliveries")
-    parser.add_argument("--workers", type=int, default=16, help="concurrent senders")
+    parser.add_argument("--connections", type=int, default=16, help="concurrent senders")
+    parser.add_argument("--rate", type=float, default=500.0, help="paced deliveries/s")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument(
         "--store", metavar="URL", help="the service's store (default: SQLite in a temp folder)"
@@ -217,21 +258,37 @@ def main() -> None:
             )
 
             heading("Throughput: deliveries accepted")
+            requests = [
+                raw_request(
+                    port,
+                    "/webhooks/shop",
+                    *order(800000 + n, f"blast{n}@example.com", template, f"blast-{n}"),
+                )
+                for n in range(2 * args.deliveries)
+            ]
             started = time.perf_counter()
-            times = asyncio.run(blast(base, template, args.deliveries, args.workers))
+            times = asyncio.run(blast(port, requests[: args.deliveries], args.connections))
             wall = time.perf_counter() - started
             rate = len(times) / wall
             p99_ms = percentile(times, 0.99) * 1000
             print(
-                f"  {num(len(times))} deliveries in {wall:.2f} s: "
-                f"{rate:,.0f}/s, p99 {p99_ms:.1f} ms"
+                f"  as fast as answered, {args.connections} connections: "
+                f"{num(len(times))} deliveries in {wall:.2f} s, {rate:,.0f}/s, p99 {p99_ms:.1f} ms"
+            )
+            # Let the service apply that burst before the paced run.
+            settle(receiver, args.samples + args.deliveries)
+            paced = asyncio.run(
+                blast(port, requests[args.deliveries :], 4 * args.connections, args.rate)
+            )
+            paced_p99_ms = percentile(paced, 0.99) * 1000
+            print(
+                f"  paced at {args.rate:g}/s: {num(len(paced))} deliveries, "
+                f"p50 {percentile(paced, 0.5) * 1000:.1f} ms, p99 {paced_p99_ms:.1f} ms"
             )
 
             heading("Idle")
-            # Let the blast's deliveries be applied and pushed first.
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and len(receiver.records) < args.samples + len(times):
-                time.sleep(0.5)
+            # Let the deliveries be applied and pushed first.
+            settle(receiver, args.samples + 2 * args.deliveries)
             time.sleep(5)
             cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
             time.sleep(args.idle_seconds)
@@ -260,7 +317,18 @@ def main() -> None:
                 ">= 500/s",
                 verdict(rate >= 500),
             ],
-            ["their p99 response time", f"{p99_ms:.1f} ms", "<= 100 ms", verdict(p99_ms <= 100)],
+            [
+                "p99 response, as fast as answered",
+                f"{p99_ms:.1f} ms",
+                "<= 100 ms",
+                verdict(p99_ms <= 100),
+            ],
+            [
+                f"p99 response, paced at {args.rate:g}/s",
+                f"{paced_p99_ms:.1f} ms",
+                "<= 100 ms",
+                verdict(paced_p99_ms <= 100),
+            ],
             ["idle CPU", f"{cpu:.2%}", "< 1 %", verdict(cpu < 0.01)],
             ["idle memory (RSS)", f"{rss:.0f} MB", "< 200 MB", verdict(rss < 200)],
             ["exit status after SIGTERM", str(proc.returncode), "0", verdict(proc.returncode == 0)],

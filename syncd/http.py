@@ -20,10 +20,12 @@ Adapters therefore never sleep, retry or parse error bodies themselves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -439,6 +441,17 @@ class _RetryableResponse(Exception):
         self.retry_after = retry_after
 
 
+@functools.cache
+def _verified_context() -> ssl.SSLContext:
+    """One certificate-verifying TLS context for every client of the process.
+
+    httpx builds a new one per client by default, loading the CA bundle each time: tens of
+    milliseconds holding the GIL, which the service paid at every push run while it was
+    answering webhooks. A context is safe to share between connections and threads.
+    """
+    return httpx.create_ssl_context()
+
+
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, _RetryableResponse):
         return True
@@ -484,7 +497,7 @@ class ServiceClient:
             base_url=base_url,
             auth=auth,
             headers={**default_headers, **(headers or {})},
-            verify=verify,
+            verify=_verified_context() if verify else False,
             timeout=httpx.Timeout(limits.timeout),
             # The semaphore never lets more than `concurrency` requests out, so a pool
             # of that size keeps every connection warm and never makes one wait.

@@ -81,6 +81,7 @@ async def serve(engine: Engine, settings: Settings, mappings: Sequence[LoadedMap
         feeding.cancel()
         await daemon.stop(timeout=JOB_GRACE)
         await intake.stop(timeout=WORKER_GRACE)
+        intake.close()
         failure = serving.exception()
         log.error("service.http_failed", error=str(failure) if failure else "the server stopped")
         return 1
@@ -101,6 +102,7 @@ async def serve(engine: Engine, settings: Settings, mappings: Sequence[LoadedMap
     server.should_exit = True
     with contextlib.suppress(Exception):
         await asyncio.wait_for(serving, timeout=WORKER_GRACE)
+    intake.close()
     stop_wait.cancel()
     feeding.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):

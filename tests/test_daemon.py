@@ -407,8 +407,8 @@ def test_no_job_overlaps_itself_and_chained_requests_coalesce(
     sqlite_engine: Engine, shop: SandboxServer
 ) -> None:
     engine = sqlite_engine
-    # ~10 requests of 120 ms each: a run lasts well over the 0.4 s interval.
-    shop.faults = FaultConfig(latency_ms=120)
+    # ~5 requests of 250 ms each: a run lasts well over the 0.4 s interval.
+    shop.faults = FaultConfig(latency_ms=250)
     settings = make_settings(shop, every_s=0.4, streams=["customers", "orders", "refunds"])
 
     async def main() -> None:

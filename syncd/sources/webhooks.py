@@ -18,8 +18,10 @@ What WooCommerce sends (shared/api-notes.md §1; core ``includes/class-wc-webhoo
   different deliveries of one webhook within a second share it. Deliveries are therefore
   de-duplicated on the delivery id *and* a digest of the body (see ``Event`` in the models).
 
-The request path only verifies, validates and stores (one INSERT) before answering 200, so
-the store sees an answer in milliseconds; a worker task applies stored deliveries through
+The request path only verifies, validates and stores (through ``syncd.sources.inbox``: group
+commit, and on SQLite a journal beside the store, so a job holding the store's writer never
+delays an answer) before answering 200, so the store sees an answer in milliseconds; a
+worker task applies stored deliveries through
 ``SourceSync.apply_payloads``/``apply_deletions`` (the polling code path) and then reports
 the people whose records changed to ``on_applied`` (the daemon's recompute trigger).
 Deliveries still pending when the process stops are applied on the next ``start()``.
@@ -33,6 +35,7 @@ import hashlib
 import hmac
 import itertools
 import re
+import sqlite3
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
@@ -49,9 +52,9 @@ from starlette.responses import JSONResponse, Response
 from syncd.config import Settings, WooCommerceSourceSettings
 from syncd.ingest import AppliedBatch, SourceSync
 from syncd.log import get_logger
+from syncd.sources.inbox import open_inbox
 from syncd.store.engine import writer_lock
 from syncd.store.models import EVENTS
-from syncd.store.upsert import upsert
 
 log = get_logger("syncd.webhooks")
 
@@ -82,6 +85,7 @@ LAG_SAMPLES = 4096
 APPLY_MAX_ATTEMPTS = 3
 APPLY_MAX_RETRY_SECONDS = 15.0
 
+_ARRIVED = 0  # queued for a journal inbox: move what it holds (events ids are positive)
 _PING = re.compile(rb"webhook_id=\d{1,20}")
 _MAX_BIGINT = 2**63 - 1
 
@@ -156,6 +160,7 @@ class WebhookIntake:
             for name, src in settings.sources.items()
             if src.webhook_secret is not None and src.webhook_secret.get_secret_value()
         }
+        self.inbox = open_inbox(engine)
         self._syncs: dict[str, SourceSync] = {}
         self._queue: asyncio.Queue[int | None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -165,8 +170,9 @@ class WebhookIntake:
 
     @property
     def backlog(self) -> int:
-        """Deliveries queued for the worker (a gauge for metrics)."""
-        return self._queue.qsize() if self._queue is not None else 0
+        """Deliveries stored but not applied yet, as far as this process knows (a gauge)."""
+        queued = self._queue.qsize() if self._queue is not None else 0
+        return self.inbox.unmoved if self.inbox.journal else queued
 
     # -- the request --------------------------------------------------------------------
 
@@ -236,25 +242,23 @@ class WebhookIntake:
             "event": event,
             "webhook_id": _webhook_id(headers.get("x-wc-webhook-id")),
             "received_at": received_at,
-            "applied_at": None,
-            "status": "pending",
-            "attempts": 0,
-            "error": None,
             "payload": payload,
+            "body": body,
         }
         try:
-            event_id = await asyncio.to_thread(self._store, row)
-        except SQLAlchemyError:
+            number = await self.inbox.put(row)
+        except (SQLAlchemyError, sqlite3.Error):
             log.exception("webhook delivery could not be stored", source=source)
             return self._reject(source, "store_unavailable", 503, "the store is unavailable")
-        if event_id is None:
+        if number is None:
             self.stats.duplicates += 1
             self.stats.by_source[(source, "duplicate")] += 1
             return JSONResponse({"status": "duplicate"}, status_code=200)
         self.stats.received += 1
         self.stats.by_source[(source, "received")] += 1
         if self._accepting and self._queue is not None:
-            self._queue.put_nowait(event_id)
+            # A journal's number is not an events id: the worker moves the journal first.
+            self._queue.put_nowait(_ARRIVED if self.inbox.journal else number)
         return JSONResponse({"status": "accepted"}, status_code=200)
 
     def _reject(self, source: str | None, reason: str, status: int, message: str) -> Response:
@@ -269,19 +273,6 @@ class WebhookIntake:
             headers=headers if status == 401 else None,
         )
 
-    def _store(self, row: dict[str, Any]) -> int | None:
-        """Insert the delivery; None when it is there already (a duplicate)."""
-        with self.engine.begin() as conn:
-            stored = upsert(
-                conn,
-                EVENTS,
-                [row],
-                keys=("source", "delivery_id", "body_sha256"),
-                update=(),
-                returning=("id",),
-            )
-        return int(stored[0].id) if stored else None
-
     # -- the worker ---------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -295,6 +286,8 @@ class WebhookIntake:
         self._accepting = True
         for event_id in await asyncio.to_thread(self._pending_ids):
             self._queue.put_nowait(event_id)
+        if self.inbox.journal:
+            self._queue.put_nowait(_ARRIVED)  # what the journal holds from before
         self._task = asyncio.create_task(self._work(), name="syncd-webhooks")
 
     async def stop(self, timeout: float) -> None:
@@ -318,6 +311,10 @@ class WebhookIntake:
         for sync in syncs.values():
             await sync.client.aclose()
 
+    def close(self) -> None:
+        """Release the inbox, once nothing is received any more (after the HTTP side)."""
+        self.inbox.close()
+
     def _pending_ids(self) -> list[int]:
         with self.engine.connect() as conn:
             return [
@@ -333,18 +330,27 @@ class WebhookIntake:
         assert self._queue is not None
         queue = self._queue
         while not self._stopping:
-            first = await queue.get()
-            ids = [] if first is None else [first]
-            while len(ids) < BATCH_EVENTS and not queue.empty():
-                more = queue.get_nowait()
-                if more is not None:
-                    ids.append(more)
-            if not ids:
-                continue
+            items = [await queue.get()]
+            while len(items) < BATCH_EVENTS and not queue.empty():
+                items.append(queue.get_nowait())
+            ids = [i for i in items if i]  # None wakes the worker to stop
             try:
-                await self._apply_ids(ids)
+                if _ARRIVED in items:
+                    ids += await self._take()
+                if ids:
+                    await self._apply_ids(ids)
             except Exception:  # the worker must outlive any one batch
                 log.exception("applying webhook deliveries failed")
+
+    async def _take(self) -> list[int]:
+        """Move a batch from the journal into events; ask for another if more are left."""
+        async with writer_lock(self.engine).held():
+            ids, duplicates = await asyncio.to_thread(self.inbox.take, BATCH_EVENTS)
+        if duplicates:
+            self.stats.duplicates += duplicates
+        if self.inbox.unmoved and self._queue is not None:
+            self._queue.put_nowait(_ARRIVED)
+        return ids
 
     async def _apply_ids(self, ids: Sequence[int]) -> None:
         rows = await asyncio.to_thread(self._load, sorted(set(ids)))
