@@ -254,6 +254,7 @@ class _Job:
     sync: LoadedSync | None = None
     task: asyncio.Task[None] | None = None
     rerun: str | None = None  # why to run once more after the run in flight
+    scope: set[int] | None = None  # segments: the customers this run covers (None: all)
     pending: datetime | None = None  # the slot that fired during the run in flight
     last_status: str | None = None
     last_finished_at: datetime | None = None
@@ -368,6 +369,10 @@ class Daemon:
         self._watch_task: asyncio.Task[None] | None = None
         self._debounce_task: asyncio.Task[None] | None = None
         self._changed: dict[str, set[int]] = {}
+        # The segments job's next run: the customers webhooks changed, unless something
+        # asked for a full recompute (a source sync, the schedule, a request).
+        self._scope: set[int] = set()
+        self._scope_full = False
         self._lock_engine: Engine | None = None
         self._lock_fd: int | None = None
         # Job threads still running (abandoned ones included), and whether stop() left the
@@ -593,9 +598,14 @@ class Daemon:
         finally:
             self._debounce_task = None
         changed, self._changed = self._changed, {}
-        count = sum(len(ids) for ids in changed.values())
-        self.run_now(
-            "segments", f"webhooks changed {count} customers ({', '.join(sorted(changed))})"
+        if not self._started or self._stopping:
+            return
+        people = set().union(*changed.values())
+        self._launch(
+            self._jobs["segments"],
+            None,
+            f"webhooks changed {len(people)} customers ({', '.join(sorted(changed))})",
+            scope=people,
         )
 
     async def _fire(self, job_id: str) -> None:
@@ -607,9 +617,19 @@ class Daemon:
         if slot is not None:
             self._launch(job, slot, "schedule")
 
-    def _launch(self, job: _Job, slot: datetime | None, reason: str) -> None:
+    def _launch(
+        self, job: _Job, slot: datetime | None, reason: str, scope: set[int] | None = None
+    ) -> None:
+        """Start ``job`` (or queue it behind its run in flight). For the segments job,
+        ``scope`` asks for a recompute of those customers only; any other request makes
+        the next run a full one."""
         if self._stopping:
             return
+        if job.kind == "segments":
+            if scope is None:
+                self._scope_full = True
+            else:
+                self._scope.update(scope)
         if job.task is not None:
             if slot is None:
                 job.rerun = reason
@@ -667,6 +687,10 @@ class Daemon:
                     await asyncio.to_thread(self._release, held)
                 return
             job.claimed += 1
+        if job.kind == "segments":
+            # What the requests since the last run asked for, taken as the run starts.
+            job.scope = None if self._scope_full or not self._scope else self._scope
+            self._scope, self._scope_full = set(), False
         started = time.monotonic()
         outcome = await self._in_thread(job, held)
         self._finished(job, outcome, time.monotonic() - started, reason)
@@ -769,7 +793,7 @@ class Daemon:
             if job.kind == "source":
                 outcome = asyncio.run(self._source(job.name))
             elif job.kind == "segments":
-                outcome = self._recompute()
+                outcome = self._recompute(job.scope)
             else:
                 assert job.mapping is not None and job.sync is not None
                 outcome = asyncio.run(self._push(job.mapping, job.sync))
@@ -797,9 +821,9 @@ class Daemon:
         stored = any(c.stored or c.deleted for c in result.counts.values())
         return _Outcome(result.status, counts, result.error, stored=stored)
 
-    def _recompute(self) -> _Outcome:
+    def _recompute(self, scope: set[int] | None) -> _Outcome:
         try:
-            result = recompute(self.engine, self.settings)
+            result = recompute(self.engine, self.settings, customers=scope)
         except Exception as exc:
             # recompute() recorded the failure in sync_runs and logged it already.
             return _Outcome("failed", {}, str(exc) or type(exc).__name__)

@@ -392,6 +392,23 @@ def test_webhook_changes_are_debounced_into_one_recompute_and_pushed(
             assert len(runs(engine, "destination", "to-everyone")) == 1
             assert runs(engine, "destination", "to-nobody") == []
             assert latency < 5.0
+            # The first recompute had nothing to score against, so it ran in full; from
+            # then on a webhook's recompute covers the customers it changed.
+            assert "scope" not in runs(engine, "segments")[0].counts
+            await daemon.customers_changed("wc", {2, 3})
+            await daemon.customers_changed("wc", {3, 4})
+            await wait_for(lambda: len(runs(engine, "segments")) == 2)
+            await settle(daemon)
+            assert runs(engine, "segments")[1].counts["scope"] == 3
+            # Any other request is a full recompute; the customers changed meanwhile get
+            # their own scoped run once their debounce is over.
+            await daemon.customers_changed("wc", {5})
+            assert daemon.run_now("segments")
+            await asyncio.sleep(daemon.debounce + 0.1)
+            await wait_for(lambda: len(runs(engine, "segments")) == 4)
+            await settle(daemon)
+            third, fourth = runs(engine, "segments")[2:]
+            assert "scope" not in third.counts and fourth.counts["scope"] == 1
         finally:
             await daemon.stop(timeout=5)
 

@@ -244,11 +244,14 @@ def test_model_fits_are_kept_with_the_reason_when_not_fitted(engine: Engine, sho
     assert "50" in result.models["bgnbd"]["error"]  # the minimum it needs
     with engine.connect() as conn:
         fits = conn.execute(select(MODEL_FITS).order_by(MODEL_FITS.c.model)).all()
-    assert [(f.model, f.params, f.customers) for f in fits] == [
-        ("bgnbd", None, 1),
-        ("gamma_gamma", None, 0),
+    assert [(f.model, f.customers) for f in fits] == [
+        ("bgnbd", 1),
+        ("gamma_gamma", 0),
+        ("scoring", 1),  # what a scoped recompute scores against: no CLV fits to use
     ]
-    assert all(f.error and f.as_of == T0 for f in fits)
+    assert fits[0].params is None and fits[1].params is None
+    assert all(f.error and f.as_of == T0 for f in fits[:2])
+    assert fits[2].params["bgnbd"] is None and fits[2].params["gamma_gamma"] is None
 
 
 def test_model_fits_are_kept_with_their_parameters(engine: Engine, shop: Shop) -> None:
@@ -269,6 +272,21 @@ def test_model_fits_are_kept_with_their_parameters(engine: Engine, shop: Shop) -
     assert fit.params == {k: bg[k] for k in ("r", "alpha", "a", "b")}
     assert fit.log_likelihood == pytest.approx(bg["log_likelihood"])
     assert scored == 80
+
+    # A scoped recompute of unchanged customers gives them exactly the full recompute's
+    # rows: the stored fits score them the same, and the RFM cuts reproduce their ranks
+    # (ties included: these customers share order counts and recency days).
+    def rows() -> dict[int, dict[str, Any]]:
+        with engine.connect() as conn:
+            return {
+                r.customer_id: {k: v for k, v in r._mapping.items() if k != "computed_at"}
+                for r in conn.execute(select(PROFILES))
+            }
+
+    full = rows()
+    scoped = recompute(engine, settings(), now=T0, customers=set(range(1, 81, 3)))
+    assert scoped.scope == 27 and scoped.profiles == 27
+    assert rows() == full
 
 
 def test_profiles_follow_deleted_customers(engine: Engine, shop: Shop) -> None:

@@ -4,6 +4,7 @@ without waiting for the schedule, and SIGTERM exits 0 within 10 s."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import socket
@@ -23,12 +24,14 @@ from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.store.engine import open_store
-from syncd.store.models import MEMBERSHIPS, ORDERS
-from tests.conftest import fixture
+from syncd.store.models import JOB_LEASES, MEMBERSHIPS, ORDERS
+from syncd.store.models import SYNC_RUNS as RUNS
+from tests.conftest import POSTGRES_URL, _drop_postgres_database, _fresh_postgres_database, fixture
 from tests.test_cli import base_env
 
 pytestmark = pytest.mark.slow
 
+SYNCD = [sys.executable, "-m", "syncd"]
 WEBHOOK_SECRET = "wc-webhook-secret"
 HOOK_SECRET = "hook-secret"
 
@@ -193,6 +196,89 @@ def test_the_service_runs_serves_reacts_to_webhooks_and_stops_cleanly(tmp_path: 
             proc.wait()
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(line.get("event") == "service.stopped" for line in lines), output[-2000:]
+
+
+@pytest.mark.postgres
+def test_two_service_processes_on_postgres_run_each_scheduled_trigger_once(
+    tmp_path: Path,
+) -> None:
+    if not POSTGRES_URL:
+        pytest.skip("SYNCD_TEST_POSTGRES_URL is not set")
+    name, store_url = _fresh_postgres_database()
+    shop_store = SandboxStore(seed=4, customers=20, guests=10, orders=80)
+    interval = 1.5
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    try:
+        with SandboxServer(shop_store) as shop, DestinationSandbox() as box:
+            box.webhooks.add("crm", HOOK_SECRET)
+            ports = [free_port(), free_port()]
+            for n, (port, log) in enumerate(zip(ports, logs, strict=True)):
+                folder = tmp_path / f"replica{n}"
+                folder.mkdir()
+                config = write_config(folder, store_url, shop, box, port)
+                text = config.read_text().replace(
+                    "sync_every_minutes = 0.05", f"sync_every_minutes = {interval / 60}"
+                )
+                config.write_text(text + '\n[log]\nlevel = "debug"\n')
+                with log.open("wb") as out:
+                    procs.append(
+                        subprocess.Popen(
+                            [*SYNCD, "--config", str(config), "--log-format", "json", "run"],
+                            env=base_env(),
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+            client = httpx.Client(timeout=5)
+            for port in ports:
+                wait_for(lambda p=port: _ok(client, f"http://127.0.0.1:{p}/healthz"), 30, "up")
+            time.sleep(6 * interval)
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            assert [proc.wait(timeout=15) for proc in procs] == [0, 0]
+        engine = open_store(store_url)
+        try:
+            with engine.connect() as conn:
+                leases = conn.execute(
+                    select(JOB_LEASES)
+                    .where(JOB_LEASES.c.job == "source:shop")
+                    .order_by(JOB_LEASES.c.claimed_at)
+                ).all()
+                source_runs = conn.execute(
+                    select(RUNS)
+                    .where(RUNS.c.kind == "source", RUNS.c.name == "shop")
+                    .order_by(RUNS.c.started_at)
+                ).all()
+        finally:
+            engine.dispose()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        _drop_postgres_database(name)
+    lines = [
+        [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        for log in logs
+    ]
+    # Each trigger of the scheduled source sync was claimed by one process and ran once:
+    # one run per claimed trigger, in claim order, never two at a time.
+    assert len(leases) >= 4
+    assert len({lease.slot for lease in leases}) == len(leases)
+    assert len(source_runs) == len(leases)
+    assert all(run.status == "success" for run in source_runs)
+    for lease, run in zip(leases, source_runs, strict=True):
+        assert lease.claimed_at <= run.started_at
+    for earlier, later in itertools.pairwise(source_runs):
+        assert earlier.finished_at <= later.started_at
+    # Both processes competed for the triggers: each either won some or logged finding
+    # a trigger taken by the other.
+    owners = {lease.owner.split(":")[1] for lease in leases}
+    for proc, events in zip(procs, lines, strict=True):
+        taken = [e for e in events if e.get("event") == "job.slot_taken"]
+        assert str(proc.pid) in owners or taken, f"process {proc.pid} never fired"
+    assert {str(proc.pid) for proc in procs} >= owners
 
 
 def _ok(client: httpx.Client, url: str) -> bool:

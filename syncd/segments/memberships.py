@@ -45,6 +45,9 @@ T_MEMBERS = Table(
 )
 
 
+# The customers a scoped recompute covers (see syncd.segments.recompute).
+T_SCOPE = Table("t_scope", MetaData(), Column("cid", Integer, primary_key=True))
+
 # The two sides of the diff (see record_changes).
 T_EXITS = Table("t_exits", MetaData(), Column("id", Integer), Column("segment", String))
 T_ENTERS = Table("t_enters", MetaData(), Column("segment", String), Column("customer_id", Integer))
@@ -94,9 +97,14 @@ def check_sql_segments(engine: Engine, segments: Mapping[str, SegmentSettings]) 
 
 
 def select_members(
-    conn: Connection, segments: Mapping[str, SegmentSettings], now: datetime
+    conn: Connection,
+    segments: Mapping[str, SegmentSettings],
+    now: datetime,
+    *,
+    scoped: bool = False,
 ) -> dict[str, int]:
-    """Fill ``t_members`` with each segment's members; returns the sizes."""
+    """Fill ``t_members`` with each segment's members (``scoped``: only the customers in
+    ``t_scope``); returns the sizes of what it found."""
     work.create(conn, "t_members", "segment VARCHAR NOT NULL, customer_id INTEGER NOT NULL")
     order = evaluation_order(segments)
     for index, name in enumerate(order):
@@ -114,14 +122,16 @@ def select_members(
             query = select(literal(name), PROFILES.c.customer_id).where(
                 compile_rule(seg.rule, PROFILES, now=now)
             )
+            if scoped:
+                query = query.where(PROFILES.c.customer_id.in_(select(T_SCOPE.c.cid)))
             if higher:
                 query = query.where(~taken)
             conn.execute(insert(T_MEMBERS).from_select(["segment", "customer_id"], query))
         else:
             assert seg.sql is not None
-            exclude = ""
+            exclude = " AND s.customer_id IN (SELECT cid FROM t_scope)" if scoped else ""
             if higher:
-                exclude = (
+                exclude += (
                     " AND NOT EXISTS (SELECT 1 FROM t_members t WHERE t.customer_id = s.customer_id"
                     " AND t.segment IN :higher)"
                 )
@@ -151,12 +161,18 @@ def select_members(
 
 
 def record_changes(
-    conn: Connection, sizes: Mapping[str, int], at: datetime, *, write: bool
+    conn: Connection,
+    sizes: Mapping[str, int],
+    at: datetime,
+    *,
+    write: bool,
+    scoped: bool = False,
 ) -> dict[str, SegmentChange]:
     """Diff ``t_members`` against the open memberships: count who entered and who left each
     segment and, when ``write``, close the rows of those who left and open rows for those
     who entered (a returning customer gets a new row). Open rows of segments no longer
-    configured are closed too.
+    configured are closed too. ``scoped``: only the memberships of the customers in
+    ``t_scope`` are compared, and the sizes are counted from the memberships afterwards.
 
     Each side of the diff is computed once, into a temporary table, and both the counts
     and the writes read it: the anti-joins are the costly part on a large base.
@@ -172,7 +188,11 @@ def record_changes(
     conn.execute(
         insert(T_EXITS).from_select(
             ["id", "segment"],
-            select(m.c.id, m.c.segment).where(m.c.exited_at.is_(None), ~member_now),
+            select(m.c.id, m.c.segment).where(
+                m.c.exited_at.is_(None),
+                ~member_now,
+                *([m.c.customer_id.in_(select(T_SCOPE.c.cid))] if scoped else []),
+            ),
         )
     )
     conn.execute(
@@ -198,6 +218,16 @@ def record_changes(
                 ),
             )
         )
+    if scoped and write:
+        # Everyone outside the scope kept their memberships: the sizes are the open rows.
+        counted: dict[str, int] = dict(
+            conn.execute(
+                select(m.c.segment, func.count())
+                .where(m.c.exited_at.is_(None), m.c.segment.in_(list(sizes)))
+                .group_by(m.c.segment)
+            ).all()
+        )
+        sizes = {name: int(counted.get(name, 0)) for name in sizes}
     return {
         name: SegmentChange(size, int(entered.get(name, 0)), int(exited.get(name, 0)))
         for name, size in sizes.items()

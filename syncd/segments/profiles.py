@@ -18,7 +18,7 @@ Per-customer tables have one row per ``cid`` (see ``work.create_as``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
@@ -121,10 +121,16 @@ def _sum(expr: str) -> str:
     return f"CAST(SUM({expr}) AS BIGINT)"
 
 
-def _scan_orders(conn: Connection, settings: ProfileSettings, as_of: datetime) -> None:
+def _scan_orders(
+    conn: Connection, settings: ProfileSettings, as_of: datetime, scoped: bool
+) -> None:
     """``t_ord``: the one scan of ``orders``: every paid order and open-cart candidate up to
-    the as-of instant, narrow, with its refunds (``paid`` = 1) or its cart time (0)."""
+    the as-of instant, narrow, with its refunds (``paid`` = 1) or its cart time (0).
+    ``scoped``: only the orders of the customers in ``t_scope`` (an index lookup each)."""
     dialect = conn.dialect.name
+    in_scope = "customer_id IN (SELECT cid FROM t_scope)"
+    orders_scope = f" AND o.{in_scope}" if scoped else ""
+    refunds_scope = f" AND order_id IN (SELECT id FROM orders WHERE {in_scope})" if scoped else ""
     # An order's refunds: its rows in `refunds` up to the as-of instant, or, when the
     # refunds stream has no row for it at all, the order's own refund total. A cart's
     # time is its last modification, or its creation when it was modified after as-of.
@@ -152,11 +158,11 @@ def _scan_orders(conn: Connection, settings: ProfileSettings, as_of: datetime) -
             SELECT order_id, COUNT(*) AS n,
                    {_sum("CASE WHEN created_at <= :as_of THEN amount_minor ELSE 0 END")}
                        AS dated
-            FROM refunds WHERE order_id IS NOT NULL AND deleted_at IS NULL
+            FROM refunds WHERE order_id IS NOT NULL AND deleted_at IS NULL{refunds_scope}
             GROUP BY order_id
         ) rf ON rf.order_id = o.id
         WHERE o.customer_id IS NOT NULL AND o.deleted_at IS NULL
-          AND o.created_at <= :as_of AND o.status IN :counted
+          AND o.created_at <= :as_of AND o.status IN :counted{orders_scope}
         """,
         {
             "as_of": as_of,
@@ -166,11 +172,14 @@ def _scan_orders(conn: Connection, settings: ProfileSettings, as_of: datetime) -
     )
 
 
-def build_work_tables(conn: Connection, settings: ProfileSettings, as_of: datetime) -> Conversion:
-    """Steps 1–5: the per-customer metrics, in temporary tables on ``conn``. Returns the
-    currency conversion in use (ProfileError when the currencies cannot be reported)."""
+def build_work_tables(
+    conn: Connection, settings: ProfileSettings, as_of: datetime, *, scoped: bool = False
+) -> Conversion:
+    """Steps 1–5: the per-customer metrics, in temporary tables on ``conn`` (``scoped``: of
+    the customers in ``t_scope`` only). Returns the currency conversion in use
+    (ProfileError when the currencies cannot be reported)."""
     dialect = conn.dialect.name
-    _scan_orders(conn, settings, as_of)
+    _scan_orders(conn, settings, as_of, scoped)
     conv = conversion(conn, settings)
 
     work.create(conn, "t_rates", "currency VARCHAR(3), num BIGINT, den BIGINT")
@@ -402,6 +411,76 @@ def rfm_segment_sql() -> str:
     return "CASE " + " ".join(whens) + " END"
 
 
+@dataclass(frozen=True)
+class RfmCuts:
+    """Where each RFM score steps up, as the last full recompute ranked its buyers.
+
+    A score is ``1 + (5 * (RANK() - 1)) / buyers``: with the buyers' values sorted, the
+    score passes k exactly when the value is above the greatest value scored k or less.
+    ``r`` holds those values as the day of the last order (R ranks the days since it,
+    descending), ``f`` as orders, ``m`` as net revenue (minor units); None where no buyer
+    scored k or less. A scoped recompute scores its customers against these, so their
+    scores are the ones the full recompute would give them among the other buyers as they
+    were then; the next full recompute ranks everyone again.
+    """
+
+    r: tuple[int | None, ...]
+    f: tuple[int | None, ...]
+    m: tuple[int | None, ...]
+    buyers: int
+
+    def as_params(self) -> dict[str, Any]:
+        return {"r": list(self.r), "f": list(self.f), "m": list(self.m), "buyers": self.buyers}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> RfmCuts:
+        return cls(
+            tuple(params["r"]), tuple(params["f"]), tuple(params["m"]), int(params["buyers"])
+        )
+
+
+_BELOW_ALL = -(2**62)  # a cut no buyer scored at or under: every value passes it
+
+
+def rfm_cuts(conn: Connection, as_of_day: int) -> RfmCuts:
+    """The cuts of the ranking ``write_profiles`` just made (``t_scored``)."""
+    picks = ", ".join(
+        f"MAX(CASE WHEN {score} <= {k} THEN {value} END)"
+        for score, value in (
+            ("r", f"{as_of_day} - days_since"),
+            ("f", "orders_count"),
+            ("m", "net"),
+        )
+        for k in range(1, 5)
+    )
+    row = conn.execute(text(f"SELECT COUNT(*), {picks} FROM t_scored")).one()
+    values = [None if v is None else int(v) for v in row[1:]]
+    return RfmCuts(tuple(values[0:4]), tuple(values[4:8]), tuple(values[8:12]), int(row[0]))
+
+
+def _scored_by_rank() -> str:
+    return """
+        1 + (5 * (RANK() OVER (ORDER BY b.days_since DESC) - 1)) / COUNT(*) OVER () AS r,
+        1 + (5 * (RANK() OVER (ORDER BY b.orders_count) - 1)) / COUNT(*) OVER () AS f,
+        1 + (5 * (RANK() OVER (ORDER BY b.net) - 1)) / COUNT(*) OVER () AS m"""
+
+
+def _scored_by_cuts(cuts: RfmCuts, params: dict[str, Any]) -> str:
+    """The score columns against ``cuts`` (their values go into ``params``)."""
+    columns = []
+    for score, value, values in (
+        ("r", ":as_of_day - b.days_since", cuts.r),
+        ("f", "b.orders_count", cuts.f),
+        ("m", "b.net", cuts.m),
+    ):
+        steps = []
+        for k, cut in enumerate(values, start=1):
+            params[f"{score}{k}"] = _BELOW_ALL if cut is None else cut
+            steps.append(f"CASE WHEN {value} > :{score}{k} THEN 1 ELSE 0 END")
+        columns.append(f"1 + {' + '.join(steps)} AS {score}")
+    return ",\n".join(columns)
+
+
 def write_profiles(
     conn: Connection,
     settings: ProfileSettings,
@@ -410,8 +489,13 @@ def write_profiles(
     as_of_day: int,
     computed_at: datetime,
     bgnbd_fitted: bool,
+    cuts: RfmCuts | None = None,
 ) -> int:
-    """Step 7: replace ``customer_profiles`` with the new rows. Returns the row count."""
+    """Step 7: replace ``customer_profiles`` with the new rows. Returns the row count.
+
+    With ``cuts`` (a scoped recompute) only the rows of the customers in ``t_scope`` are
+    replaced (a customer no longer in ``customers`` loses its row), RFM scored against
+    the cuts."""
     dialect = conn.dialect.name
     life = settings.lifecycle
     true, false = ("1", "0") if dialect == "sqlite" else ("TRUE", "FALSE")
@@ -430,14 +514,13 @@ def write_profiles(
              ELSE 'active' END
     """
     # RFM: ranks over the buyers (the README's formula), one row per buyer.
+    scored_params: dict[str, Any] = {"as_of_day": as_of_day}
+    scores = _scored_by_rank() if cuts is None else _scored_by_cuts(cuts, scored_params)
     work.create_as(
         conn,
         "t_scored",
-        """
-        SELECT b.*,
-               1 + (5 * (RANK() OVER (ORDER BY b.days_since DESC) - 1)) / COUNT(*) OVER () AS r,
-               1 + (5 * (RANK() OVER (ORDER BY b.orders_count) - 1)) / COUNT(*) OVER () AS f,
-               1 + (5 * (RANK() OVER (ORDER BY b.net) - 1)) / COUNT(*) OVER () AS m
+        f"""
+        SELECT b.*, {scores}
         FROM (
             SELECT a.cid, a.orders_count, a.gross, a.refunded, a.gross - a.refunded AS net,
                    a.coupons, a.first_at, a.last_at,
@@ -448,12 +531,17 @@ def write_profiles(
             FROM t_agg a
         ) b
         """,
-        {"as_of_day": as_of_day},
+        scored_params,
         key=True,
     )
-    delete = (
-        "DELETE FROM customer_profiles" if dialect == "sqlite" else "TRUNCATE customer_profiles"
-    )
+    if cuts is not None:
+        scope = " WHERE c.id IN (SELECT cid FROM t_scope)"
+        delete = "DELETE FROM customer_profiles WHERE customer_id IN (SELECT cid FROM t_scope)"
+    else:
+        scope = ""
+        delete = (
+            "DELETE FROM customer_profiles" if dialect == "sqlite" else "TRUNCATE customer_profiles"
+        )
     conn.execute(text(delete))
     params: dict[str, Any] = {
         "as_of": as_of,
@@ -504,7 +592,7 @@ def write_profiles(
         LEFT JOIN t_top top ON top.cid = c.id
         LEFT JOIN t_first fi ON fi.cid = c.id
         LEFT JOIN t_cart ca ON ca.cid = c.id
-        LEFT JOIN t_clv v ON v.cid = c.id
+        LEFT JOIN t_clv v ON v.cid = c.id{scope}
         """,
             params,
         ),

@@ -5,7 +5,7 @@ profiles and memberships or the new ones, never a mix."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import Connection, Engine, insert
+from sqlalchemy import Connection, Engine, insert, select
 
 from syncd.config import Settings
 from syncd.log import log_run
 from syncd.runs import finish_run, start_run, utc_now
 from syncd.segments import clv, work
 from syncd.segments.memberships import (
+    T_SCOPE,
     SegmentChange,
     SegmentError,
     check_sql_segments,
@@ -30,9 +31,12 @@ from syncd.segments.memberships import (
 from syncd.segments.profiles import (
     EPOCH_DAY,
     ClvInputs,
+    Conversion,
     ProfileError,
+    RfmCuts,
     build_work_tables,
     clv_inputs,
+    rfm_cuts,
     write_clv_scores,
     write_profiles,
 )
@@ -41,6 +45,11 @@ from syncd.store.models import MODEL_FITS
 __all__ = ["ProfileError", "RecomputeResult", "SegmentError", "as_of_instant", "recompute"]
 
 HORIZON_DAYS = 90  # expected_orders_90d
+# A scoped recompute looks each customer up; past this many a full one is as quick.
+SCOPED_MAX_CUSTOMERS = 5000
+# model_fits row of each full recompute that recorded memberships: what a scoped one
+# scores against (RFM cut points, the CLV parameters, the reporting currency).
+SCORING_MODEL = "scoring"
 
 
 def as_of_instant(day: date) -> datetime:
@@ -62,16 +71,22 @@ class RecomputeResult:
     segments: dict[str, SegmentChange] = field(default_factory=dict)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # Customers a scoped recompute covered; None for a full one. ``profiles`` and
+    # ``buyers`` then count those customers' rows only.
+    scope: int | None = None
 
     def segment_changes(self) -> dict[str, dict[str, int]]:
         return {name: change.as_dict() for name, change in self.segments.items()}
 
     def counts(self) -> dict[str, Any]:
-        return {
+        counts: dict[str, Any] = {
             "profiles": self.profiles,
             "buyers": self.buyers,
             "segments": self.segment_changes(),
         }
+        if self.scope is not None:
+            counts["scope"] = self.scope
+        return counts
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -106,21 +121,37 @@ def recompute(
     as_of: date | None = None,
     *,
     now: datetime | None = None,
+    customers: Collection[int] | None = None,
 ) -> RecomputeResult:
     """Recompute profiles and segments as of now (``now`` pins it, for tests) or as of the
     end of the day ``as_of`` (a backtest: profiles are rebuilt as of then, memberships are
     compared but not recorded).
 
+    ``customers`` (not with ``as_of``) scopes the recompute to those people: their profiles
+    and memberships are rebuilt, scored against the last full recompute's RFM cut points
+    and CLV fits, and everyone else is left as is. It is what webhooks trigger. It runs
+    in full instead when there is no earlier full recompute to score against, or when
+    more than SCOPED_MAX_CUSTOMERS are given.
+
     Raises ProfileError or SegmentError for a configuration that cannot run (the run is
     recorded as failed first); other failures are recorded and re-raised.
     """
+    if customers is not None and as_of is not None:
+        raise ValueError("a scoped recompute is as of now: customers and as_of exclude")
     computed_at = utc_now()
     instant = as_of_instant(as_of) if as_of is not None else (now or computed_at)
     result = RecomputeResult(as_of=instant, computed_at=computed_at, written=as_of is None)
     started = time.monotonic()
     result.run_id = start_run(engine, "segments", "segments")
     try:
-        _recompute(engine, settings, result)
+        scoring = None
+        if customers is not None and len(customers) <= SCOPED_MAX_CUSTOMERS:
+            scoring = _last_scoring(engine)
+        if scoring is not None and customers is not None:
+            result.scope = len(set(customers))
+            _recompute_scoped(engine, settings, result, set(customers), scoring)
+        else:
+            _recompute(engine, settings, result)
     except Exception as exc:
         result.status = "failed"
         result.error = str(exc) if isinstance(exc, ProfileError | SegmentError) else repr(exc)
@@ -134,6 +165,7 @@ def recompute(
             started,
             {"profiles": result.profiles, "buyers": result.buyers},
             error=result.error,
+            **({"scope": result.scope} if result.scope is not None else {}),
             segments=result.segment_changes(),
             as_of=instant.isoformat(),
         )
@@ -155,14 +187,101 @@ def _recompute(engine: Engine, settings: Settings, result: RecomputeResult) -> N
             with timer.step("clv_read"):
                 inputs = clv_inputs(conn, as_of_day)
             result.buyers = len(inputs.customer_id)
-            fitted = _fit_and_score(conn, settings, inputs, result, timer)
+            bg, gg = _fit_and_score(conn, settings, inputs, result, timer)
             with timer.step("profiles"):
                 result.profiles = write_profiles(
-                    conn, profiles, conv, as_of, as_of_day, result.computed_at, fitted
+                    conn, profiles, conv, as_of, as_of_day, result.computed_at, bg is not None
                 )
+            if result.written:
+                scoring = _Scoring(rfm_cuts(conn, as_of_day), bg, gg, conv.currency)
+                conn.execute(insert(MODEL_FITS), [scoring.row(result)])
             with timer.step("segments"):
                 sizes = select_members(conn, settings.segments, as_of)
                 result.segments = record_changes(conn, sizes, as_of, write=result.written)
+        finally:
+            work.drop_all(conn)
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    """What a scoped recompute scores against (see SCORING_MODEL)."""
+
+    cuts: RfmCuts
+    bg: clv.BgNbdParams | None
+    gg: clv.GammaGammaParams | None
+    currency: str | None
+
+    def row(self, result: RecomputeResult) -> dict[str, Any]:
+        params = {
+            "rfm": self.cuts.as_params(),
+            "bgnbd": None if self.bg is None else vars(self.bg),
+            "gamma_gamma": None if self.gg is None else vars(self.gg),
+            "currency": self.currency,
+        }
+        row = _fit_row(SCORING_MODEL, params, None, self.cuts.buyers, None)
+        row.update(as_of=result.as_of, fitted_at=result.computed_at)
+        return row
+
+
+def _last_scoring(engine: Engine) -> _Scoring | None:
+    with engine.connect() as conn:
+        params = conn.execute(
+            select(MODEL_FITS.c.params)
+            .where(MODEL_FITS.c.model == SCORING_MODEL)
+            .order_by(MODEL_FITS.c.id.desc())
+            .limit(1)
+        ).scalar()
+    if not params:
+        return None
+    bg, gg = params.get("bgnbd"), params.get("gamma_gamma")
+    return _Scoring(
+        RfmCuts.from_params(params["rfm"]),
+        clv.BgNbdParams(**bg) if bg else None,
+        clv.GammaGammaParams(**gg) if gg else None,
+        params.get("currency"),
+    )
+
+
+def _recompute_scoped(
+    engine: Engine,
+    settings: Settings,
+    result: RecomputeResult,
+    customers: set[int],
+    scoring: _Scoring,
+) -> None:
+    timer = _Timer(result.timings)
+    as_of = result.as_of
+    as_of_day = int(as_of.timestamp()) // EPOCH_DAY
+    with timer.step("check_segments"):
+        check_sql_segments(engine, settings.segments)
+    with engine.begin() as conn:
+        try:
+            work.create(conn, "t_scope", "cid BIGINT PRIMARY KEY")
+            if customers:
+                conn.execute(insert(T_SCOPE), [{"cid": c} for c in sorted(customers)])
+            with timer.step("metrics"):
+                conv = build_work_tables(conn, settings.profiles, as_of, scoped=True)
+            if conv.currency is None:  # none of these people has an order
+                conv = Conversion(scoring.currency, {})
+            result.currency = conv.currency
+            inputs = clv_inputs(conn, as_of_day)
+            result.buyers = len(inputs.customer_id)
+            with timer.step("clv_score"):
+                _score(conn, settings, inputs, scoring.bg, scoring.gg)
+            with timer.step("profiles"):
+                result.profiles = write_profiles(
+                    conn,
+                    settings.profiles,
+                    conv,
+                    as_of,
+                    as_of_day,
+                    result.computed_at,
+                    scoring.bg is not None,
+                    cuts=scoring.cuts,
+                )
+            with timer.step("segments"):
+                sizes = select_members(conn, settings.segments, as_of, scoped=True)
+                result.segments = record_changes(conn, sizes, as_of, write=True, scoped=True)
         finally:
             work.drop_all(conn)
 
@@ -173,18 +292,18 @@ def _fit_and_score(
     inputs: ClvInputs,
     result: RecomputeResult,
     timer: _Timer,
-) -> bool:
+) -> tuple[clv.BgNbdParams | None, clv.GammaGammaParams | None]:
     """Fit BG/NBD and Gamma-Gamma on the buyers, score them into ``t_clv``, keep the fits
-    in ``model_fits``. Returns whether BG/NBD was fitted."""
+    in ``model_fits``. Returns the fits (None where a model was not fitted)."""
     cfg = settings.profiles.clv
-    x, t_x, big_t = inputs.frequency, inputs.recency, inputs.age
+    x = inputs.frequency
     monetary = np.maximum(inputs.monetary, 0.0)
     bg: clv.BgNbdParams | None = None
     gg: clv.GammaGammaParams | None = None
     bg_error = gg_error = None
     with timer.step("clv_fit"):
         try:
-            bg = clv.fit_bgnbd(x, t_x, big_t, min_customers=cfg.min_customers)
+            bg = clv.fit_bgnbd(x, inputs.recency, inputs.age, min_customers=cfg.min_customers)
         except clv.ModelNotFitted as exc:
             bg_error = str(exc)
         try:
@@ -192,33 +311,7 @@ def _fit_and_score(
         except clv.ModelNotFitted as exc:
             gg_error = str(exc)
     with timer.step("clv_score"):
-        n = len(x)
-        order_value = (
-            clv.expected_order_value(gg, x, monetary) if gg is not None else inputs.avg_order_value
-        )
-        p_alive: list[float | None] = [None] * n
-        expected: list[float | None] = [None] * n
-        value_12m: list[int | None] = [None] * n
-        if bg is not None:
-            p_alive = _floats(clv.p_alive(bg, x, t_x, big_t))
-            expected = _floats(clv.expected_purchases(bg, HORIZON_DAYS, x, t_x, big_t))
-            value_12m = _minor(
-                clv.clv(
-                    bg,
-                    gg,
-                    x,
-                    t_x,
-                    big_t,
-                    monetary,
-                    months=12,
-                    discount_rate_monthly=cfg.discount_rate_monthly,
-                    # A customer refunded more than they paid has no negative future value.
-                    fallback_value=np.maximum(inputs.avg_order_value, 0.0),
-                )
-            )
-        write_clv_scores(
-            conn, inputs.customer_id, p_alive, expected, _minor(order_value), value_12m
-        )
+        _score(conn, settings, inputs, bg, gg)
     fitted_at = utc_now()
     fits: list[dict[str, Any]] = []
     if bg is not None:
@@ -258,12 +351,50 @@ def _fit_and_score(
     for row in fits:
         row.update(as_of=result.as_of, fitted_at=fitted_at)
     conn.execute(insert(MODEL_FITS), fits)
-    return bg is not None
+    return bg, gg
+
+
+def _score(
+    conn: Connection,
+    settings: Settings,
+    inputs: ClvInputs,
+    bg: clv.BgNbdParams | None,
+    gg: clv.GammaGammaParams | None,
+) -> None:
+    """Score the buyers of ``inputs`` with the fitted models into ``t_clv``."""
+    cfg = settings.profiles.clv
+    x, t_x, big_t = inputs.frequency, inputs.recency, inputs.age
+    monetary = np.maximum(inputs.monetary, 0.0)
+    n = len(x)
+    order_value = (
+        clv.expected_order_value(gg, x, monetary) if gg is not None else inputs.avg_order_value
+    )
+    p_alive: list[float | None] = [None] * n
+    expected: list[float | None] = [None] * n
+    value_12m: list[int | None] = [None] * n
+    if bg is not None:
+        p_alive = _floats(clv.p_alive(bg, x, t_x, big_t))
+        expected = _floats(clv.expected_purchases(bg, HORIZON_DAYS, x, t_x, big_t))
+        value_12m = _minor(
+            clv.clv(
+                bg,
+                gg,
+                x,
+                t_x,
+                big_t,
+                monetary,
+                months=12,
+                discount_rate_monthly=cfg.discount_rate_monthly,
+                # A customer refunded more than they paid has no negative future value.
+                fallback_value=np.maximum(inputs.avg_order_value, 0.0),
+            )
+        )
+    write_clv_scores(conn, inputs.customer_id, p_alive, expected, _minor(order_value), value_12m)
 
 
 def _fit_row(
     model: str,
-    params: dict[str, float] | None,
+    params: Mapping[str, Any] | None,
     log_likelihood: float | None,
     customers: int,
     error: str | None,

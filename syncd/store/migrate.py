@@ -8,9 +8,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The advisory lock that serializes migrations across processes. The job locks of
+# syncd.daemon use other keys: an 8-byte BLAKE2b of "syncd.job:<name>".
+MIGRATION_LOCK_KEY = int.from_bytes(b"syncd.mg", "big")
 
 
 def alembic_config() -> Config:
@@ -34,5 +37,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         return
     cfg = alembic_config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Replicas starting together on a new database would otherwise both create
+            # the tables, and one would fail. Held until this transaction ends; the
+            # waiting one then finds the schema current and does nothing.
+            conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
