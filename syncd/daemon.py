@@ -242,6 +242,7 @@ class _Outcome:
     stored: bool = False  # a source run wrote rows
     segments_changed: set[str] = field(default_factory=set)  # a recompute's moved segments
     failures_in_a_row: int = 0
+    scope: set[int] | None = None  # a scoped recompute's customers: its pushes' scope
 
 
 @dataclass
@@ -254,7 +255,11 @@ class _Job:
     sync: LoadedSync | None = None
     task: asyncio.Task[None] | None = None
     rerun: str | None = None  # why to run once more after the run in flight
-    scope: set[int] | None = None  # segments: the customers this run covers (None: all)
+    # Segments and destination jobs: the customers the run in flight covers (None: all),
+    # and what the requests since it started asked for (customers, or everyone).
+    scope: set[int] | None = None
+    wanted: set[int] = field(default_factory=set)
+    wanted_all: bool = False
     pending: datetime | None = None  # the slot that fired during the run in flight
     last_status: str | None = None
     last_finished_at: datetime | None = None
@@ -369,10 +374,6 @@ class Daemon:
         self._watch_task: asyncio.Task[None] | None = None
         self._debounce_task: asyncio.Task[None] | None = None
         self._changed: dict[str, set[int]] = {}
-        # The segments job's next run: the customers webhooks changed, unless something
-        # asked for a full recompute (a source sync, the schedule, a request).
-        self._scope: set[int] = set()
-        self._scope_full = False
         self._lock_engine: Engine | None = None
         self._lock_fd: int | None = None
         # Job threads still running (abandoned ones included), and whether stop() left the
@@ -620,16 +621,15 @@ class Daemon:
     def _launch(
         self, job: _Job, slot: datetime | None, reason: str, scope: set[int] | None = None
     ) -> None:
-        """Start ``job`` (or queue it behind its run in flight). For the segments job,
-        ``scope`` asks for a recompute of those customers only; any other request makes
-        the next run a full one."""
+        """Start ``job`` (or queue it behind its run in flight). For the segments job and
+        destination syncs, ``scope`` asks for a run over those customers only (webhook
+        changes); any other request makes the next run a full one."""
         if self._stopping:
             return
-        if job.kind == "segments":
-            if scope is None:
-                self._scope_full = True
-            else:
-                self._scope.update(scope)
+        if scope is None:
+            job.wanted_all = True
+        else:
+            job.wanted.update(scope)
         if job.task is not None:
             if slot is None:
                 job.rerun = reason
@@ -687,10 +687,9 @@ class Daemon:
                     await asyncio.to_thread(self._release, held)
                 return
             job.claimed += 1
-        if job.kind == "segments":
-            # What the requests since the last run asked for, taken as the run starts.
-            job.scope = None if self._scope_full or not self._scope else self._scope
-            self._scope, self._scope_full = set(), False
+        # What the requests since the last run asked for, taken as the run starts.
+        job.scope = None if job.wanted_all or not job.wanted else job.wanted
+        job.wanted, job.wanted_all = set(), False
         started = time.monotonic()
         outcome = await self._in_thread(job, held)
         self._finished(job, outcome, time.monotonic() - started, reason)
@@ -796,7 +795,7 @@ class Daemon:
                 outcome = self._recompute(job.scope)
             else:
                 assert job.mapping is not None and job.sync is not None
-                outcome = asyncio.run(self._push(job.mapping, job.sync))
+                outcome = asyncio.run(self._push(job.mapping, job.sync, job.scope))
         except Exception as exc:
             log.exception("job.failed", job=job.id)
             outcome = _Outcome("failed", {}, f"{type(exc).__name__}: {exc}")
@@ -830,10 +829,20 @@ class Daemon:
         moved = {
             name for name, change in result.segments.items() if change.entered or change.exited
         }
-        return _Outcome(result.status, result.counts(), result.error, segments_changed=moved)
+        scoped = result.scope is not None
+        return _Outcome(
+            result.status,
+            result.counts(),
+            result.error,
+            # Scoped: also the segments its customers are in, whose rows may have changed.
+            segments_changed=moved | result.touched if scoped else moved,
+            scope=scope if scoped else None,
+        )
 
-    async def _push(self, mapping: LoadedMapping, sync: LoadedSync) -> _Outcome:
-        (result,) = await push(self.engine, [(mapping, sync)])
+    async def _push(
+        self, mapping: LoadedMapping, sync: LoadedSync, scope: set[int] | None
+    ) -> _Outcome:
+        (result,) = await push(self.engine, [(mapping, sync)], scope=scope)
         return _Outcome(result.status, result.counts.as_json(), result.error)
 
     def _failures_in_a_row(self, job: _Job, limit: int) -> int:
@@ -897,7 +906,8 @@ class Daemon:
             for dest in self._destinations_for(outcome.segments_changed):
                 segment = dest.sync.spec.segment if dest.sync is not None else None
                 why = f"segment {segment} changed" if segment else "recomputed"
-                self._launch(dest, None, why)
+                # After a scoped recompute a segment sync pushes those customers only.
+                self._launch(dest, None, why, scope=outcome.scope if segment else None)
 
     def _destinations_for(self, moved: set[str]) -> list[_Job]:
         """Destination syncs to run after a recompute: those whose segment moved, and SQL

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
@@ -172,7 +172,12 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _consenting(conn: Connection, spec: Any) -> set[int]:
+def _int_list(values: Collection[int]) -> str:
+    """Integers for an SQL ``IN (…)``, written out (never empty: NULL matches nothing)."""
+    return ", ".join(str(int(v)) for v in sorted(values)) or "NULL"
+
+
+def _consenting(conn: Connection, spec: Any, scope: Collection[int] | None = None) -> set[int]:
     """The people whose registered record carries an opt-in meta value (one of the sync's
     ``consent_meta_keys`` with a true-ish value). One pass over the registered records,
     in the store's own JSON functions, instead of a subquery per member."""
@@ -181,6 +186,8 @@ def _consenting(conn: Connection, spec: Any) -> set[int]:
     where = "r.deleted_at IS NULL"
     if spec.source is not None:
         where += f" AND r.source = {_quote(spec.source)}"
+    if scope is not None:
+        where += f" AND r.customer_id IN ({_int_list(scope)})"
     if conn.dialect.name == "postgresql":
         sql = (
             "SELECT DISTINCT r.customer_id FROM customer_records r CROSS JOIN LATERAL "
@@ -240,10 +247,14 @@ class _SegmentSource:
     returns them: SQLAlchemy's Row objects and type processing cost more than the rest of
     planning on a large audience, so they are spent only on the rows that are sent."""
 
-    def __init__(self, conn: Connection, sync: LoadedSync) -> None:
+    def __init__(
+        self, conn: Connection, sync: LoadedSync, scope: Collection[int] | None = None
+    ) -> None:
         self.conn = conn
         spec = sync.spec
         self.event = spec.mode == "event"
+        # Only these customers' memberships (a push after a scoped recompute).
+        in_scope = [MEMBERSHIPS.c.customer_id.in_(sorted(scope))] if scope is not None else []
         wanted = set(sync.columns()) | {"customer_id"}
         if self.event:
             wanted.add("entered_at")
@@ -278,7 +289,11 @@ class _SegmentSource:
             .select_from(
                 MEMBERSHIPS.join(PROFILES, PROFILES.c.customer_id == MEMBERSHIPS.c.customer_id)
             )
-            .where(MEMBERSHIPS.c.segment == spec.segment, MEMBERSHIPS.c.exited_at.is_(None))
+            .where(
+                MEMBERSHIPS.c.segment == spec.segment,
+                MEMBERSHIPS.c.exited_at.is_(None),
+                *in_scope,
+            )
             # The open-membership index is in this order: no sort of a million rows.
             .order_by(MEMBERSHIPS.c.customer_id)
         )
@@ -294,7 +309,7 @@ class _SegmentSource:
             found: dict[int, list[str]] = {}
             for cid, name in conn.execute(
                 select(MEMBERSHIPS.c.customer_id, MEMBERSHIPS.c.segment)
-                .where(MEMBERSHIPS.c.exited_at.is_(None))
+                .where(MEMBERSHIPS.c.exited_at.is_(None), *in_scope)
                 .order_by(MEMBERSHIPS.c.customer_id, MEMBERSHIPS.c.segment)
             ):
                 found.setdefault(cid, []).append(name)
@@ -303,7 +318,7 @@ class _SegmentSource:
             self.processors.append(None)
         self.consent: set[int] | None = None
         if "marketing_consent" in wanted:
-            self.consent = _consenting(conn, spec)
+            self.consent = _consenting(conn, spec, scope)
             self.names.append("marketing_consent")
             self.processors.append(None)
 
@@ -430,29 +445,38 @@ def _held(digest: int) -> _Known:
     return _Known(digest, "sent", 0, True, None)
 
 
-def _load_known(conn: Connection, sync: str, int_keys: bool) -> dict[Any, int | _Known]:
-    """The sync's records by key. A record the destination holds as last sent (nearly all
-    of them) is just its hash, loaded by dict.update from the driver's row batches: a
-    million small objects built in Python would cost seconds. With ``int_keys`` (keys
-    that are customer ids) the keys come back as integers, as the planner yields them."""
+def _load_known(
+    conn: Connection, sync: str, int_keys: bool, keys: Collection[str] | None = None
+) -> dict[Any, int | _Known]:
+    """The sync's records by key (only ``keys``, when given). A record the destination
+    holds as last sent (nearly all of them) is just its hash, loaded by dict.update from
+    the driver's row batches: a million small objects built in Python would cost seconds.
+    With ``int_keys`` (keys that are customer ids) the keys come back as integers, as the
+    planner yields them."""
     known: dict[Any, int | _Known] = {}
     postgres = conn.dialect.name == "postgresql"
     param = "%(sync)s" if postgres else ":sync"
     args = {"sync": sync}
     key = f"CAST(record_key AS {'BIGINT' if postgres else 'INTEGER'})" if int_keys else "record_key"
-    held = (
-        f"SELECT {key}, content_hash FROM sync_records "
-        f"WHERE sync = {param} AND status = 'sent' AND in_destination"
-    )
-    for batch in _driver_batches(conn, held, args):
-        known.update(batch)
-    others = (
-        f"SELECT {key}, content_hash, status, attempts, in_destination, error "
-        f"FROM sync_records WHERE sync = {param} AND NOT (status = 'sent' AND in_destination)"
-    )
-    for batch in _driver_batches(conn, others, args):
-        for key, digest, status, attempts, in_dest, error in batch:
-            known[key] = _Known(digest, status, attempts, bool(in_dest), error)
+    ordered = sorted(keys) if keys is not None else None
+    chunks = [None] if ordered is None else _chunks(ordered, _KEY_CHUNK)
+    for chunk in chunks:
+        where = f"sync = {param}"
+        if chunk is not None:
+            where += f" AND record_key IN ({', '.join(map(_quote, chunk))})"
+        held = (
+            f"SELECT {key}, content_hash FROM sync_records "
+            f"WHERE {where} AND status = 'sent' AND in_destination"
+        )
+        for batch in _driver_batches(conn, held, args):
+            known.update(batch)
+        others = (
+            f"SELECT {key}, content_hash, status, attempts, in_destination, error "
+            f"FROM sync_records WHERE {where} AND NOT (status = 'sent' AND in_destination)"
+        )
+        for batch in _driver_batches(conn, others, args):
+            for key_, digest, status, attempts, in_dest, error in batch:
+                known[key_] = _Known(digest, status, attempts, bool(in_dest), error)
     return known
 
 
@@ -468,6 +492,7 @@ class _Run:
         *,
         dry_run: bool,
         full: bool,
+        scope: Collection[int] | None = None,
     ) -> None:
         self.engine = engine
         self.mapping = mapping
@@ -475,6 +500,8 @@ class _Run:
         self.adapter = adapter
         self.dry_run = dry_run
         self.full = full
+        # Only these customers' rows and records (a segment sync after a scoped recompute).
+        self.scope = scope if sync.spec.sql is None else None
         self.counts = PushCounts()
         self.samples: list[dict[str, Any]] = []
         self.planned: Counter[str] = Counter()
@@ -515,12 +542,26 @@ class _Run:
         with self.engine.connect() as conn:
             # A segment sync outside event mode keys its records by customer id: integers
             # on both sides make the million-row comparison cheaper.
-            known = _load_known(conn, spec.name, spec.sql is None and spec.mode != "event")
+            int_keys = spec.sql is None and spec.mode != "event"
             source: _Source = (
-                _SegmentSource(conn, sync) if spec.sql is None else _ModelSource(conn, sync)
+                _SegmentSource(conn, sync, self.scope)
+                if spec.sql is None
+                else _ModelSource(conn, sync)
             )
+            planned: Iterable[tuple[Any, int, Any]]
+            if self.scope is None:
+                known = _load_known(conn, spec.name, int_keys)
+                planned = source.plan(fingerprint)
+            else:
+                # A few rows: plan them first, then read the records of just those keys
+                # (and of the scope's customers, for the ones who left the segment).
+                planned = list(source.plan(fingerprint))
+                keys = {str(key) for key, _, _ in planned}
+                if int_keys:
+                    keys |= {str(cid) for cid in self.scope}
+                known = _load_known(conn, spec.name, int_keys, keys)
             pending: list[_Pending] = []
-            for key, digest, row in source.plan(fingerprint):
+            for key, digest, row in planned:
                 if self.fatal is not None:
                     break
                 held = known.pop(key, None)
@@ -805,13 +846,18 @@ async def push_sync(
     *,
     dry_run: bool = False,
     full: bool = False,
+    scope: Collection[int] | None = None,
 ) -> PushResult:
-    """Run one destination sync once; the run is recorded in ``sync_runs`` (not a dry run)."""
+    """Run one destination sync once; the run is recorded in ``sync_runs`` (not a dry run).
+
+    ``scope`` limits a segment sync to those customers: their rows are compared and sent,
+    and those of them who left a mirrored segment are removed; nobody else is read (the
+    push after a scoped recompute). SQL-model syncs always run in full."""
     name = sync.spec.name
     started = utc_now()
     run_id = None if dry_run else start_run(engine, "destination", name)
     before = adapter.request_count()
-    state = _Run(engine, mapping, sync, adapter, dry_run=dry_run, full=full)
+    state = _Run(engine, mapping, sync, adapter, dry_run=dry_run, full=full, scope=scope)
     error: str | None = None
     try:
         await state.run()
@@ -832,7 +878,10 @@ async def push_sync(
     else:
         status = "partial" if counts.failed else "success"
     if run_id is not None:
-        finish_run(engine, run_id, status, counts.as_json(), error)
+        recorded = counts.as_json()
+        if state.scope is not None:
+            recorded["scope"] = len(state.scope)
+        finish_run(engine, run_id, status, recorded, error)
     result = PushResult(
         sync=name,
         destination=mapping.name,
@@ -877,8 +926,10 @@ async def push(
     dry_run: bool = False,
     full: bool = False,
     transport: Any = None,
+    scope: Collection[int] | None = None,
 ) -> list[PushResult]:
-    """Run the selected syncs once, one adapter (one HTTP client) per mapping."""
+    """Run the selected syncs once, one adapter (one HTTP client) per mapping (``scope``:
+    see push_sync)."""
     results: list[PushResult] = []
     adapters: dict[int, Destination] = {}
     try:
@@ -887,7 +938,9 @@ async def push(
             if adapter is None:
                 adapter = adapters[id(mapping)] = mapping.open(transport)
             results.append(
-                await push_sync(engine, mapping, sync, adapter, dry_run=dry_run, full=full)
+                await push_sync(
+                    engine, mapping, sync, adapter, dry_run=dry_run, full=full, scope=scope
+                )
             )
     finally:
         for adapter in adapters.values():

@@ -237,6 +237,35 @@ def test_mirror_tags_entrants_and_untags_leavers(
     assert email(3) in sandbox.mailchimp.segment_members(LIST, "vip")
 
 
+def test_a_scoped_push_reads_and_sends_only_its_customers(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    # After a webhook's scoped recompute: customers 2 (renamed), 3 (left), 21 (entered)
+    # changed. Customer 9 was renamed too, but no webhook told about it.
+    add_people(engine, range(1, 21))
+    settings = settings_for(tmp_path, mailchimp_mapping(sandbox, "mirror"))
+    assert run_push(settings, engine).counts.added == 20
+    rename(engine, [2, 9], "Renamed")
+    leave(engine, [3])
+    add_people(engine, [21])
+    sandbox.reset_logs()
+    result = run_push(settings, engine, scope={2, 3, 21})
+    counts = result.counts
+    assert (counts.added, counts.updated, counts.removed, counts.unchanged) == (1, 1, 1, 0)
+    (upsert,) = mc_posts(sandbox)
+    assert sorted(m["email_address"] for m in upsert["members"]) == sorted([email(2), email(21)])
+    assert sandbox.mailchimp.member(LIST, email(2))["merge_fields"]["FNAME"] == "Renamed"
+    assert sandbox.mailchimp.member(LIST, email(9))["merge_fields"]["FNAME"] == "First9"
+    assert email(3) not in sandbox.mailchimp.segment_members(LIST, "vip")
+    with engine.connect() as conn:
+        run = conn.execute(select(SYNC_RUNS).order_by(SYNC_RUNS.c.id.desc()).limit(1)).one()
+    assert run.counts["scope"] == 3
+    # The next full push finds customer 9 and nothing else.
+    sandbox.reset_logs()
+    full = run_push(settings, engine).counts
+    assert (full.updated, full.added, full.removed, full.unchanged) == (1, 0, 0, 19)
+
+
 def _segment_id(sandbox: DestinationSandbox) -> int:
     return sandbox.mailchimp.lists[LIST].segment_names["vip"]
 

@@ -40,7 +40,7 @@ from syncd.segments.profiles import (
     write_clv_scores,
     write_profiles,
 )
-from syncd.store.models import MODEL_FITS
+from syncd.store.models import MEMBERSHIPS, MODEL_FITS
 
 __all__ = ["ProfileError", "RecomputeResult", "SegmentError", "as_of_instant", "recompute"]
 
@@ -74,6 +74,9 @@ class RecomputeResult:
     # Customers a scoped recompute covered; None for a full one. ``profiles`` and
     # ``buyers`` then count those customers' rows only.
     scope: int | None = None
+    # Scoped: the segments those customers are in now (their attributes there may have
+    # changed even where nobody entered or left).
+    touched: set[str] = field(default_factory=set)
 
     def segment_changes(self) -> dict[str, dict[str, int]]:
         return {name: change.as_dict() for name, change in self.segments.items()}
@@ -282,6 +285,16 @@ def _recompute_scoped(
             with timer.step("segments"):
                 sizes = select_members(conn, settings.segments, as_of, scoped=True)
                 result.segments = record_changes(conn, sizes, as_of, write=True, scoped=True)
+                result.touched = set(
+                    conn.execute(
+                        select(MEMBERSHIPS.c.segment)
+                        .where(
+                            MEMBERSHIPS.c.exited_at.is_(None),
+                            MEMBERSHIPS.c.customer_id.in_(select(T_SCOPE.c.cid)),
+                        )
+                        .distinct()
+                    ).scalars()
+                )
         finally:
             work.drop_all(conn)
 
