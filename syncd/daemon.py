@@ -826,16 +826,19 @@ class Daemon:
         except Exception as exc:
             # recompute() recorded the failure in sync_runs and logged it already.
             return _Outcome("failed", {}, str(exc) or type(exc).__name__)
-        moved = {
-            name for name, change in result.segments.items() if change.entered or change.exited
-        }
         scoped = result.scope is not None
+        # A scoped recompute reports the segments its customers are in, entered or left:
+        # their rows there may have changed even where nobody entered or left.
+        moved = {
+            name
+            for name, change in result.segments.items()
+            if scoped or change.entered or change.exited
+        }
         return _Outcome(
             result.status,
             result.counts(),
             result.error,
-            # Scoped: also the segments its customers are in, whose rows may have changed.
-            segments_changed=moved | result.touched if scoped else moved,
+            segments_changed=moved,
             scope=scope if scoped else None,
         )
 

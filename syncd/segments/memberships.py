@@ -172,7 +172,8 @@ def record_changes(
     segment and, when ``write``, close the rows of those who left and open rows for those
     who entered (a returning customer gets a new row). Open rows of segments no longer
     configured are closed too. ``scoped``: only the memberships of the customers in
-    ``t_scope`` are compared, and the sizes are counted from the memberships afterwards.
+    ``t_scope`` are compared, and only the segments they are in, entered or left are
+    reported (their sizes counted from the memberships afterwards).
 
     Each side of the diff is computed once, into a temporary table, and both the counts
     and the writes read it: the anti-joins are the costly part on a large base.
@@ -219,15 +220,27 @@ def record_changes(
             )
         )
     if scoped and write:
-        # Everyone outside the scope kept their memberships: the sizes are the open rows.
+        # Only the segments these customers are in, entered or left: the others did not
+        # change. Their sizes are counted from the open rows (everyone else's included).
+        involved = (
+            set(entered)
+            | set(exited)
+            | set(
+                conn.execute(
+                    select(m.c.segment)
+                    .where(m.c.exited_at.is_(None), m.c.customer_id.in_(select(T_SCOPE.c.cid)))
+                    .distinct()
+                ).scalars()
+            )
+        )
         counted: dict[str, int] = dict(
             conn.execute(
                 select(m.c.segment, func.count())
-                .where(m.c.exited_at.is_(None), m.c.segment.in_(list(sizes)))
+                .where(m.c.exited_at.is_(None), m.c.segment.in_(sorted(involved)))
                 .group_by(m.c.segment)
             ).all()
         )
-        sizes = {name: int(counted.get(name, 0)) for name in sizes}
+        sizes = {name: int(counted.get(name, 0)) for name in sizes if name in involved}
     return {
         name: SegmentChange(size, int(entered.get(name, 0)), int(exited.get(name, 0)))
         for name, size in sizes.items()
