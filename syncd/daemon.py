@@ -101,6 +101,7 @@ log = get_logger("syncd.daemon")
 ANCHOR: Final = datetime(2000, 1, 1, tzinfo=UTC)
 RECOMPUTE_EVERY: Final = 86_400.0
 LEASE_RETENTION: Final = timedelta(days=2)
+SCOPE_RETRY_SECONDS: Final = 60.0  # a failed scoped run's customers are tried again after
 _STATUS_LEVELS: Final = {"success": logging.INFO, "partial": logging.WARNING}
 
 
@@ -675,7 +676,7 @@ class Daemon:
                 return
         if slot is not None:
             try:
-                claimed = await asyncio.to_thread(claim_slot, self.engine, job.id, slot, self.owner)
+                claimed = await asyncio.to_thread(self._claim, job.id, slot)
             except BaseException:
                 if held is not None:
                     await asyncio.to_thread(self._release, held)
@@ -903,6 +904,16 @@ class Daemon:
                 )
             except Exception:
                 log.exception("alerts.failed", job=job.id)
+        if outcome.status == "failed" and job.scope is not None and not self._stopping:
+            # The customers of a failed scoped run are not dropped: they join the next run,
+            # which comes at the latest after a pause (a webhook or the schedule may
+            # start one sooner).
+            job.wanted |= job.scope
+            assert self._loop is not None
+            self._loop.call_later(
+                SCOPE_RETRY_SECONDS,
+                lambda: self._launch(job, None, "retry of a failed run's customers", set()),
+            )
         if job.kind == "source" and outcome.stored:
             self._launch(self._jobs["segments"], None, f"source {job.name} stored rows")
         elif job.kind == "segments" and outcome.status != "failed":
@@ -980,8 +991,14 @@ class Daemon:
                 )
         return stale
 
+    def _claim(self, job_id: str, slot: datetime) -> bool:
+        # In turn with the other writers (see WriterLock): a write committed in the middle
+        # of a running job's read-then-write transaction makes SQLite refuse its write.
+        with self._store_writer:
+            return claim_slot(self.engine, job_id, slot, self.owner)
+
     def _prune_leases(self, now: datetime) -> None:
-        with self.engine.begin() as conn:
+        with self._store_writer, self.engine.begin() as conn:
             conn.execute(delete(JOB_LEASES).where(JOB_LEASES.c.claimed_at < now - LEASE_RETENTION))
 
 

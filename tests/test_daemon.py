@@ -24,6 +24,7 @@ import structlog
 from pydantic import SecretStr
 from sqlalchemy import Engine, func, select
 
+from syncd import daemon as daemon_module
 from syncd.alerts import Alerts
 from syncd.config import AlertSettings, Settings
 from syncd.daemon import ANCHOR, Daemon, DaemonError, _interval, _SlotTrigger, claim_slot
@@ -418,6 +419,45 @@ def test_webhook_changes_are_debounced_into_one_recompute_and_pushed(
             await daemon.stop(timeout=5)
 
     run_async(main)
+
+
+def test_the_customers_of_a_failed_scoped_recompute_are_tried_again(
+    sqlite_engine: Engine, shop: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = sqlite_engine
+    settings = make_settings(shop)
+    presync(engine, settings)
+    real = daemon_module.recompute
+    failures: list[set[int]] = []
+
+    def flaky(*args: Any, customers: Any = None, **kwargs: Any) -> Any:
+        if customers is not None and not failures:
+            failures.append(set(customers))
+            raise RuntimeError("database is locked")  # what a concurrent writer caused
+        return real(*args, customers=customers, **kwargs)
+
+    monkeypatch.setattr(daemon_module, "recompute", flaky)
+    monkeypatch.setattr(daemon_module, "SCOPE_RETRY_SECONDS", 0.2)
+
+    async def main() -> None:
+        daemon = Daemon(engine, settings, [], catch_up=False, recompute_every=None)
+        await daemon.start()
+        try:
+            assert daemon.run_now("segments")  # a full one first: something to score against
+            await wait_for(lambda: len(runs(engine, "segments")) == 1)
+            await settle(daemon)
+            await daemon.customers_changed("wc", {2, 3})
+            await wait_for(lambda: bool(failures))
+            # Nobody asks again: the retry comes by itself.
+            await wait_for(lambda: len(runs(engine, "segments")) == 2)
+            await settle(daemon)
+        finally:
+            await daemon.stop(timeout=5)
+
+    run_async(main)
+    assert failures == [{2, 3}]
+    retried = runs(engine, "segments")[1]
+    assert retried.status == "success" and retried.counts["scope"] == 2
 
 
 # ---------------------------------------------------------------------------

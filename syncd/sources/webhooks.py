@@ -482,7 +482,8 @@ class WebhookIntake:
             values["applied_at"] = applied_at or datetime.now(UTC)
         if attempts is not None:
             values["attempts"] = attempts
-        with self.engine.begin() as conn:
+        # In turn with the jobs (see WriterLock): never inside a held writer lock.
+        with writer_lock(self.engine), self.engine.begin() as conn:
             conn.execute(update(EVENTS).where(EVENTS.c.id.in_(ids)).values(**values))
 
 
