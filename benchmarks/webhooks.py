@@ -99,6 +99,12 @@ port = {port}
 [log]
 level = "warning"
 
+# The sandbox shop sells in USD and --base-customers loads EUR orders: report in EUR.
+[profiles]
+reporting_currency = "EUR"
+[profiles.rates]
+USD = "0.92"
+
 [segments.buyers]
 rule = "orders_count >= 1"
 
