@@ -149,7 +149,7 @@ def recompute(
             scoring = _last_scoring(engine)
         if scoring is not None and customers is not None:
             result.scope = len(set(customers))
-            _recompute_scoped(engine, settings, result, set(customers), scoring)
+            _recompute(engine, settings, result, set(customers), scoring)
         else:
             _recompute(engine, settings, result)
     except Exception as exc:
@@ -172,7 +172,16 @@ def recompute(
     return result
 
 
-def _recompute(engine: Engine, settings: Settings, result: RecomputeResult) -> None:
+def _recompute(
+    engine: Engine,
+    settings: Settings,
+    result: RecomputeResult,
+    scope: set[int] | None = None,
+    scoring: _Scoring | None = None,
+) -> None:
+    """The recompute, in one transaction: of everyone, or (``scope`` with the ``scoring``
+    to score them against) of those customers only."""
+    scoped = scoring is not None
     timer = _Timer(result.timings)
     profiles = settings.profiles
     as_of = result.as_of
@@ -181,31 +190,60 @@ def _recompute(engine: Engine, settings: Settings, result: RecomputeResult) -> N
         check_sql_segments(engine, settings.segments)
     with engine.begin() as conn:
         try:
+            if scoring is not None:
+                _scope_table(conn, scope or set())
             with timer.step("metrics"):
-                conv = build_work_tables(conn, profiles, as_of)
+                conv = build_work_tables(conn, profiles, as_of, scoped=scoped)
+            if scoring is not None and conv.currency is None:  # nobody here has an order
+                conv = Conversion(scoring.currency, {})
             result.currency = conv.currency
             with timer.step("clv_read"):
                 inputs = clv_inputs(conn, as_of_day)
             result.buyers = len(inputs.customer_id)
-            bg, gg = _fit_and_score(conn, settings, inputs, result, timer)
+            if scoring is not None:
+                bg, gg = scoring.bg, scoring.gg
+                with timer.step("clv_score"):
+                    _score(conn, settings, inputs, bg, gg)
+            else:
+                bg, gg = _fit_and_score(conn, settings, inputs, result, timer)
             with timer.step("profiles"):
                 result.profiles = write_profiles(
-                    conn, profiles, conv, as_of, as_of_day, result.computed_at, bg is not None
+                    conn,
+                    profiles,
+                    conv,
+                    as_of,
+                    as_of_day,
+                    result.computed_at,
+                    bg is not None,
+                    cuts=scoring.cuts if scoring is not None else None,
                 )
-            if result.written:
-                scoring = _Scoring(rfm_cuts(conn, as_of_day), bg, gg, conv.currency)
-                conn.execute(insert(MODEL_FITS), [scoring.row(result)])
+            if not scoped and result.written:
+                kept = _Scoring(rfm_cuts(conn, as_of_day), bg, gg, conv.currency)
+                conn.execute(insert(MODEL_FITS), [kept.row(result)])
             with timer.step("segments"):
-                sizes = select_members(conn, settings.segments, as_of)
-                result.segments = record_changes(conn, sizes, as_of, write=result.written)
+                sizes = select_members(conn, settings.segments, as_of, scoped=scoped)
+                result.segments = record_changes(
+                    conn, sizes, as_of, write=result.written, scoped=scoped
+                )
         finally:
             work.drop_all(conn)
-    if engine.dialect.name == "postgresql":
+    if not scoped and engine.dialect.name == "postgresql":
         # The tables were just rewritten: fresh statistics now, not whenever autovacuum
         # comes, or the next scoped recompute's plans scan them instead of looking up the
         # few customers it covers (a second instead of a tenth).
         with timer.step("analyze"), engine.begin() as conn:
             conn.execute(text("ANALYZE customer_profiles, segment_memberships"))
+
+
+def _scope_table(conn: Connection, customers: set[int]) -> None:
+    """``t_scope``: the customers a scoped recompute covers."""
+    work.create(conn, "t_scope", "cid BIGINT PRIMARY KEY")
+    if customers:
+        conn.execute(insert(T_SCOPE), [{"cid": c} for c in sorted(customers)])
+    if conn.dialect.name == "postgresql":
+        # Without statistics the planner takes the scope for a large table and scans the
+        # memberships instead of looking the few customers up.
+        conn.execute(text("ANALYZE t_scope"))
 
 
 @dataclass(frozen=True)
@@ -246,54 +284,6 @@ def _last_scoring(engine: Engine) -> _Scoring | None:
         clv.GammaGammaParams(**gg) if gg else None,
         params.get("currency"),
     )
-
-
-def _recompute_scoped(
-    engine: Engine,
-    settings: Settings,
-    result: RecomputeResult,
-    customers: set[int],
-    scoring: _Scoring,
-) -> None:
-    timer = _Timer(result.timings)
-    as_of = result.as_of
-    as_of_day = int(as_of.timestamp()) // EPOCH_DAY
-    with timer.step("check_segments"):
-        check_sql_segments(engine, settings.segments)
-    with engine.begin() as conn:
-        try:
-            work.create(conn, "t_scope", "cid BIGINT PRIMARY KEY")
-            if customers:
-                conn.execute(insert(T_SCOPE), [{"cid": c} for c in sorted(customers)])
-            if conn.dialect.name == "postgresql":
-                # Without statistics the planner takes the scope for a large table and
-                # scans the memberships instead of looking the few customers up.
-                conn.execute(text("ANALYZE t_scope"))
-            with timer.step("metrics"):
-                conv = build_work_tables(conn, settings.profiles, as_of, scoped=True)
-            if conv.currency is None:  # none of these people has an order
-                conv = Conversion(scoring.currency, {})
-            result.currency = conv.currency
-            inputs = clv_inputs(conn, as_of_day)
-            result.buyers = len(inputs.customer_id)
-            with timer.step("clv_score"):
-                _score(conn, settings, inputs, scoring.bg, scoring.gg)
-            with timer.step("profiles"):
-                result.profiles = write_profiles(
-                    conn,
-                    settings.profiles,
-                    conv,
-                    as_of,
-                    as_of_day,
-                    result.computed_at,
-                    scoring.bg is not None,
-                    cuts=scoring.cuts,
-                )
-            with timer.step("segments"):
-                sizes = select_members(conn, settings.segments, as_of, scoped=True)
-                result.segments = record_changes(conn, sizes, as_of, write=True, scoped=True)
-        finally:
-            work.drop_all(conn)
 
 
 def _fit_and_score(
