@@ -908,22 +908,9 @@ class SourceSync:
                         if g not in {p.source_id for p in parents if p.parent_source_id in seen}
                     ]
                 if gone:
-                    conn.execute(
-                        update(table)
-                        .where(table.c.source == self.name, table.c.source_id.in_(gone))
-                        .values(deleted_at=now)
-                    )
-                    if stream.name == "orders":
-                        people = conn.execute(
-                            select(ORDERS.c.customer_id).where(
-                                ORDERS.c.source == self.name,
-                                ORDERS.c.source_id.in_(gone),
-                                ORDERS.c.customer_id.is_not(None),
-                            )
-                        ).scalars()
-                        refresh_people(conn, list(people))
+                    marked, _people = self._mark_deleted(conn, stream.name, gone, now)
+                    self.counts[stream.name].deleted += marked
                 self._stamp_reconciled(stream.name, now, conn)
-                self.counts[stream.name].deleted += len(gone)
 
         await self._in_db_thread(work)
 
@@ -989,38 +976,46 @@ class SourceSync:
         wanted = sorted({i for i in ids if _positive_int(i)})
         if not wanted:
             return batch
-        table = TABLE_OF_STREAM[stream]
         now = utcnow()
 
         def work() -> set[int]:
-            match: ColumnElement[bool] = table.c.source_id.in_(wanted)
-            if stream == "products":
-                match = match | PRODUCTS.c.parent_source_id.in_(wanted)
             with self.engine.begin() as conn:
-                people: set[int] = set()
-                if "customer_id" in table.c:
-                    people = {
-                        int(p)
-                        for p in conn.execute(
-                            select(table.c.customer_id).where(
-                                table.c.source == self.name,
-                                match,
-                                table.c.customer_id.is_not(None),
-                            )
-                        ).scalars()
-                    }
-                result = conn.execute(
-                    update(table)
-                    .where(table.c.source == self.name, match, table.c.deleted_at.is_(None))
-                    .values(deleted_at=now)
-                )
-                if people:
-                    refresh_people(conn, people)
-                self.counts[stream].deleted += max(result.rowcount, 0)
-                return people
+                marked, people = self._mark_deleted(conn, stream, wanted, now)
+            self.counts[stream].deleted += marked
+            return people
 
         batch.people = await asyncio.to_thread(work)
         return batch
+
+    def _mark_deleted(
+        self, conn: Connection, stream: str, ids: Sequence[int], now: datetime
+    ) -> tuple[int, set[int]]:
+        """Mark this source's rows with these ids deleted: kept for history with
+        ``deleted_at`` set (a row already marked keeps its first), a product's variations
+        along with it, and the people they belonged to refreshed. Returns how many rows
+        were marked, and those people."""
+        table = TABLE_OF_STREAM[stream]
+        match: ColumnElement[bool] = table.c.source_id.in_(ids)
+        if stream == "products":
+            match = match | PRODUCTS.c.parent_source_id.in_(ids)
+        people: set[int] = set()
+        if "customer_id" in table.c:
+            people = {
+                int(p)
+                for p in conn.execute(
+                    select(table.c.customer_id).where(
+                        table.c.source == self.name, match, table.c.customer_id.is_not(None)
+                    )
+                ).scalars()
+            }
+        result = conn.execute(
+            update(table)
+            .where(table.c.source == self.name, match, table.c.deleted_at.is_(None))
+            .values(deleted_at=now)
+        )
+        if people:
+            refresh_people(conn, people)
+        return max(result.rowcount, 0), people
 
     def _newest_payloads(self, stream: str, payloads: list[Any]) -> tuple[list[Any], int]:
         """The newest payload per record, minus those older than the stored row; payloads
