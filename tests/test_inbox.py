@@ -187,3 +187,22 @@ def test_moved_deliveries_are_forgotten_after_the_keep_window(
             assert conn.execute(select(func.count()).select_from(EVENTS)).scalar_one() == 1
     finally:
         inbox.close()
+
+
+def test_the_store_inbox_survives_the_server_dropping_its_connection(engine: Engine) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the store inbox keeps a server connection on Postgres")
+    inbox = open_inbox(engine)
+    assert isinstance(inbox, StoreInbox)
+    try:
+        assert put_all(inbox, [row(1)]) != [None]
+        assert inbox._conn is not None
+        pid = inbox._conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+        with engine.connect() as admin:
+            admin.execute(select(func.pg_terminate_backend(pid)))
+        # A Postgres restart or an idle timeout: the next group goes through on a new one.
+        fresh, again = put_all(inbox, [row(2), row(1)])
+        assert fresh is not None and again is None
+        assert [e.payload["id"] for e in events(engine)] == [1, 2]
+    finally:
+        inbox.close()
