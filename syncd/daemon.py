@@ -256,6 +256,8 @@ class _Job:
     sync: LoadedSync | None = None
     task: asyncio.Task[None] | None = None
     rerun: str | None = None  # why to run once more after the run in flight
+    rerun_at: datetime | None = None  # when that was last asked for
+    began_at: datetime | None = None  # when the latest run took the store (after its lock)
     # Segments and destination jobs: the customers the run in flight covers (None: all),
     # and what the requests since it started asked for (customers, or everyone).
     scope: set[int] | None = None
@@ -633,7 +635,7 @@ class Daemon:
             job.wanted.update(scope)
         if job.task is not None:
             if slot is None:
-                job.rerun = reason
+                job.rerun, job.rerun_at = reason, _utcnow()
             else:
                 if job.pending is not None:
                     job.coalesced += 1
@@ -649,6 +651,17 @@ class Daemon:
                 await self._run_once(job, slot, reason)
                 if self._stopping:
                     break
+                # What the run that just finished already covered is not run again: at
+                # start, the catch-up recompute and the one chained after the first sync
+                # were two full recomputes of the same data.
+                if job.pending is not None and self._served(job, job.pending):
+                    await asyncio.to_thread(self._claim, job.id, job.pending)
+                    log.info("job.served", job=job.id, slot=iso(job.pending))
+                    job.pending = None
+                if job.rerun is not None and self._served(job, job.rerun_at):
+                    log.info("job.served", job=job.id, request=job.rerun)
+                    job.rerun = None
+                    job.wanted, job.wanted_all = set(), False
                 if job.pending is not None:
                     # The queued trigger's run also serves any chained request: it starts
                     # after the request arrived, here or (holding the lock) on a replica.
@@ -665,6 +678,19 @@ class Daemon:
             job.task = None
             if self._stopping:
                 job.pending = job.rerun = None
+
+    @staticmethod
+    def _served(job: _Job, since: datetime | None) -> bool:
+        """Whether the run that just finished serves a trigger or request of ``since``:
+        it covered everyone, did not fail, and took the store after that time, so it
+        read everything written before."""
+        return (
+            since is not None
+            and job.began_at is not None
+            and job.scope is None
+            and job.last_status in ("success", "partial")
+            and since <= job.began_at
+        )
 
     async def _run_once(self, job: _Job, slot: datetime | None, reason: str) -> None:
         # The job's lock first, then the slot: a lease row then always means the slot ran
@@ -756,6 +782,7 @@ class Daemon:
         def body() -> None:
             try:
                 with self._store_writer:
+                    job.began_at = _utcnow()
                     outcome = self._execute(job)
             except BaseException as exc:  # SystemExit in a job, say: still the run's failure
                 outcome = _Outcome("failed", {}, f"{type(exc).__name__}: {exc}")

@@ -33,7 +33,7 @@ from syncd.mapping import load_mappings
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
-from syncd.store.engine import make_engine, open_store
+from syncd.store.engine import make_engine, open_store, writer_lock
 from syncd.store.models import JOB_LEASES, PROFILES
 from syncd.store.models import SYNC_RUNS as RUNS
 
@@ -463,6 +463,38 @@ def test_the_customers_of_a_failed_scoped_recompute_are_tried_again(
 # ---------------------------------------------------------------------------
 # No overlap, coalescing
 # ---------------------------------------------------------------------------
+
+
+def test_a_request_made_before_a_full_run_took_the_store_is_served_by_it(
+    sqlite_engine: Engine, shop: SandboxServer
+) -> None:
+    # At start the catch-up recompute waits for the first sync to free SQLite's writer;
+    # the recompute the sync then chains would read the very same data: it is not run.
+    engine = sqlite_engine
+    settings = make_settings(shop)
+    presync(engine, settings)
+    writer = writer_lock(engine)
+
+    async def main() -> None:
+        daemon = Daemon(engine, settings, [], catch_up=False, recompute_every=None)
+        await daemon.start()
+        try:
+            with writer:  # another job holds the store
+                assert daemon.run_now("segments", "catch-up")
+                await asyncio.sleep(0.2)
+                assert daemon.run_now("segments", "source wc stored rows")
+            await settle(daemon)
+            assert len(runs(engine, "segments")) == 1
+            # Asked once it is running: that one is run again.
+            assert daemon.run_now("segments")
+            await asyncio.sleep(0.05)
+            assert daemon.run_now("segments")
+            await settle(daemon)
+            assert len(runs(engine, "segments")) == 3
+        finally:
+            await daemon.stop(timeout=5)
+
+    run_async(main)
 
 
 def test_no_job_overlaps_itself_and_chained_requests_coalesce(
