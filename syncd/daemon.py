@@ -244,6 +244,7 @@ class _Outcome:
     segments_changed: set[str] = field(default_factory=set)  # a recompute's moved segments
     failures_in_a_row: int = 0
     scope: set[int] | None = None  # a scoped recompute's customers: its pushes' scope
+    ended_at: datetime | None = None  # when the run let go of the store (all committed)
 
 
 @dataclass
@@ -256,7 +257,8 @@ class _Job:
     sync: LoadedSync | None = None
     task: asyncio.Task[None] | None = None
     rerun: str | None = None  # why to run once more after the run in flight
-    rerun_at: datetime | None = None  # when that was last asked for
+    # What the rerun must see: data committed up to then (the latest request's).
+    rerun_at: datetime | None = None
     began_at: datetime | None = None  # when the latest run took the store (after its lock)
     # Segments and destination jobs: the customers the run in flight covers (None: all),
     # and what the requests since it started asked for (customers, or everyone).
@@ -622,11 +624,17 @@ class Daemon:
             self._launch(job, slot, "schedule")
 
     def _launch(
-        self, job: _Job, slot: datetime | None, reason: str, scope: set[int] | None = None
+        self,
+        job: _Job,
+        slot: datetime | None,
+        reason: str,
+        scope: set[int] | None = None,
+        since: datetime | None = None,
     ) -> None:
         """Start ``job`` (or queue it behind its run in flight). For the segments job and
         destination syncs, ``scope`` asks for a run over those customers only (webhook
-        changes); any other request makes the next run a full one."""
+        changes); any other request makes the next run a full one. ``since``: the run
+        must see what was committed up to then (default: now)."""
         if self._stopping:
             return
         if scope is None:
@@ -635,7 +643,9 @@ class Daemon:
             job.wanted.update(scope)
         if job.task is not None:
             if slot is None:
-                job.rerun, job.rerun_at = reason, _utcnow()
+                wanted_at = since or _utcnow()
+                job.rerun = reason
+                job.rerun_at = max(job.rerun_at or wanted_at, wanted_at)
             else:
                 if job.pending is not None:
                     job.coalesced += 1
@@ -660,14 +670,15 @@ class Daemon:
                     job.pending = None
                 if job.rerun is not None and self._served(job, job.rerun_at):
                     log.info("job.served", job=job.id, request=job.rerun)
-                    job.rerun = None
+                    job.rerun = job.rerun_at = None
                     job.wanted, job.wanted_all = set(), False
                 if job.pending is not None:
                     # The queued trigger's run also serves any chained request: it starts
                     # after the request arrived, here or (holding the lock) on a replica.
                     slot, reason, job.pending, job.rerun = job.pending, "schedule", None, None
+                    job.rerun_at = None
                 elif job.rerun is not None:
-                    slot, reason, job.rerun = None, job.rerun, None
+                    slot, reason, job.rerun, job.rerun_at = None, job.rerun, None, None
                 else:
                     break
         except asyncio.CancelledError:
@@ -784,6 +795,7 @@ class Daemon:
                 with self._store_writer:
                     job.began_at = _utcnow()
                     outcome = self._execute(job)
+                outcome.ended_at = _utcnow()
             except BaseException as exc:  # SystemExit in a job, say: still the run's failure
                 outcome = _Outcome("failed", {}, f"{type(exc).__name__}: {exc}")
             finally:
@@ -941,14 +953,27 @@ class Daemon:
                 SCOPE_RETRY_SECONDS,
                 lambda: self._launch(job, None, "retry of a failed run's customers", set()),
             )
+        # Chained runs need what this run committed: a run of theirs that took the store
+        # after this one let go of it has seen it already (see _served).
         if job.kind == "source" and outcome.stored:
-            self._launch(self._jobs["segments"], None, f"source {job.name} stored rows")
+            self._launch(
+                self._jobs["segments"],
+                None,
+                f"source {job.name} stored rows",
+                since=outcome.ended_at,
+            )
         elif job.kind == "segments" and outcome.status != "failed":
             for dest in self._destinations_for(outcome.segments_changed):
                 segment = dest.sync.spec.segment if dest.sync is not None else None
                 why = f"segment {segment} changed" if segment else "recomputed"
                 # After a scoped recompute a segment sync pushes those customers only.
-                self._launch(dest, None, why, scope=outcome.scope if segment else None)
+                self._launch(
+                    dest,
+                    None,
+                    why,
+                    scope=outcome.scope if segment else None,
+                    since=outcome.ended_at,
+                )
 
     def _destinations_for(self, moved: set[str]) -> list[_Job]:
         """Destination syncs to run after a recompute: those whose segment moved, and SQL
