@@ -661,13 +661,10 @@ class Daemon:
                 await self._run_once(job, slot, reason)
                 if self._stopping:
                     break
-                # What the run that just finished already covered is not run again: at
-                # start, the catch-up recompute and the one chained after the first sync
-                # were two full recomputes of the same data.
-                if job.pending is not None and self._served(job, job.pending):
-                    await asyncio.to_thread(self._claim, job.id, job.pending)
-                    log.info("job.served", job=job.id, slot=iso(job.pending))
-                    job.pending = None
+                # A request the run that just finished already covered is not run again:
+                # at start, the catch-up recompute and the one chained after the first
+                # sync were two full recomputes of the same data. (A scheduled trigger
+                # always gets its own run: one run per trigger, as replicas count them.)
                 if job.rerun is not None and self._served(job, job.rerun_at):
                     log.info("job.served", job=job.id, request=job.rerun)
                     job.rerun = job.rerun_at = None
@@ -692,7 +689,7 @@ class Daemon:
 
     @staticmethod
     def _served(job: _Job, since: datetime | None) -> bool:
-        """Whether the run that just finished serves a trigger or request of ``since``:
+        """Whether the run that just finished serves a request of ``since``:
         it covered everyone, did not fail, and took the store after that time, so it
         read everything written before."""
         return (
