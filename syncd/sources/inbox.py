@@ -145,15 +145,7 @@ class StoreInbox(Inbox):
     def _insert(self, events: list[dict[str, Any]]) -> list[Any]:
         if self._conn is None:
             self._conn = self._autocommit.connect()
-        return upsert(
-            self._conn,
-            EVENTS,
-            events,
-            keys=("source", "delivery_id", "body_sha256"),
-            update=(),
-            returning=("id", "source", "delivery_id", "body_sha256"),
-            batch_size=MAX_GROUP,
-        )
+        return _insert_events(self._conn, events, ("id", "source", "delivery_id", "body_sha256"))
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -284,14 +276,7 @@ class JournalInbox(Inbox):
         ]
         keys = [delivery_key(r) for r in rows]
         with self.engine.begin() as conn:
-            stored = upsert(
-                conn,
-                EVENTS,
-                [_event_row(r) for r in rows],
-                keys=("source", "delivery_id", "body_sha256"),
-                update=(),
-                returning=("id",),
-            )
+            stored = _insert_events(conn, [_event_row(r) for r in rows], ("id",))
             ids = [int(r.id) for r in stored]
             duplicates = len(rows) - len(ids)
             if duplicates:
@@ -345,6 +330,22 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 def _micros(moment: datetime) -> int:
     """Whole microseconds since the epoch: exact, unlike a float timestamp."""
     return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _insert_events(
+    conn: Connection, events: list[dict[str, Any]], returning: Sequence[str]
+) -> list[Any]:
+    """Insert ``events`` rows, leaving out those stored already (by the unique key); the
+    ``returning`` columns of the inserted ones, in one statement up to MAX_GROUP rows."""
+    return upsert(
+        conn,
+        EVENTS,
+        events,
+        keys=("source", "delivery_id", "body_sha256"),
+        update=(),
+        returning=returning,
+        batch_size=MAX_GROUP,
+    )
 
 
 def _event_row(row: dict[str, Any]) -> dict[str, Any]:
