@@ -539,8 +539,8 @@ class ShopClient(WooCommerceClient):
     ``status=any`` leaves trash out and ``status=trash`` gives only trash, as WooCommerce does.
     """
 
-    def __init__(self, shop: Shop) -> None:
-        super().__init__("wc", SOURCE)
+    def __init__(self, shop: Shop, source: str = "wc") -> None:
+        super().__init__(source, SOURCE)
         self.shop = shop
 
     async def store_currency(self) -> str | None:
@@ -575,9 +575,9 @@ class ShopClient(WooCommerceClient):
         return list(rows)
 
 
-def _sync(engine: Engine, shop: Shop) -> None:
+def _sync(engine: Engine, shop: Shop, source: str = "wc") -> None:
     async def go() -> Any:
-        runner = SourceSync(engine, "wc", SOURCE, client=ShopClient(shop))
+        runner = SourceSync(engine, source, SOURCE, client=ShopClient(shop, source))
         try:
             return await runner.run()
         finally:
@@ -1120,3 +1120,35 @@ def test_profiles_as_of_an_earlier_day(engine: Engine) -> None:
     load_shop(engine)
     recompute(engine, profile_settings(**EUR_WITH_USD_RATE), as_of=date(2026, 3, 31))
     check_profiles(engine, EXPECTED_END_OF_MARCH, END_OF_MARCH)
+
+
+def test_two_sources_number_their_products_apart(engine: Engine) -> None:
+    """Two stores number their products independently: 101 is the Classic Tee in `wc`
+    [Clothing, Tees] and an atlas in `wc2` [Books]. Zoe (a guest in both, one person by
+    her email) buys one tee in wc and three atlases in wc2: 2 distinct products, and the
+    top category is Books (3 units) before Clothing and Tees (1 each). Taking product ids
+    for products across sources would make it 1 product and Clothing (4 units, before Tees
+    by name)."""
+    zoe = Person(0, "zoe@example.com", "Zoe", "Zhang", "DE")
+    atlas = {
+        **product_payload(101),
+        "name": "Atlas",
+        "slug": "atlas",
+        "categories": [{"id": 40, "name": "Books", "slug": "books"}],
+    }
+
+    def bought(oid: int, created: str, total: str, line: Line) -> Payload:
+        return order_payload(
+            oid, "completed", created, zoe, "EUR", total, [line], guest_email=zoe.email
+        )
+
+    tee = bought(9001, "2026-06-01T10:00", "22.00", Line(101, 1, "22.00"))
+    atlases = bought(9002, "2026-06-02T10:00", "30.00", Line(101, 3, "30.00"))
+    _sync(engine, Shop(orders=[tee], products=[product_payload(101)]), "wc")
+    _sync(engine, Shop(orders=[atlases], products=[atlas]), "wc2")
+    settings = Settings(sources={"wc": SOURCE, "wc2": SOURCE})
+    recompute(engine, settings, now=A)
+    with engine.connect() as conn:
+        row = conn.execute(select(PROFILES)).one()
+    assert (row.email, row.orders_count, row.net_revenue_minor) == (zoe.email, 2, 5200)
+    assert (row.distinct_products, row.top_category) == (2, "Books")

@@ -34,11 +34,13 @@ from syncd.segments.profiles import (
     Conversion,
     ProfileError,
     RfmCuts,
+    Scores,
     build_work_tables,
     clv_inputs,
-    rfm_cuts,
-    write_clv_scores,
+    rfm_by_cuts,
+    rfm_by_rank,
     write_profiles,
+    write_scores,
 )
 from syncd.store.models import MODEL_FITS
 
@@ -188,8 +190,9 @@ def _recompute(
     as_of_day = int(as_of.timestamp()) // EPOCH_DAY
     with timer.step("check_segments"):
         check_sql_segments(engine, settings.segments)
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         try:
+            conn.begin()
             if scoring is not None:
                 _scope_table(conn, scope or set())
             with timer.step("metrics"):
@@ -198,14 +201,16 @@ def _recompute(
                 conv = Conversion(scoring.currency, {})
             result.currency = conv.currency
             with timer.step("clv_read"):
-                inputs = clv_inputs(conn, as_of_day)
+                inputs = clv_inputs(conn, conv, as_of_day)
             result.buyers = len(inputs.customer_id)
             if scoring is not None:
                 bg, gg = scoring.bg, scoring.gg
                 with timer.step("clv_score"):
-                    _score(conn, settings, inputs, bg, gg)
+                    rfm = rfm_by_cuts(inputs, as_of_day, scoring.cuts)
+                    _score(conn, settings, inputs, rfm, bg, gg)
             else:
-                bg, gg = _fit_and_score(conn, settings, inputs, result, timer)
+                rfm, cuts = rfm_by_rank(inputs, as_of_day)
+                bg, gg = _fit_and_score(conn, settings, inputs, rfm, result, timer)
             with timer.step("profiles"):
                 result.profiles = write_profiles(
                     conn,
@@ -215,17 +220,20 @@ def _recompute(
                     as_of_day,
                     result.computed_at,
                     bg is not None,
-                    cuts=scoring.cuts if scoring is not None else None,
+                    scoped=scoped,
                 )
-            if not scoped and result.written:
-                kept = _Scoring(rfm_cuts(conn, as_of_day), bg, gg, conv.currency)
+            if scoring is None and result.written:
+                kept = _Scoring(cuts, bg, gg, conv.currency)
                 conn.execute(insert(MODEL_FITS), [kept.row(result)])
             with timer.step("segments"):
                 sizes = select_members(conn, settings.segments, as_of, scoped=scoped)
                 result.segments = record_changes(
                     conn, sizes, as_of, write=result.written, scoped=scoped
                 )
+            conn.commit()
         finally:
+            if conn.in_transaction():
+                conn.rollback()
             work.drop_all(conn)
     if not scoped and engine.dialect.name == "postgresql":
         # The tables were just rewritten: fresh statistics now, not whenever autovacuum
@@ -290,11 +298,13 @@ def _fit_and_score(
     conn: Connection,
     settings: Settings,
     inputs: ClvInputs,
+    rfm: Scores,
     result: RecomputeResult,
     timer: _Timer,
 ) -> tuple[clv.BgNbdParams | None, clv.GammaGammaParams | None]:
-    """Fit BG/NBD and Gamma-Gamma on the buyers, score them into ``t_clv``, keep the fits
-    in ``model_fits``. Returns the fits (None where a model was not fitted)."""
+    """Fit BG/NBD and Gamma-Gamma on the buyers, score them (and their ``rfm`` scores)
+    into ``t_clv``, keep the fits in ``model_fits``. Returns the fits (None where a model
+    was not fitted)."""
     cfg = settings.profiles.clv
     x = inputs.frequency
     monetary = np.maximum(inputs.monetary, 0.0)
@@ -311,7 +321,7 @@ def _fit_and_score(
         except clv.ModelNotFitted as exc:
             gg_error = str(exc)
     with timer.step("clv_score"):
-        _score(conn, settings, inputs, bg, gg)
+        _score(conn, settings, inputs, rfm, bg, gg)
     fitted_at = utc_now()
     fits: list[dict[str, Any]] = []
     if bg is not None:
@@ -358,10 +368,12 @@ def _score(
     conn: Connection,
     settings: Settings,
     inputs: ClvInputs,
+    rfm: Scores,
     bg: clv.BgNbdParams | None,
     gg: clv.GammaGammaParams | None,
 ) -> None:
-    """Score the buyers of ``inputs`` with the fitted models into ``t_clv``."""
+    """Score the buyers of ``inputs`` with the fitted models into ``t_clv``, with their
+    ``rfm`` scores."""
     cfg = settings.profiles.clv
     x, t_x, big_t = inputs.frequency, inputs.recency, inputs.age
     monetary = np.maximum(inputs.monetary, 0.0)
@@ -389,7 +401,7 @@ def _score(
                 fallback_value=np.maximum(inputs.avg_order_value, 0.0),
             )
         )
-    write_clv_scores(conn, inputs.customer_id, p_alive, expected, _minor(order_value), value_12m)
+    write_scores(conn, inputs.customer_id, rfm, p_alive, expected, _minor(order_value), value_12m)
 
 
 def _fit_row(
