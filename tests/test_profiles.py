@@ -38,6 +38,8 @@ Kitchen]; 104 Notebook [Stationery]; 105 Coffee Beans [Coffee]; 106 Espresso Cup
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -47,10 +49,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import OperationalError
 
 from syncd.config import ProfileSettings, Settings, WooCommerceSourceSettings
 from syncd.ingest import SourceSync
+from syncd.segments import profiles
 from syncd.segments.recompute import ProfileError, recompute
 from syncd.sources.woocommerce import Page, WooCommerceClient
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
@@ -999,6 +1003,8 @@ def test_every_profile_column_at_a_fixed_instant(engine: Engine) -> None:
         recompute(engine, profile_settings(reporting_currency="EUR"), now=A)
     message = str(caught.value)
     assert "USD" in message and "rates" in message, message
+    # On SQLite the product tables were being made on a second connection: stopped.
+    assert not [t for t in threading.enumerate() if t.name.startswith("syncd-products")]
 
 
 # As of 2026-03-31 (A = 2026-03-31T23:59:59.999999Z): orders and refund rows created up to
@@ -1152,3 +1158,74 @@ def test_two_sources_number_their_products_apart(engine: Engine) -> None:
         row = conn.execute(select(PROFILES)).one()
     assert (row.email, row.orders_count, row.net_revenue_minor) == (zoe.email, 2, 5200)
     assert (row.distinct_products, row.top_category) == (2, "Books")
+
+
+def test_product_tables_read_the_same_snapshot_as_the_orders(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a SQLite file store the product tables are made on a second connection while
+    the first reads the orders. Both start reading while no connection can commit, and
+    an order committed afterwards is in neither: the second connection reads one
+    snapshot throughout. (The recompute then fails at its first write, as it always has
+    on SQLite when another process commits meanwhile: WAL refuses a stale writer.)"""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("Postgres makes the product tables on the recompute's own connection")
+    load_shop(engine)
+    settings = profile_settings(**EUR_WITH_USD_RATE)
+    with engine.connect() as conn:
+        alice = conn.execute(
+            select(CUSTOMERS.c.id).where(CUSTOMERS.c.email == ALICE.email)
+        ).scalar_one()
+        paid = conn.execute(
+            select(func.count())
+            .select_from(ORDERS)
+            .where(
+                ORDERS.c.status.in_(["processing", "completed"]),
+                ORDERS.c.deleted_at.is_(None),
+                ORDERS.c.customer_id.is_not(None),
+                ORDERS.c.created_at <= A,
+            )
+        ).scalar_one()
+    seen: list[int] = []
+    make = profiles._paid_orders
+
+    def order_committed_meanwhile(conn: Any, *args: Any) -> None:
+        with engine.begin() as other:
+            other.execute(
+                ORDERS.insert(),
+                {
+                    "source": "wc",
+                    "source_id": 9999,
+                    "customer_id": alice,
+                    "status": "completed",
+                    "currency": "EUR",
+                    "total_minor": 1000,
+                    "subtotal_minor": 1000,
+                    "discount_minor": 0,
+                    "shipping_minor": 0,
+                    "tax_minor": 0,
+                    "refunded_minor": 0,
+                    "created_at": at("2026-06-29T10:00"),
+                },
+            )
+        make(conn, *args)
+        seen.append(conn.execute(text("SELECT COUNT(*) FROM t_ord")).scalar_one())
+
+    monkeypatch.setattr(profiles, "_paid_orders", order_committed_meanwhile)
+    with pytest.raises(OperationalError, match="database is locked"):
+        recompute(engine, settings, now=A)
+    assert seen == [paid]  # not paid + 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("syncd-products")]
+
+
+def test_the_snapshot_is_taken_while_no_one_can_commit(engine: Engine) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("a SQLite store's lock")
+    path = engine.url.database
+    assert path is not None
+    with engine.connect() as conn, profiles._commits_held(conn):
+        writer = sqlite3.connect(path, timeout=0, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            writer.execute("BEGIN IMMEDIATE")
+    writer.execute("BEGIN IMMEDIATE")  # free again
+    writer.close()

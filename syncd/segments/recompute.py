@@ -32,6 +32,7 @@ from syncd.segments.profiles import (
     EPOCH_DAY,
     ClvInputs,
     Conversion,
+    ProductTables,
     ProfileError,
     RfmCuts,
     Scores,
@@ -190,13 +191,14 @@ def _recompute(
     as_of_day = int(as_of.timestamp()) // EPOCH_DAY
     with timer.step("check_segments"):
         check_sql_segments(engine, settings.segments)
+    products: ProductTables | None = None
     with engine.connect() as conn:
         try:
             conn.begin()
             if scoring is not None:
                 _scope_table(conn, scope or set())
             with timer.step("metrics"):
-                conv = build_work_tables(conn, profiles, as_of, scoped=scoped)
+                conv, products = build_work_tables(conn, profiles, as_of, scoped=scoped)
             if scoring is not None and conv.currency is None:  # nobody here has an order
                 conv = Conversion(scoring.currency, {})
             result.currency = conv.currency
@@ -211,6 +213,8 @@ def _recompute(
             else:
                 rfm, cuts = rfm_by_rank(inputs, as_of_day)
                 bg, gg = _fit_and_score(conn, settings, inputs, rfm, result, timer)
+            with timer.step("products_wait"):
+                products.wait(conn)
             with timer.step("profiles"):
                 result.profiles = write_profiles(
                     conn,
@@ -232,6 +236,8 @@ def _recompute(
                 )
             conn.commit()
         finally:
+            if products is not None:
+                products.cancel()
             if conn.in_transaction():
                 conn.rollback()
             work.drop_all(conn)

@@ -83,6 +83,16 @@ def create_as(
     conn.execute(bound(f"INSERT INTO {name} ({', '.join(columns)}) {select_sql}", params), params)
 
 
+def sqlite_file(conn: Connection) -> str | None:
+    """The file of a SQLite store; None for Postgres or an in-memory SQLite store."""
+    if conn.dialect.name != "sqlite":
+        return None
+    database = conn.engine.url.database or ""
+    if database in ("", ":memory:") or "mode=memory" in str(conn.engine.url):
+        return None
+    return database
+
+
 def drop_all(conn: Connection) -> None:
     """Drop every work table made on this connection, after its transaction. Postgres has
     dropped them at commit (or rollback) already, so there it only forgets their names.
@@ -95,8 +105,7 @@ def drop_all(conn: Connection) -> None:
     names = sorted(conn.info.pop(_MADE, set()))
     if conn.dialect.name != "sqlite":
         return
-    database = conn.engine.url.database or ""
-    if database not in ("", ":memory:") and "mode=memory" not in str(conn.engine.url):
+    if sqlite_file(conn) is not None:
         conn.invalidate()
         return
     for name in names:
