@@ -788,7 +788,16 @@ def test_command_line_entry_point() -> None:
         "--customers", "10", "--guests", "5", "--key", "ck_cli", "--secret", "cs_cli",
     ]  # fmt: skip
     repo = Path(__file__).resolve().parents[1]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=repo)
+    # A shell's background job (`... &`) ignores SIGINT, and a child inherits an ignored
+    # signal: the sandbox would never see the Ctrl-C. A handler, unlike SIG_IGN, is
+    # reset to the default in the child, so it starts as from a terminal.
+    inherited = signal.getsignal(signal.SIGINT)
+    if inherited == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=repo)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         assert process.stdout is not None
         lines = [process.stdout.readline() for _ in range(4)]

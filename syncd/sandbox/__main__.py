@@ -109,27 +109,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
 
     stopped = threading.Event()
-    # SIGTERM (docker stop, systemd) ends the process as cleanly as Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    print(f"WooCommerce sandbox store: {server.url}", flush=True)
-    print(f"REST API:                  {server.url}{API_PREFIX}", flush=True)
-    print(f"consumer key:              {args.key}", flush=True)
-    print(f"consumer secret:           {args.secret}", flush=True)
-    print(
-        f"{len(store.customers)} customers, {len(store.orders)} orders, "
-        f"{len(store.products)} products; Ctrl-C to stop",
-        flush=True,
-    )
-    if destinations is not None:
-        print(f"Klaviyo base_url:          {destinations.klaviyo_url}", flush=True)
-        print(f"  api key / list:          {args.klaviyo_key} / {args.klaviyo_list}", flush=True)
-        print(f"Mailchimp base_url:        {destinations.mailchimp_url}", flush=True)
-        print(
-            f"  api key / list:          {args.mailchimp_key} / {args.mailchimp_list}", flush=True
-        )
-        print(f"Webhook URL:               {destinations.webhook_url('default')}", flush=True)
-        print(f"  secret:                  {args.webhook_secret}", flush=True)
+    # From here on Ctrl-C, which may come while the banner is printed, stops the servers:
+    # their threads would otherwise keep the process from exiting.
     try:
+        # SIGTERM (docker stop, systemd) ends the process as cleanly as Ctrl-C does.
+        signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+        banner = [
+            f"WooCommerce sandbox store: {server.url}",
+            f"REST API:                  {server.url}{API_PREFIX}",
+            f"consumer key:              {args.key}",
+            f"consumer secret:           {args.secret}",
+            f"{len(store.customers)} customers, {len(store.orders)} orders, "
+            f"{len(store.products)} products; Ctrl-C to stop",
+        ]
+        if destinations is not None:
+            banner += [
+                f"Klaviyo base_url:          {destinations.klaviyo_url}",
+                f"  api key / list:          {args.klaviyo_key} / {args.klaviyo_list}",
+                f"Mailchimp base_url:        {destinations.mailchimp_url}",
+                f"  api key / list:          {args.mailchimp_key} / {args.mailchimp_list}",
+                f"Webhook URL:               {destinations.webhook_url('default')}",
+                f"  secret:                  {args.webhook_secret}",
+            ]
+        print("\n".join(banner), flush=True)
         while not stopped.wait(0.5):
             pass
     except KeyboardInterrupt:
