@@ -222,12 +222,12 @@ class _Currencies:
             self.params.update({f"cur{i}": code, f"num{i}": factor.numerator})
             self.params[f"den{i}"] = factor.denominator
 
-    def sums(self, expr: str, name: str, cur: str = "cur") -> str:
+    def sums(self, expr: str, name: str) -> str:
         """One summed column per currency (none without orders)."""
         if len(self.codes) == 1:  # every row is in it
             return f", {_sum(expr)} AS {name}0"
         return "".join(
-            f", {_sum(f'CASE WHEN {cur} = :cur{i} THEN {expr} ELSE 0 END')} AS {name}{i}"
+            f", {_sum(f'CASE WHEN cur = :cur{i} THEN {expr} ELSE 0 END')} AS {name}{i}"
             for i in range(len(self.codes))
         )
 
@@ -456,13 +456,7 @@ class _ProductsAside(ProductTables):
         work.create(
             conn, "t_prod", "cid INTEGER PRIMARY KEY, distinct_products INTEGER, category VARCHAR"
         )
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        cursor = raw.cursor()
-        try:
-            cursor.executemany("INSERT INTO t_prod VALUES (?, ?, ?)", rows)
-        finally:
-            cursor.close()
+        _insert_rows(conn, "t_prod", ("cid", "distinct_products", "category"), rows)
 
     def cancel(self) -> None:
         if not self._result.done() and self._dbapi is not None:
@@ -657,26 +651,35 @@ def write_scores(
     order_value: Sequence[int | None],
     clv_12m: Sequence[int | None],
 ) -> None:
-    """Fill ``t_clv`` with the buyers' model scores and RFM scores (COPY on Postgres,
-    executemany on SQLite)."""
+    """Fill ``t_clv`` with the buyers' model scores and RFM scores."""
     r, f, m = (s.tolist() for s in rfm)
     rows = list(
         zip(customer_id.tolist(), p_alive, expected_90d, order_value, clv_12m, r, f, m, strict=True)
     )
+    columns = ("cid", "p_alive", "exp90", "eov", "clv", "r", "f", "m")
+    _insert_rows(conn, "t_clv", columns, rows)
+
+
+def _insert_rows(
+    conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Bulk-insert plain rows into a work table: COPY on Postgres, executemany on SQLite
+    (both straight on the driver: no SQLAlchemy row per row)."""
     if not rows:
         return
-    columns = "cid, p_alive, exp90, eov, clv, r, f, m"
     raw = conn.connection.dbapi_connection
     assert raw is not None
+    names = ", ".join(columns)
     if conn.dialect.name == "postgresql":
-        copy_sql = f"COPY t_clv ({columns}) FROM STDIN"
+        copy_sql = f"COPY {table} ({names}) FROM STDIN"
         with raw.cursor() as cur, cur.copy(copy_sql) as copy:  # type: ignore[attr-defined]
             for row in rows:
                 copy.write_row(row)
         return
     cursor = raw.cursor()
     try:
-        cursor.executemany(f"INSERT INTO t_clv ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        marks = ", ".join("?" for _ in columns)
+        cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
     finally:
         cursor.close()
 
