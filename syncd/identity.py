@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import Connection, and_, delete, or_, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
 
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.models import (
@@ -35,6 +35,17 @@ RANK_ORDER = 1
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 COUNTRIES = frozenset(phonenumbers.SUPPORTED_REGIONS) | {"XK"}
+
+
+# Run for every page of orders: built once (see syncd.ingest).
+_REGISTERED = select(IDENTITIES.c.value, IDENTITIES.c.customer_id).where(
+    IDENTITIES.c.source == bindparam("source"),
+    IDENTITIES.c.kind == "customer_id",
+    IDENTITIES.c.value.in_(bindparam("values", expanding=True)),
+)
+_PEOPLE_BY_EMAIL = select(CUSTOMERS.c.email, CUSTOMERS.c.id).where(
+    CUSTOMERS.c.email.in_(bindparam("emails", expanding=True))
+)
 
 
 def normalize_email(value: object) -> str | None:
@@ -315,12 +326,7 @@ def resolve_guests(conn: Connection, source: str, people: Sequence[PersonAttrs])
         update=("created_at",),
         where=_earlier,
     )
-    ids = {
-        r.email: r.id
-        for r in conn.execute(
-            select(CUSTOMERS.c.email, CUSTOMERS.c.id).where(CUSTOMERS.c.email.in_(list(best)))
-        )
-    }
+    ids: dict[str, int] = dict(conn.execute(_PEOPLE_BY_EMAIL, {"emails": list(best)}).all())
     upsert(
         conn,
         IDENTITIES,
@@ -346,13 +352,8 @@ def registered_people(
     values = sorted({str(i) for i in customer_source_ids})
     if not values:
         return {}
-    rows = conn.execute(
-        select(IDENTITIES.c.value, IDENTITIES.c.customer_id).where(
-            tuple_(IDENTITIES.c.source, IDENTITIES.c.kind) == (source, "customer_id"),
-            IDENTITIES.c.value.in_(values),
-        )
-    )
-    return {int(r.value): r.customer_id for r in rows}
+    rows = conn.execute(_REGISTERED, {"source": source, "values": values})
+    return {int(value): person for value, person in rows}
 
 
 def split_old_email(conn: Connection, source: str, person: int, old_email: str) -> None:

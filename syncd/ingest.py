@@ -17,14 +17,17 @@ Invariants (see DESIGN.md, "Incremental sync"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, delete, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, select, update
 
 from syncd.config import WooCommerceSourceSettings
 from syncd.http import ApiError, AuthError
@@ -88,6 +91,36 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+# Parsed pages are tens of thousands of short-lived containers per second. At CPython's
+# default gen0 threshold (700) they trigger a full collection every ~2,000 orders, each a
+# walk of the whole heap: measured at 1.1-1.4 s of a 5 s, 20,000-order sync. Runs raise
+# the threshold (cycles are still collected, only less often; payloads hold none) and put
+# it back when the last concurrent run ends.
+GC_GEN0_DURING_SYNC = 25_000
+_gc_lock = threading.Lock()
+_gc_runs = 0
+_gc_saved: tuple[int, int, int] | None = None
+
+
+@contextlib.contextmanager
+def fewer_collections() -> Iterator[None]:
+    global _gc_runs, _gc_saved
+    with _gc_lock:
+        if _gc_runs == 0:
+            _gc_saved = gc.get_threshold()
+            if _gc_saved[0] < GC_GEN0_DURING_SYNC:
+                gc.set_threshold(GC_GEN0_DURING_SYNC, *_gc_saved[1:])
+        _gc_runs += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_runs -= 1
+            if _gc_runs == 0 and _gc_saved is not None:
+                gc.set_threshold(*_gc_saved)
+                _gc_saved = None
+
+
 @dataclass
 class StreamCounts:
     fetched: int = 0  # records read from the source
@@ -116,6 +149,14 @@ class SyncResult:
                 out[f"{stream}.{k}"] = v
         out["requests"] = self.requests
         return out
+
+
+# Statements run for every page of orders, built once: building and keying a statement
+# costs more than SQLite takes to run it on a page.
+_ORDER_IDS = select(ORDERS.c.source_id, ORDERS.c.id).where(
+    ORDERS.c.source == bindparam("source"), ORDERS.c.source_id.in_(bindparam("ids", expanding=True))
+)
+_DELETE_ITEMS = delete(ITEMS).where(ITEMS.c.order_id.in_(bindparam("ids", expanding=True)))
 
 
 # The streams whose records can arrive outside a poll (webhook deliveries).
@@ -176,6 +217,10 @@ class SourceSync:
     # -- the run ----------------------------------------------------------------------
 
     async def run(self, *, full: bool = False, streams: Sequence[str] | None = None) -> SyncResult:
+        with fewer_collections():
+            return await self._run(full, streams)
+
+    async def _run(self, full: bool, streams: Sequence[str] | None) -> SyncResult:
         self.full = full
         self.run_start = self.clock()
         self.counts = {}  # this run's: each result keeps its own
@@ -690,14 +735,10 @@ class SourceSync:
             rows.append({**o.row, "customer_id": person})
         upsert(conn, ORDERS, rows, keys=("source", "source_id"))
         order_ids: dict[int, int] = dict(
-            conn.execute(
-                select(ORDERS.c.source_id, ORDERS.c.id).where(
-                    ORDERS.c.source == self.name, ORDERS.c.source_id.in_(list(by_id))
-                )
-            ).all()
+            conn.execute(_ORDER_IDS, {"source": self.name, "ids": list(by_id)}).all()
         )
         # Items are replaced: an edited order can lose lines.
-        conn.execute(delete(ITEMS).where(ITEMS.c.order_id.in_(list(order_ids.values()))))
+        conn.execute(_DELETE_ITEMS, {"ids": list(order_ids.values())})
         item_rows = [
             {**item, "order_id": order_ids[o.row["source_id"]]} for o in parsed for item in o.items
         ]

@@ -237,3 +237,61 @@ def test_naive_datetimes_are_refused(engine: Engine) -> None:
     row["created_at"] = datetime(2024, 6, 1, 14, 0)
     with pytest.raises(Exception, match="naive"), engine.begin() as conn:
         upsert(conn, ORDERS, [row], keys=("source", "source_id"))
+
+
+def test_one_instant_compares_equal_whichever_path_wrote_it(engine: Engine) -> None:
+    # The bulk upsert binds through the driver, Core statements through SQLAlchemy: on
+    # SQLite both must write the same text, or `>=` misses the row at exactly that instant.
+    when = datetime(2024, 3, 1, 9, 30, 0, tzinfo=UTC)
+    later = datetime(2024, 3, 1, 9, 30, 0, 250_000, tzinfo=UTC)
+    with engine.begin() as conn:
+        upsert(
+            conn,
+            STATE,
+            [{"source": "a", "stream": "orders", "cursor": when, "updated_at": later}],
+            keys=("source", "stream"),
+        )
+        conn.execute(
+            insert(STATE).values(source="b", stream="orders", cursor=when, updated_at=later)
+        )
+    with engine.connect() as conn:
+        at_or_after = conn.execute(
+            select(STATE.c.source).where(STATE.c.cursor >= when).order_by(STATE.c.source)
+        ).scalars()
+        assert list(at_or_after) == ["a", "b"]
+        assert (
+            conn.execute(
+                select(func.count()).select_from(STATE).where(STATE.c.cursor == when)
+            ).scalar()
+            == 2
+        )
+        if engine.dialect.name == "sqlite":
+            stored = conn.execute(text("SELECT cursor, updated_at FROM sync_state")).all()
+            assert {tuple(r) for r in stored} == {
+                ("2024-03-01 09:30:00", "2024-03-01 09:30:00.250000")
+            }
+
+
+def test_migration_0006_rewrites_the_old_sqlite_text_of_whole_seconds(tmp_path: Any) -> None:
+    from syncd.store.migrate import upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path}/old.db")
+    try:
+        upgrade(engine, "0005")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO sync_state (source, stream, cursor, reconciled_at, updated_at) "
+                    "VALUES ('a', 'orders', '2024-03-01 09:30:00.000000', NULL, "
+                    "'2024-03-01 09:30:00.250000')"
+                )
+            )
+        upgrade(engine)
+        with engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT cursor, reconciled_at, updated_at FROM sync_state")
+            ).one()
+        # Whole seconds lose the zeros; a fraction and NULL stay as they were.
+        assert tuple(row) == ("2024-03-01 09:30:00", None, "2024-03-01 09:30:00.250000")
+    finally:
+        engine.dispose()
