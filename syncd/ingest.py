@@ -44,6 +44,7 @@ from syncd.sources.woocommerce import (
     STREAM_ORDER,
     STREAMS,
     BadRecord,
+    OrderRow,
     Page,
     Stream,
     WooCommerceClient,
@@ -176,6 +177,15 @@ class AppliedBatch:
     stale: int = 0  # payloads older than the stored row, left out
 
 
+@dataclass
+class _OrderBatch:
+    """A page of orders parsed off the store thread, with the accounts they need first."""
+
+    customers: list[Any]
+    orders: list[OrderRow] = field(default_factory=list)
+    bad: list[tuple[Any, str]] = field(default_factory=list)  # payload, quarantine reason
+
+
 # What a handler does with one page: an async step that may fetch more (variations, unknown
 # customers), then a synchronous commit on a connection, in a transaction shared with the cursor.
 Prepare = Callable[[list[Any]], Awaitable[Any]]
@@ -290,8 +300,25 @@ class SourceSync:
             self.currency = await self._store_currency()
         prepare, commit = self._handlers(stream.name)
         had_rows = self._has_rows(stream.name)
+        # Each variant's first window starts where its own cursor says, so every variant's
+        # first page is asked for now: a later variant (the trash) then costs no round trip
+        # of its own after the first one's pages.
+        windows = []
         for suffix, variant in stream.variants:
-            await self._windowed(stream, suffix, variant, prepare, commit)
+            key = stream.name + suffix
+            cursor = None if self.full else self._cursor(key)
+            start = cursor - self.overlap if cursor is not None else None
+            params = self.client.window_params(variant, start, self.run_start)
+            first = asyncio.create_task(self.client.page(stream.path, params, 1))
+            windows.append((key, variant, start, first))
+        try:
+            for key, variant, start, first in windows:
+                await self._windowed(stream, key, variant, start, first, prepare, commit)
+        finally:
+            for *_, first in windows:
+                if first.done() and not first.cancelled():
+                    first.exception()  # retrieved: a variant not read is not an error of its own
+                first.cancel()
         if self._reconcile_due(stream.name):
             if had_rows:
                 await self._reconcile(stream)
@@ -312,21 +339,24 @@ class SourceSync:
     async def _windowed(
         self,
         stream: Stream,
-        suffix: str,
+        key: str,
         variant: Mapping[str, str],
+        start: datetime | None,
+        first: asyncio.Task[Page],
         prepare: Prepare,
         commit: Commit,
     ) -> None:
-        key = stream.name + suffix
-        cursor = None if self.full else self._cursor(key)
-        start = cursor - self.overlap if cursor is not None else None
+        """Read ``key``'s window from ``start`` to the run's start; ``first`` is the first
+        pass's first page, already asked for."""
         upper = self.run_start
+        asked: asyncio.Task[Page] | None = first
         for _ in range(MAX_PASSES):
             self.counts[stream.name].passes += 1
             params = self.client.window_params(variant, start, upper)
             stable, checkpoint = await self._read_window(
-                stream, key, params, upper, prepare, commit
+                stream, key, params, upper, prepare, commit, asked
             )
+            asked = None  # later passes start elsewhere: their first page is asked for then
             if stable:
                 return
             # Rows moved while the window was read: read on from the last safe checkpoint.
@@ -348,8 +378,9 @@ class SourceSync:
         upper: datetime,
         prepare: Prepare,
         commit: Commit,
+        asked: asyncio.Task[Page] | None = None,
     ) -> tuple[bool, datetime | None]:
-        first = await self.client.page(stream.path, params, 1)
+        first = await (asked or self.client.page(stream.path, params, 1))
         initial_total = first.total
         total_pages = first.total_pages
         if total_pages is None:  # a host that strips the paging headers: read on to a short page
@@ -360,6 +391,7 @@ class SourceSync:
         pending: dict[int, asyncio.Task[Page]] = {}
         next_fetch = 2
         writer = _PageWriter(self.engine)
+        writing: asyncio.Future[None] | None = None  # the page in the store thread
         try:
             for number in range(1, total_pages + 1):
                 while next_fetch <= total_pages and next_fetch <= number + self.lookahead:
@@ -378,15 +410,23 @@ class SourceSync:
                     else:
                         new_cursor = _max_modified(page.items)
                         checkpoint = new_cursor or checkpoint
-                await self._apply(writer, stream.name, key, page.items, new_cursor, prepare, commit)
+                writing = await self._apply(
+                    writer, stream.name, key, page.items, new_cursor, prepare, commit, writing
+                )
                 # Commit every FLUSH_ROWS rows or FLUSH_SECONDS, and at the window's end: a
                 # crash loses only uncommitted pages, which the next run reads again.
                 if last or writer.due():
+                    await writing
+                    writing = None
                     await self._in_db_thread(writer.flush)
                 if self.progress:
                     self.progress(key, number, total_pages)
             await self._in_db_thread(writer.flush)
         finally:
+            if writing is not None:
+                # Something else failed: that error is the one raised, this write is undone.
+                with contextlib.suppress(Exception):
+                    await writing
             await self._in_db_thread(writer.abort)
             for task in pending.values():
                 task.cancel()
@@ -408,7 +448,9 @@ class SourceSync:
             while True:
                 last = len(page.items) < self.client.per_page
                 cursor = upper if last else _max_modified(page.items)
-                await self._apply(writer, stream.name, key, page.items, cursor, prepare, commit)
+                await (
+                    await self._apply(writer, stream.name, key, page.items, cursor, prepare, commit)
+                )
                 await self._in_db_thread(writer.flush)
                 if last:
                     return True, cursor
@@ -425,10 +467,16 @@ class SourceSync:
         cursor: datetime | None,
         prepare: Prepare,
         commit: Commit,
-    ) -> None:
-        """Write one page's rows and, in the same transaction, the cursor that covers them."""
+        previous: asyncio.Future[None] | None = None,
+    ) -> asyncio.Future[None]:
+        """Start writing one page's rows and, in the same transaction, the cursor that covers
+        them; returns the write, running in the store thread. The page is prepared while
+        ``previous`` (the page before) is still being written, then waits for it: pages are
+        written in order, and a failed write stops the window before the next one starts."""
         prepared = await prepare(items)
         self.counts[stream].fetched += len(items)
+        if previous is not None:
+            await previous
 
         def work() -> None:
             conn = writer.connection()
@@ -436,14 +484,18 @@ class SourceSync:
             if cursor is not None:
                 self._save_cursor(conn, key, cursor)
 
-        await self._in_db_thread(work)
         writer.rows += len(items)
+        return self._db_job(work)
+
+    def _db_job(self, fn: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+        """Store work off the event loop, so responses keep arriving while pages are written;
+        one thread, so a transaction stays on the connection's own thread and jobs run in
+        the order they were started."""
+        assert self._db is not None, "store work happens inside a run"
+        return asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
 
     async def _in_db_thread(self, fn: Callable[..., None], *args: Any) -> None:
-        """Store work off the event loop, so responses keep arriving while pages are written;
-        one thread, so a transaction stays on the connection's own thread."""
-        assert self._db is not None, "store work happens inside a run"
-        await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+        await self._db_job(fn, *args)
 
     # -- cursors ----------------------------------------------------------------------
 
@@ -658,9 +710,10 @@ class SourceSync:
 
     # -- orders -----------------------------------------------------------------------
 
-    async def _prepare_orders(self, items: list[Any]) -> tuple[list[Any], list[Any]]:
+    async def _prepare_orders(self, items: list[Any]) -> _OrderBatch:
         """Registered buyers the store does not know yet are fetched first, so an order always
-        links to its account (not to a person guessed from the billing email)."""
+        links to its account (not to a person guessed from the billing email). The orders are
+        parsed here, on the event loop, while the store thread writes the page before."""
         cids = {
             i["customer_id"]
             for i in items
@@ -675,7 +728,23 @@ class SourceSync:
             customers = await self.client.by_ids("customers", unknown, {"role": "all"})
             # Asked once per run: an id the store does not serve goes by email (see commit).
             known.update(unknown)
-        return items, customers
+        return self._parse_orders(items, customers)
+
+    def _parse_orders(self, items: list[Any], customers: list[Any]) -> _OrderBatch:
+        batch = _OrderBatch(customers=customers)
+        by_id: dict[int, OrderRow] = {}
+        for payload in items:
+            try:
+                if not isinstance(payload, Mapping):
+                    raise BadRecord("expected a JSON object")
+                order = parse_order(payload, self.name)
+            except BadRecord as exc:
+                batch.bad.append((payload, str(exc)))
+                continue
+            # One order per id in a page (a page can't repeat one, but be safe for upserts).
+            by_id[order.row["source_id"]] = order
+        batch.orders = list(by_id.values())
+        return batch
 
     def _known_customers(self) -> set[int]:
         """Account ids the store already links to people (loaded once per run)."""
@@ -691,25 +760,17 @@ class SourceSync:
                 }
         return self._known
 
-    def _commit_orders(self, conn: Connection, prepared: tuple[list[Any], list[Any]]) -> None:
-        items, customers = prepared
-        if customers:
+    def _commit_orders(self, conn: Connection, batch: _OrderBatch) -> None:
+        if batch.customers:
             self.counts.setdefault("customers", StreamCounts())
-            self._commit_customers(conn, customers)
+            self._commit_customers(conn, batch.customers)
         counts = self.counts["orders"]
-        parsed = []
-        for payload in items:
-            try:
-                if not isinstance(payload, Mapping):
-                    raise BadRecord("expected a JSON object")
-                parsed.append(parse_order(payload, self.name))
-            except BadRecord as exc:
-                self._quarantine(conn, "orders", payload, str(exc))
+        for payload, reason in batch.bad:
+            self._quarantine(conn, "orders", payload, reason)
+        parsed = batch.orders
         if not parsed:
             return
-        # One order per id in a page (a page can't repeat one, but be safe for upserts).
         by_id = {o.row["source_id"]: o for o in parsed}
-        parsed = list(by_id.values())
 
         registered = registered_people(
             conn, self.name, [o.customer_source_id for o in parsed if o.customer_source_id]

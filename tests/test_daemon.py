@@ -681,7 +681,8 @@ def test_stop_finishes_a_short_run_and_abandons_a_long_one_within_the_timeout(
         assert daemon.readiness() == {"scheduler_running": False, "overdue_jobs": []}
         assert not daemon.run_now("source:wc")  # no new work after stop
 
-        shop.faults = FaultConfig(latency_ms=200)  # a run of a second or two
+        # A run of several round trips in a row (customers, then each stream): 2 s or more.
+        shop.faults = FaultConfig(latency_ms=600)
         daemon = Daemon(engine, settings, [], recompute_every=None)
         await daemon.start()
         assert daemon.run_now("source:wc")

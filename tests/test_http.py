@@ -1180,3 +1180,28 @@ def test_real_requests_per_second_pacing_holds() -> None:
     assert gaps[len(gaps) // 2] >= 0.5 / rate
     # And pacing does not serialize further than asked.
     assert elapsed < (count - 1) / rate + 1.0
+
+
+def test_a_response_and_its_body_are_freed_without_the_cycle_collector() -> None:
+    # httpx links a response and its stream both ways; unbroken, every page of a sync
+    # (body included) lives until a full collection, and memory grows with the pages read.
+    import gc
+    import weakref
+
+    fake = FakeTime()
+
+    async def scenario() -> weakref.ref[httpx.Response]:
+        async with make_client(fake) as client:
+            body, response = await client.request_json("GET", "/wp-json/wc/v3/orders")
+            assert body == [{"id": 1}]
+            return weakref.ref(response)
+
+    gc.collect()
+    gc.disable()
+    try:
+        with respx.mock:
+            respx.get(ORDERS).mock(return_value=httpx.Response(200, json=[{"id": 1}]))
+            ref = run(scenario())
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -30,7 +30,7 @@ def _sync(engine: Engine) -> SourceSync:
 
 def _orders(sync: SourceSync, *payloads: Any, customers: list[Any] | None = None) -> None:
     with sync.engine.begin() as conn:
-        sync._commit_orders(conn, (list(payloads), customers or []))
+        sync._commit_orders(conn, sync._parse_orders(list(payloads), customers or []))
 
 
 def _customers(sync: SourceSync, *payloads: Any) -> None:

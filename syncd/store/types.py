@@ -50,7 +50,7 @@ class UTCDateTime(TypeDecorator[datetime]):
                 raise ValueError(f"naive datetime {value!r}: syncd stores UTC instants only")
             value = value.astimezone(UTC)
         if dialect.name == "sqlite":
-            return value.replace(tzinfo=None).isoformat(" ")
+            return value.isoformat(" ")[:-6]  # without "+00:00": cheaper than replace()
         return value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
