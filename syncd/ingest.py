@@ -342,21 +342,20 @@ class SourceSync:
         key: str,
         variant: Mapping[str, str],
         start: datetime | None,
-        first: asyncio.Task[Page],
+        first: asyncio.Task[Page] | None,
         prepare: Prepare,
         commit: Commit,
     ) -> None:
         """Read ``key``'s window from ``start`` to the run's start; ``first`` is the first
         pass's first page, already asked for."""
         upper = self.run_start
-        asked: asyncio.Task[Page] | None = first
         for _ in range(MAX_PASSES):
             self.counts[stream.name].passes += 1
             params = self.client.window_params(variant, start, upper)
             stable, checkpoint = await self._read_window(
-                stream, key, params, upper, prepare, commit, asked
+                stream, key, params, upper, prepare, commit, first
             )
-            asked = None  # later passes start elsewhere: their first page is asked for then
+            first = None  # later passes start elsewhere: their first page is asked for then
             if stable:
                 return
             # Rows moved while the window was read: read on from the last safe checkpoint.
@@ -770,8 +769,6 @@ class SourceSync:
         parsed = batch.orders
         if not parsed:
             return
-        by_id = {o.row["source_id"]: o for o in parsed}
-
         registered = registered_people(
             conn, self.name, [o.customer_source_id for o in parsed if o.customer_source_id]
         )
@@ -796,7 +793,9 @@ class SourceSync:
             rows.append({**o.row, "customer_id": person})
         upsert(conn, ORDERS, rows, keys=("source", "source_id"))
         order_ids: dict[int, int] = dict(
-            conn.execute(_ORDER_IDS, {"source": self.name, "ids": list(by_id)}).all()
+            conn.execute(
+                _ORDER_IDS, {"source": self.name, "ids": [o.row["source_id"] for o in parsed]}
+            ).all()
         )
         # Items are replaced: an edited order can lose lines.
         conn.execute(_DELETE_ITEMS, {"ids": list(order_ids.values())})
