@@ -12,9 +12,11 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from syncd.config import ConfigError, Settings, load_settings
+from syncd.segments import memberships as memberships_module
 from syncd.segments.recompute import SegmentError, recompute
 from syncd.store.models import CUSTOMERS, MEMBERSHIPS, MODEL_FITS, ORDERS, PROFILES, SYNC_RUNS
 
@@ -300,3 +302,55 @@ def test_profiles_follow_deleted_customers(engine: Engine, shop: Shop) -> None:
     result = recompute(engine, config, now=later)
     assert result.profiles == 1
     assert ("everyone", 2, T0, later) in memberships(engine)
+
+
+def _index_definitions(engine: Engine, table: str) -> set[str]:
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            sql = "SELECT indexdef FROM pg_indexes WHERE tablename = :t"
+        else:
+            sql = (
+                "SELECT coalesce(sql, name) FROM sqlite_master "
+                "WHERE tbl_name = :t AND type = 'index'"
+            )
+        return set(conn.execute(text(sql), {"t": table}).scalars())
+
+
+def test_a_first_fill_of_the_memberships_keeps_their_indexes_and_rules(
+    engine: Engine, shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every first fill takes the bulk path (indexes built after the rows, on Postgres).
+    monkeypatch.setattr(memberships_module, "FIRST_FILL_ROWS", 1)
+    tables = ("segment_memberships", "customer_profiles")
+    before = {t: _index_definitions(engine, t) for t in tables}
+    assert len(before["segment_memberships"]) >= 2
+    # SQLite keeps the profiles' integer key as the rowid: no index of its own.
+    assert bool(before["customer_profiles"]) == (engine.dialect.name == "postgresql")
+    for cid in (1, 2, 3):
+        shop.customer(cid)
+    shop.order(1, T0 - timedelta(days=10), 20_000)
+    shop.order(2, T0 - timedelta(days=10), 5_000)
+    config = settings(big={"rule": "net_revenue_minor >= 10000"}, all={"rule": "orders_count >= 0"})
+    r1 = recompute(engine, config, now=T0)
+    assert {n: c.as_dict() for n, c in r1.segments.items()} == {
+        "all": {"size": 3, "entered": 3, "exited": 0},
+        "big": {"size": 1, "entered": 1, "exited": 0},
+    }
+    assert {t: _index_definitions(engine, t) for t in before} == before
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(PROFILES)).scalar_one() == 3
+    # The open-membership rule is enforced again: one open row per segment and customer.
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(insert(MEMBERSHIPS).values(segment="big", customer_id=1, entered_at=T0))
+    # The next recompute is not a first fill; it diffs against the rows as usual.
+    shop.order(2, T0 + timedelta(days=1), 6_000)
+    t2 = T0 + timedelta(days=2)
+    r2 = recompute(engine, config, now=t2)
+    assert r2.segments["big"].as_dict() == {"size": 2, "entered": 1, "exited": 0}
+    assert memberships(engine) == {
+        ("all", 1, T0, None),
+        ("all", 2, T0, None),
+        ("all", 3, T0, None),
+        ("big", 1, T0, None),
+        ("big", 2, t2, None),
+    }

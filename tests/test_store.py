@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, insert, inspect, select, text
+from sqlalchemy import Connection, Engine, func, insert, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
+from syncd.store.bulk import indexes_built_after
 from syncd.store.engine import StoreError, make_engine, open_store
 from syncd.store.migrate import current_revision, head_revision
 from syncd.store.models import ORDERS
 from syncd.store.models import SYNC_STATE as STATE
 from syncd.store.upsert import upsert
+from tests.conftest import POSTGRES_URL, _drop_postgres_database, _fresh_postgres_database
 
 PUBLIC_TABLES = {
     "customers",
@@ -293,5 +297,82 @@ def test_migration_0006_rewrites_the_old_sqlite_text_of_whole_seconds(tmp_path: 
             ).one()
         # Whole seconds lose the zeros; a fraction and NULL stay as they were.
         assert tuple(row) == ("2024-03-01 09:30:00", None, "2024-03-01 09:30:00.250000")
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="SYNCD_TEST_POSTGRES_URL is not set")
+def test_indexes_built_after_a_load_come_back_as_they_were_or_not_at_all() -> None:
+    name, url = _fresh_postgres_database()
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE parent (id INTEGER PRIMARY KEY, k INTEGER)")
+            conn.exec_driver_sql("CREATE TABLE child (id INTEGER REFERENCES parent (id))")
+            conn.exec_driver_sql(
+                "CREATE TABLE bulk (id INTEGER PRIMARY KEY, a INTEGER, b TEXT, "
+                "CONSTRAINT bulk_b UNIQUE (b))"
+            )
+            conn.exec_driver_sql("CREATE INDEX bulk_a ON bulk (a) WHERE b LIKE 'x%%'")
+            conn.exec_driver_sql("CREATE INDEX parent_k ON parent (k)")
+
+        def definitions(conn: Connection) -> set[tuple[str, str, int]]:
+            return set(  # type: ignore[arg-type]
+                conn.execute(
+                    text(
+                        "SELECT i.tablename, i.indexdef, c.oid::int FROM pg_indexes i "
+                        "JOIN pg_class c ON c.relname = i.indexname "
+                        "WHERE i.tablename IN ('bulk', 'parent')"
+                    )
+                ).all()
+            )
+
+        with engine.connect() as conn:
+            before = definitions(conn)
+        parent_key = {oid for table, sql, oid in before if "parent_pkey" in sql}
+
+        with engine.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE bulk, parent CASCADE")
+            with indexes_built_after(conn, "bulk"), indexes_built_after(conn, "parent"):
+                inside = {sql for _, sql, _ in definitions(conn)}
+                conn.exec_driver_sql(
+                    "INSERT INTO bulk SELECT g, mod(g, 7), 'b' || g FROM generate_series(1, 1000) g"
+                )
+                conn.exec_driver_sql("INSERT INTO parent SELECT g, g FROM generate_series(1, 9) g")
+        # Inside: all gone but the key a foreign key points at.
+        assert inside == {sql for _, sql, oid in before if oid in parent_key}
+        with engine.connect() as conn:
+            after = definitions(conn)
+        assert {(t, sql) for t, sql, _ in after} == {(t, sql) for t, sql, _ in before}
+        assert {oid for _, sql, oid in after if "parent_pkey" in sql} == parent_key
+
+        # A load that breaks a unique key fails when the key is built: nothing of it stays.
+        with (
+            pytest.raises(IntegrityError),
+            engine.begin() as conn,
+            indexes_built_after(conn, "bulk"),
+        ):
+            conn.exec_driver_sql("INSERT INTO bulk VALUES (5000, 1, 'b1')")
+        with engine.connect() as conn:
+            assert {(t, sql) for t, sql, _ in definitions(conn)} == {
+                (t, sql) for t, sql, _ in before
+            }
+            assert conn.exec_driver_sql("SELECT count(*) FROM bulk").scalar_one() == 1000
+    finally:
+        engine.dispose()
+        _drop_postgres_database(name)
+
+
+def test_indexes_built_after_does_nothing_on_sqlite(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE bulk (id INTEGER PRIMARY KEY, b TEXT UNIQUE)")
+            conn.exec_driver_sql("CREATE INDEX bulk_b2 ON bulk (b)")
+            with indexes_built_after(conn, "bulk"):
+                names = conn.exec_driver_sql(
+                    "SELECT name FROM sqlite_master WHERE tbl_name = 'bulk' AND type = 'index'"
+                ).scalars()
+                assert "bulk_b2" in set(names)
     finally:
         engine.dispose()

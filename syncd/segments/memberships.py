@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from syncd.config import SegmentSettings
 from syncd.segments import work
 from syncd.segments.rules import compile_rule
+from syncd.store.bulk import indexes_built_after
 from syncd.store.models import MEMBERSHIPS, PROFILES
 
 
@@ -160,6 +161,24 @@ def select_members(
     return sizes
 
 
+# From this many rows on, a first fill of an empty memberships table builds its indexes
+# after the insert rather than row by row (see syncd.store.bulk).
+FIRST_FILL_ROWS = 50_000
+
+
+def _first_fill(conn: Connection, rows: int) -> bool:
+    """Postgres, ``rows`` to open and not one membership stored yet (a first recompute):
+    the table is then locked for the rest of the transaction. Readers of an empty table
+    lose nothing by waiting for the commit."""
+    if conn.dialect.name != "postgresql" or rows < FIRST_FILL_ROWS:
+        return False
+    if conn.execute(select(MEMBERSHIPS.c.id).limit(1)).first() is not None:
+        return False
+    conn.execute(text(f"LOCK TABLE {MEMBERSHIPS.name} IN ACCESS EXCLUSIVE MODE"))
+    # Checked again under the lock: a row committed meanwhile keeps the indexes in place.
+    return conn.execute(select(MEMBERSHIPS.c.id).limit(1)).first() is None
+
+
 def record_changes(
     conn: Connection,
     sizes: Mapping[str, int],
@@ -209,16 +228,15 @@ def record_changes(
     )
     if write:
         conn.execute(update(m).where(m.c.id.in_(select(T_EXITS.c.id))).values(exited_at=at))
-        conn.execute(
-            insert(m).from_select(
-                ["segment", "customer_id", "entered_at"],
-                select(
-                    T_ENTERS.c.segment,
-                    T_ENTERS.c.customer_id,
-                    literal(at, m.c.entered_at.type),
-                ),
-            )
+        opening = insert(m).from_select(
+            ["segment", "customer_id", "entered_at"],
+            select(T_ENTERS.c.segment, T_ENTERS.c.customer_id, literal(at, m.c.entered_at.type)),
         )
+        if not scoped and _first_fill(conn, sum(entered.values())):
+            with indexes_built_after(conn, m.name):
+                conn.execute(opening)
+        else:
+            conn.execute(opening)
     if scoped and write:
         # Only the segments these customers are in, entered or left: the others did not
         # change. Their sizes are counted from the open rows (everyone else's included).

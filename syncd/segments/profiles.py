@@ -40,6 +40,7 @@ from sqlalchemy import Connection, CursorResult, Engine, text
 from syncd.config import ProfileSettings
 from syncd.money import exponent
 from syncd.segments import work
+from syncd.store.bulk import indexes_built_after
 from syncd.store.models import PRODUCTS
 
 EPOCH_DAY = 86_400
@@ -821,53 +822,56 @@ def write_profiles(
         "lapsed_p": life.lapsed_p_alive,
         "at_risk_p": life.at_risk_p_alive,
     }
-    result = conn.execute(
-        work.bound(
-            f"""
-        INSERT INTO customer_profiles (
-            customer_id, email, first_name, last_name, country,
-            orders_count, gross_revenue_minor, refunded_minor, net_revenue_minor, currency,
-            avg_order_value_minor, first_order_at, last_order_at, days_since_last_order,
-            avg_days_between_orders, distinct_products, top_category, coupon_order_share,
-            acquisition_source, r_score, f_score, m_score, rfm_segment,
-            p_alive, expected_orders_90d, expected_order_value_minor, clv_12m_minor,
-            lifecycle_stage, has_open_cart, cart_value_minor, cart_updated_at,
-            as_of, computed_at
-        )
-        SELECT c.id, c.email, c.first_name, c.last_name, c.country,
-               COALESCE(b.orders_count, 0), COALESCE(b.gross, 0), COALESCE(b.refunded, 0),
-               COALESCE(b.net, 0), :currency,
-               CASE WHEN b.cid IS NOT NULL THEN {_round_div("b.net", "b.orders_count")} END,
-               b.first_at, b.last_at, b.days_since, b.avg_gap,
-               COALESCE(pr.distinct_products, 0), pr.category,
-               CASE WHEN b.cid IS NOT NULL THEN b.coupons * 1.0 / b.orders_count END,
-               fi.attr,
-               v.r, v.f, v.m,
-               CASE WHEN b.cid IS NOT NULL THEN {rfm_segment_sql()} END,
-               v.p_alive, v.exp90,
-               CASE WHEN b.cid IS NOT NULL
-                    THEN COALESCE(v.eov, {_round_div("b.net", "b.orders_count")}) END,
-               v.clv,
-               {lifecycle},
-               CASE WHEN ca.cid IS NOT NULL THEN {true} ELSE {false} END, ca.value, ca.cart_at,
-               :as_of, :computed_at
-        FROM customers c
-        LEFT JOIN (
-            SELECT a.cid, a.orders_count, a.gross, a.refunded, a.gross - a.refunded AS net,
-                   a.coupons, a.first_at, a.last_at,
-                   :as_of_day - a.last_day AS days_since,
-                   CASE WHEN a.orders_count >= 2
-                        THEN (a.last_day - a.first_day) * 1.0 / (a.orders_count - 1) END
-                       AS avg_gap
-            FROM t_agg a
-        ) b ON b.cid = c.id
-        LEFT JOIN t_first fi ON fi.cid = c.id
-        LEFT JOIN t_prod pr ON pr.cid = c.id
-        LEFT JOIN t_cart ca ON ca.cid = c.id
-        LEFT JOIN t_clv v ON v.cid = c.id{scope}
-        """,
+    # A full write follows a TRUNCATE, which holds the table locked until the commit: its
+    # key is then built once after the rows (Postgres) rather than row by row.
+    with contextlib.nullcontext() if scoped else indexes_built_after(conn, "customer_profiles"):
+        result = conn.execute(
+            work.bound(
+                f"""
+            INSERT INTO customer_profiles (
+                customer_id, email, first_name, last_name, country,
+                orders_count, gross_revenue_minor, refunded_minor, net_revenue_minor, currency,
+                avg_order_value_minor, first_order_at, last_order_at, days_since_last_order,
+                avg_days_between_orders, distinct_products, top_category, coupon_order_share,
+                acquisition_source, r_score, f_score, m_score, rfm_segment,
+                p_alive, expected_orders_90d, expected_order_value_minor, clv_12m_minor,
+                lifecycle_stage, has_open_cart, cart_value_minor, cart_updated_at,
+                as_of, computed_at
+            )
+            SELECT c.id, c.email, c.first_name, c.last_name, c.country,
+                   COALESCE(b.orders_count, 0), COALESCE(b.gross, 0), COALESCE(b.refunded, 0),
+                   COALESCE(b.net, 0), :currency,
+                   CASE WHEN b.cid IS NOT NULL THEN {_round_div("b.net", "b.orders_count")} END,
+                   b.first_at, b.last_at, b.days_since, b.avg_gap,
+                   COALESCE(pr.distinct_products, 0), pr.category,
+                   CASE WHEN b.cid IS NOT NULL THEN b.coupons * 1.0 / b.orders_count END,
+                   fi.attr,
+                   v.r, v.f, v.m,
+                   CASE WHEN b.cid IS NOT NULL THEN {rfm_segment_sql()} END,
+                   v.p_alive, v.exp90,
+                   CASE WHEN b.cid IS NOT NULL
+                        THEN COALESCE(v.eov, {_round_div("b.net", "b.orders_count")}) END,
+                   v.clv,
+                   {lifecycle},
+                   CASE WHEN ca.cid IS NOT NULL THEN {true} ELSE {false} END, ca.value, ca.cart_at,
+                   :as_of, :computed_at
+            FROM customers c
+            LEFT JOIN (
+                SELECT a.cid, a.orders_count, a.gross, a.refunded, a.gross - a.refunded AS net,
+                       a.coupons, a.first_at, a.last_at,
+                       :as_of_day - a.last_day AS days_since,
+                       CASE WHEN a.orders_count >= 2
+                            THEN (a.last_day - a.first_day) * 1.0 / (a.orders_count - 1) END
+                           AS avg_gap
+                FROM t_agg a
+            ) b ON b.cid = c.id
+            LEFT JOIN t_first fi ON fi.cid = c.id
+            LEFT JOIN t_prod pr ON pr.cid = c.id
+            LEFT JOIN t_cart ca ON ca.cid = c.id
+            LEFT JOIN t_clv v ON v.cid = c.id{scope}
+            """,
+                params,
+            ),
             params,
-        ),
-        params,
-    )
+        )
     return int(result.rowcount or 0)
