@@ -1003,8 +1003,9 @@ def test_every_profile_column_at_a_fixed_instant(engine: Engine) -> None:
         recompute(engine, profile_settings(reporting_currency="EUR"), now=A)
     message = str(caught.value)
     assert "USD" in message and "rates" in message, message
-    # On SQLite the product tables were being made on a second connection: stopped.
+    # The product tables were being made on a second connection: stopped, and closed.
     assert not [t for t in threading.enumerate() if t.name.startswith("syncd-products")]
+    assert engine.pool.checkedout() == 0
 
 
 # As of 2026-03-31 (A = 2026-03-31T23:59:59.999999Z): orders and refund rows created up to
@@ -1163,13 +1164,12 @@ def test_two_sources_number_their_products_apart(engine: Engine) -> None:
 def test_product_tables_read_the_same_snapshot_as_the_orders(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a SQLite file store the product tables are made on a second connection while
-    the first reads the orders. Both start reading while no connection can commit, and
-    an order committed afterwards is in neither: the second connection reads one
-    snapshot throughout. (The recompute then fails at its first write, as it always has
-    on SQLite when another process commits meanwhile: WAL refuses a stale writer.)"""
-    if engine.dialect.name != "sqlite":
-        pytest.skip("Postgres makes the product tables on the recompute's own connection")
+    """The product tables are made on a second connection while the first reads the
+    orders. On SQLite both start reading while no connection can commit, and an order
+    committed afterwards is in neither: the second connection reads one snapshot
+    throughout. (The recompute then fails at its first write, as it always has on SQLite
+    when another process commits meanwhile: WAL refuses a stale writer.) On Postgres the
+    second connection reads the snapshot the first exported: the order is not in it."""
     load_shop(engine)
     settings = profile_settings(**EUR_WITH_USD_RATE)
     with engine.connect() as conn:
@@ -1189,7 +1189,7 @@ def test_product_tables_read_the_same_snapshot_as_the_orders(
     seen: list[int] = []
     make = profiles._paid_orders
 
-    def order_committed_meanwhile(conn: Any, *args: Any) -> None:
+    def commit_an_order() -> None:
         with engine.begin() as other:
             other.execute(
                 ORDERS.insert(),
@@ -1208,14 +1208,54 @@ def test_product_tables_read_the_same_snapshot_as_the_orders(
                     "created_at": at("2026-06-29T10:00"),
                 },
             )
+
+    def paid_orders_counted(conn: Any, *args: Any) -> None:
+        if engine.dialect.name == "sqlite":
+            commit_an_order()  # after the second connection's first read
         make(conn, *args)
         seen.append(conn.execute(text("SELECT COUNT(*) FROM t_ord")).scalar_one())
 
-    monkeypatch.setattr(profiles, "_paid_orders", order_committed_meanwhile)
-    with pytest.raises(OperationalError, match="database is locked"):
+    class AfterTheExport(profiles._ProductsAside):
+        def __init__(self, *args: Any) -> None:
+            commit_an_order()  # after the snapshot's export, before its import
+            super().__init__(*args)
+
+    monkeypatch.setattr(profiles, "_paid_orders", paid_orders_counted)
+    if engine.dialect.name == "sqlite":
+        with pytest.raises(OperationalError, match="database is locked"):
+            recompute(engine, settings, now=A)
+    else:
+        monkeypatch.setattr(profiles, "_ProductsAside", AfterTheExport)
         recompute(engine, settings, now=A)
     assert seen == [paid]  # not paid + 1
     assert not [t for t in threading.enumerate() if t.name.startswith("syncd-products")]
+    assert engine.pool.checkedout() == 0
+
+
+def test_a_recompute_failing_after_the_product_tables_closes_their_connection(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The product tables were made on the second connection, and the recompute fails
+    before copying them over: that connection is closed all the same (a pool that lost
+    one per failed run would run dry)."""
+    load_shop(engine)
+    made = threading.Event()
+    make = profiles._product_tables
+
+    def product_tables(*args: Any) -> None:
+        make(*args)
+        made.set()
+
+    def failing(*args: Any) -> Any:
+        assert made.wait(30)
+        raise RuntimeError("the CLV inputs failed")
+
+    monkeypatch.setattr(profiles, "_product_tables", product_tables)
+    monkeypatch.setattr("syncd.segments.recompute.clv_inputs", failing)
+    with pytest.raises(RuntimeError, match="CLV inputs"):
+        recompute(engine, profile_settings(**EUR_WITH_USD_RATE), now=A)
+    assert not [t for t in threading.enumerate() if t.name.startswith("syncd-products")]
+    assert engine.pool.checkedout() == 0
 
 
 def test_the_snapshot_is_taken_while_no_one_can_commit(engine: Engine) -> None:
