@@ -425,7 +425,7 @@ class _ProductsAside(ProductTables):
     connection works through the orders: each connection runs one statement at a time,
     so the line items take the second core. At a million customers that is 30 s of
     SQLite work that saved 5–8 s on the 2-vCPU CI machine (whose second vCPU adds about
-    half of one), and 35 s of Postgres work that saved about 30 s (the server runs each
+    half of one), and 35 s of Postgres work that saved 24–30 s (the server runs each
     connection in a process of its own; it makes no parallel plan over temp tables).
     The thread's connection starts reading (its snapshot) before this returns; ``wait``
     copies ``t_prod`` over.
