@@ -343,18 +343,24 @@ class Floor:
     insert_s: float  # executemany + commit
 
 
-def floor_time(path: Path, pages: list[bytes], columns: list[str], rows: list[Any]) -> Floor:
-    """``json.loads`` of each page plus a bulk insert of its 100 rows, committed per page."""
+def empty_orders_store(path: Path, columns: list[str]) -> tuple[sqlite3.Connection, str]:
+    """A raw connection to a new store with syncd's schema and no rows, and the INSERT of
+    ``columns`` into its ``orders``."""
     with store(path):
         pass  # an empty schema made by syncd's migrations
     conn = sqlite3.connect(path)
+    # The pragmas syncd's engine sets, but foreign keys: the store has no customers.
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    names = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    return conn, f"INSERT INTO orders ({names}) VALUES ({marks})"
+
+
+def floor_time(path: Path, pages: list[bytes], columns: list[str], rows: list[Any]) -> Floor:
+    """``json.loads`` of each page plus a bulk insert of its 100 rows, committed per page."""
+    conn, sql = empty_orders_store(path, columns)
     try:
-        # The pragmas syncd's engine sets, but foreign keys: the floor store has no customers.
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        names = ", ".join(f'"{c}"' for c in columns)
-        marks = ", ".join("?" for _ in columns)
-        sql = f"INSERT INTO orders ({names}) VALUES ({marks})"
         chunks = [rows[i : i + PER_PAGE] for i in range(0, len(rows), PER_PAGE)]
         loads_s = insert_s = 0.0
         started = time.perf_counter()
@@ -382,18 +388,10 @@ def write_cap(tmp: Path, columns: list[str], rows: list[Any], runs: int = 3) -> 
     fresh table in one transaction, best of ``runs``, in rows/s. SQLite has one writer, so
     no design (threads, processes) stores orders faster than this; syncd also writes the
     order items and the people."""
-    names = ", ".join(f'"{c}"' for c in columns)
-    marks = ", ".join("?" for _ in columns)
-    sql = f"INSERT INTO orders ({names}) VALUES ({marks})"
     best = float("inf")
     for n in range(runs):
-        path = tmp / f"a-cap-{n}.db"
-        with store(path):
-            pass  # syncd's schema
-        conn = sqlite3.connect(path)
+        conn, sql = empty_orders_store(tmp / f"a-cap-{n}.db", columns)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
             started = time.perf_counter()
             conn.executemany(sql, rows)
             conn.commit()

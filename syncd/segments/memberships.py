@@ -3,6 +3,7 @@ and the entered/exited history in `segment_memberships`, all set-based."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -232,10 +233,8 @@ def record_changes(
             ["segment", "customer_id", "entered_at"],
             select(T_ENTERS.c.segment, T_ENTERS.c.customer_id, literal(at, m.c.entered_at.type)),
         )
-        if not scoped and _first_fill(conn, sum(entered.values())):
-            with indexes_built_after(conn, m.name):
-                conn.execute(opening)
-        else:
+        first_fill = not scoped and _first_fill(conn, sum(entered.values()))
+        with indexes_built_after(conn, m.name) if first_fill else contextlib.nullcontext():
             conn.execute(opening)
     if scoped and write:
         # Only the segments these customers are in, entered or left: the others did not

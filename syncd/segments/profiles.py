@@ -446,7 +446,6 @@ class _ProductsAside(ProductTables):
     ) -> None:
         self._reading = threading.Event()
         self._dbapi: Any = None
-        self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="syncd-products")
         self._result = self._pool.submit(self._make, engine, settings, as_of, snapshot)
         self._reading.wait()
@@ -496,7 +495,6 @@ class _ProductsAside(ProductTables):
         if isinstance(made, list):
             _insert_rows(conn, "t_prod", _PROD, made)
             return
-        self._closed = True
         try:
             _copy_rows(made, conn, "t_prod", _PROD)
         finally:
@@ -512,10 +510,9 @@ class _ProductsAside(ProductTables):
                 else:
                     self._dbapi.cancel()
         self._pool.shutdown()
-        if not self._closed and self._result.exception() is None:
+        if self._result.exception() is None:
             made = self._result.result()
-            if not isinstance(made, list):  # made, never copied
-                self._closed = True
+            if isinstance(made, Connection) and not made.closed:  # made, never copied
                 _close_work(made)
 
 
