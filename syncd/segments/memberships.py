@@ -152,14 +152,16 @@ def select_members(
                 raise SegmentError(
                     f"segments.{name}.sql: the query failed: {_failure(exc)}"
                 ) from None
-    conn.execute(text("CREATE INDEX t_members_key ON t_members (segment, customer_id)"))
+    if conn.dialect.name == "sqlite":
+        # The diff's anti-joins look members up here: SQLite joins by index lookups only.
+        conn.execute(text("CREATE INDEX t_members_key ON t_members (segment, customer_id)"))
+    # Postgres hash-joins the diff: with statistics and no index, 3 s less at a million
+    # customers (the index took 3 s to build and sped no step up).
+    work.analyze(conn, "t_members")
     counted: dict[str, int] = dict(
         conn.execute(select(T_MEMBERS.c.segment, func.count()).group_by(T_MEMBERS.c.segment)).all()
     )
-    sizes = {name: int(counted.get(name, 0)) for name in order}
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("ANALYZE t_members"))
-    return sizes
+    return {name: int(counted.get(name, 0)) for name in order}
 
 
 # From this many rows on, a first fill of an empty memberships table builds its indexes

@@ -375,8 +375,9 @@ def _customer_tables(
     work.create(
         conn,
         "t_clv",
-        "cid INTEGER PRIMARY KEY, p_alive DOUBLE PRECISION, exp90 DOUBLE PRECISION, "
+        "cid INTEGER, p_alive DOUBLE PRECISION, exp90 DOUBLE PRECISION, "
         "eov BIGINT, clv BIGINT, r INTEGER, f INTEGER, m INTEGER",
+        key="cid",
     )
     return conv
 
@@ -491,7 +492,7 @@ class _ProductsAside(ProductTables):
     def wait(self, conn: Connection) -> None:
         made = self._result.result()
         self._pool.shutdown()
-        work.create(conn, "t_prod", _PROD_COLUMNS)
+        work.create(conn, "t_prod", _PROD_COLUMNS, key="cid")
         if isinstance(made, list):
             _insert_rows(conn, "t_prod", _PROD, made)
             return
@@ -499,6 +500,7 @@ class _ProductsAside(ProductTables):
             _copy_rows(made, conn, "t_prod", _PROD)
         finally:
             _close_work(made)
+        work.analyze(conn, "t_prod")
 
     def cancel(self) -> None:
         if not self._result.done() and self._dbapi is not None:
@@ -542,7 +544,7 @@ def _copy_rows(source: Connection, target: Connection, table: str, columns: Sequ
 
 
 _PROD = ("cid", "distinct_products", "category")
-_PROD_COLUMNS = "cid INTEGER PRIMARY KEY, distinct_products INTEGER, category VARCHAR"
+_PROD_COLUMNS = "cid INTEGER, distinct_products INTEGER, category VARCHAR"
 _SNAPSHOT_ID = re.compile(r"[0-9A-F]+(-[0-9A-F]+)+")
 
 
@@ -737,6 +739,7 @@ def write_scores(
     )
     columns = ("cid", "p_alive", "exp90", "eov", "clv", "r", "f", "m")
     _insert_rows(conn, "t_clv", columns, rows)
+    work.analyze(conn, "t_clv")
 
 
 def _insert_rows(

@@ -254,10 +254,9 @@ def _scope_table(conn: Connection, customers: set[int]) -> None:
     work.create(conn, "t_scope", "cid BIGINT PRIMARY KEY")
     if customers:
         conn.execute(insert(T_SCOPE), [{"cid": c} for c in sorted(customers)])
-    if conn.dialect.name == "postgresql":
-        # Without statistics the planner takes the scope for a large table and scans the
-        # memberships instead of looking the few customers up.
-        conn.execute(text("ANALYZE t_scope"))
+    # Without statistics Postgres takes the scope for a large table and scans the
+    # memberships instead of looking the few customers up.
+    work.analyze(conn, "t_scope")
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,21 @@ def _fresh(conn: Connection, name: str) -> str:
     return "" if conn.dialect.name == "sqlite" else " ON COMMIT DROP"
 
 
-def create(conn: Connection, name: str, columns: str) -> None:
-    """CREATE TEMP TABLE name (columns)."""
+def create(conn: Connection, name: str, columns: str, *, key: str | None = None) -> None:
+    """CREATE TEMP TABLE name (columns). ``key``: a column whose values are unique, the
+    table's key on SQLite (an INTEGER one is the rowid; see create_as). Postgres gets no
+    key: it hash-joins, and keeping a key up row by row cost more than the joins gained
+    (1.6 s of a 2 s copy of a million rows); ``analyze`` the table once it is filled."""
     suffix = _fresh(conn, name)
+    if key is not None and conn.dialect.name == "sqlite":
+        columns = f"{columns}, PRIMARY KEY ({key})"
     conn.execute(text(f"CREATE TEMP TABLE {name} ({columns}){suffix}"))
+
+
+def analyze(conn: Connection, name: str) -> None:
+    """Statistics for the planner on a filled work table (Postgres; SQLite plans by keys)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"ANALYZE {name}"))
 
 
 def create_as(
@@ -61,14 +72,13 @@ def create_as(
     on a prefix of the key reads the rows in order instead of sorting them. Rows coming
     from a GROUP BY on the key are inserted in order, so the table is built by appending.
     Postgres hash-joins and sorts as its planner sees fit, so it gets statistics
-    (ANALYZE) instead.
+    (``analyze``) instead.
     """
     params = params or {}
     suffix = _fresh(conn, name)
     if conn.dialect.name == "postgresql" or key is None:
         conn.execute(bound(f"CREATE TEMP TABLE {name}{suffix} AS {select_sql}", params), params)
-        if conn.dialect.name == "postgresql":
-            conn.execute(text(f"ANALYZE {name}"))
+        analyze(conn, name)
         return
     # The column names, from preparing the query (LIMIT 0 reads no row). The columns are
     # left untyped: each value keeps the storage class its expression gave it.
