@@ -234,13 +234,15 @@ def _recompute(
                 result.segments = record_changes(
                     conn, sizes, as_of, write=result.written, scoped=scoped
                 )
-            conn.commit()
+            with timer.step("commit"):
+                conn.commit()
         finally:
             if products is not None:
                 products.cancel()
             if conn.in_transaction():
                 conn.rollback()
-            work.drop_all(conn)
+            with timer.step("cleanup"):
+                work.drop_all(conn)
     if not scoped and engine.dialect.name == "postgresql":
         # The tables were just rewritten: fresh statistics now, not whenever autovacuum
         # comes, or the next scoped recompute's plans scan them instead of looking up the
