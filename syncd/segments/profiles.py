@@ -495,11 +495,11 @@ class _ProductsAside(ProductTables):
         work.create(conn, "t_prod", _PROD_COLUMNS, key="cid")
         if isinstance(made, list):
             _insert_rows(conn, "t_prod", _PROD, made)
-            return
-        try:
-            _copy_rows(made, conn, "t_prod", _PROD)
-        finally:
-            _close_work(made)
+        else:
+            try:
+                _copy_rows(made, conn, "t_prod", _PROD)
+            finally:
+                _close_work(made)
         work.analyze(conn, "t_prod")
 
     def cancel(self) -> None:
