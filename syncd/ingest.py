@@ -1056,36 +1056,124 @@ class SourceSync:
         self.counts[stream].fetched += len(items)
         prepared = await prepare(items)
         ids = [i for i in (_id_of(item) for item in items) if _positive_int(i)]
+        refunds: list[Any] = []
+        refunds_gone: list[int] = []
+        if isinstance(prepared, _OrderBatch):
+            refunds, refunds_gone = await self._changed_order_refunds(prepared)
+        now = utcnow()
 
         def work() -> set[int]:
             with self.engine.begin() as conn:
                 commit(conn, prepared)
+                if refunds or refunds_gone:
+                    self._store_order_refunds(conn, refunds, refunds_gone, now)
                 return self._people_of(conn, stream, ids)
 
         batch.people = await asyncio.to_thread(work)
         return batch
 
+    async def _changed_order_refunds(self, batch: _OrderBatch) -> tuple[list[Any], list[int]]:
+        """For the orders in ``batch`` whose ``refunds`` list names other refunds than the
+        store has for them: their refunds as the source has them now, and the ids of the
+        stored ones it no longer has.
+
+        A poll reads refunds in a stream of their own; a webhook has only the order, whose
+        ``order.updated`` WooCommerce also fires for a refund (``woocommerce_order_refunded``).
+        Profiles count an order's refund rows, so they are brought in line before the
+        delivery counts as applied. Only for a source that syncs refunds at all."""
+        if "refunds" not in self.settings.streams:
+            return [], []
+        listed: dict[int, set[int]] = {}
+        for order in batch.orders:
+            entries = order.row["raw"].get("refunds")
+            if isinstance(entries, list):
+                listed[order.row["source_id"]] = {
+                    e["id"]
+                    for e in entries
+                    if isinstance(e, Mapping) and _positive_int(e.get("id"))
+                }
+        if not listed:
+            return [], []
+
+        def stored() -> dict[int, set[int]]:
+            found: dict[int, set[int]] = {oid: set() for oid in listed}
+            with self.engine.connect() as conn:
+                for r in conn.execute(
+                    select(REFUNDS.c.order_source_id, REFUNDS.c.source_id).where(
+                        REFUNDS.c.source == self.name,
+                        REFUNDS.c.order_source_id.in_(list(listed)),
+                        REFUNDS.c.deleted_at.is_(None),
+                    )
+                ):
+                    found[r.order_source_id].add(r.source_id)
+            return found
+
+        have = await asyncio.to_thread(stored)
+        changed = sorted(oid for oid, ids in listed.items() if ids != have[oid])
+        fetched = await asyncio.gather(*(self.client.order_refunds(oid) for oid in changed))
+        refunds = [r for found in fetched for r in found]
+        kept = {_id_of(r) for r in refunds}
+        # Only refunds stored before the fetch can be known gone: one a poll stores
+        # meanwhile is newer than what was fetched.
+        gone = sorted({rid for oid in changed for rid in have[oid]} - kept)
+        return refunds, gone
+
+    def _store_order_refunds(
+        self, conn: Connection, refunds: list[Any], gone: list[int], now: datetime
+    ) -> None:
+        """Store refunds fetched for their orders through the polled refunds' commit, and
+        mark the ones the source no longer has deleted, as reconciliation marks them."""
+        self.counts.setdefault("refunds", StreamCounts())
+        if refunds:
+            self._commit_refunds(conn, refunds)
+        if gone:
+            marked, _people = self._mark_deleted(conn, "refunds", gone, now)
+            self.counts["refunds"].deleted += marked
+
     async def apply_deletions(self, stream: str, ids: Sequence[int]) -> AppliedBatch:
-        """Mark records the source reports deleted (a webhook's ``{"id": N}``) the way id
-        reconciliation marks the ones it finds missing: kept for history with ``deleted_at``
-        set, the people they belonged to refreshed. A product takes its variations along.
-        A row already marked keeps its first ``deleted_at``."""
+        """Apply records the source reports deleted (a webhook's ``{"id": N}``).
+
+        Orders, products and coupons: WooCommerce's ``*.deleted`` webhooks fire on *trash*
+        (``wp_trash_post``, ``woocommerce_trash_order``), and a trashed record is still served
+        with ``status: "trash"``. So each is read back the way a poll reads it, in the trash
+        first, then among the live records (restored since: a PUT of a status restores an
+        order with no webhook of its own), and stored through ``apply_payloads``: the row a
+        poll of the trash gives (status ``trash``, ``deleted_at`` at the trashing). Records
+        the source no longer has at all (deleted for good since; customers, whose webhook
+        fires on the account's deletion) are marked the way id reconciliation marks the ones
+        it finds missing: kept for history with ``deleted_at`` set (a row already marked keeps
+        its first), the people they belonged to refreshed, a product's variations along.
+        """
         if stream not in APPLY_STREAMS:
             raise ValueError(f"unknown stream {stream!r}: expected one of {APPLY_STREAMS}")
-        self.counts = {stream: StreamCounts()}
-        batch = AppliedBatch(stream=stream, counts=self.counts[stream])
         wanted = sorted({i for i in ids if _positive_int(i)})
-        if not wanted:
+        found: list[Any] = []
+        source = STREAMS[stream]
+        if wanted and len(source.variants) > 1:  # a stream with a trash of its own
+            missing = list(wanted)
+            trash_first = sorted(source.variants, key=lambda v: v[0] != ":trash")
+            for _suffix, variant in trash_first:
+                if missing:
+                    got = await self.client.by_ids(source.path, missing, variant)
+                    found += got
+                    missing = sorted(set(missing) - {_id_of(r) for r in got})
+        batch = (
+            await self.apply_payloads(stream, found)
+            if found
+            else AppliedBatch(stream=stream, counts=StreamCounts())
+        )
+        gone = sorted(set(wanted) - {_id_of(r) for r in found})
+        if not gone:
             return batch
         now = utcnow()
 
-        def work() -> set[int]:
+        def work() -> tuple[int, set[int]]:
             with self.engine.begin() as conn:
-                marked, people = self._mark_deleted(conn, stream, wanted, now)
-            self.counts[stream].deleted += marked
-            return people
+                return self._mark_deleted(conn, stream, gone, now)
 
-        batch.people = await asyncio.to_thread(work)
+        marked, people = await asyncio.to_thread(work)
+        batch.counts.deleted += marked
+        batch.people |= people
         return batch
 
     def _mark_deleted(

@@ -362,6 +362,51 @@ def test_refund_routes(api: httpx.Client, store: SandboxStore) -> None:
     assert api.get("/orders/99999999/refunds").json() == []
 
 
+def test_refunds_trash_and_restore_as_the_rest_api_makes_them(live: SandboxServer) -> None:
+    store = live.store
+    order_id = next(
+        i for i, o in store.orders.items() if o["status"] == "completed" and not o["refunds"]
+    )
+    total = Decimal(store.orders[order_id]["total"])
+    with httpx.Client(base_url=live.api_url, auth=(KEY, SECRET), timeout=10) as api:
+
+        def order() -> Payload:
+            response = api.get(f"/orders/{order_id}")
+            assert response.status_code == 200
+            return dict(response.json())
+
+        before = order()["date_modified_gmt"]
+        small = store.refund_order(order_id, Decimal("1.25"))
+        rest = store.refund_order(order_id)  # what is left: the order becomes refunded
+        got = order()
+        assert got["status"] == "refunded" and got["date_modified_gmt"] >= before
+        assert got["refunds"] == [
+            {"id": rest["id"], "reason": rest["reason"], "total": f"-{total - Decimal('1.25')}"},
+            {"id": small["id"], "reason": small["reason"], "total": "-1.25"},
+        ]
+        listed = api.get(f"/orders/{order_id}/refunds").json()
+        assert [(r["id"], r["amount"]) for r in listed] == [
+            (rest["id"], str(total - Decimal("1.25"))),
+            (small["id"], "1.25"),
+        ]
+        assert all("parent_id" not in r for r in listed)
+
+        store.delete_refund(small["id"])
+        assert [r["id"] for r in order()["refunds"]] == [rest["id"]]
+        assert [r["id"] for r in api.get(f"/orders/{order_id}/refunds").json()] == [rest["id"]]
+
+        store.trash_order(order_id)
+        assert order()["status"] == "trash"  # still served, out of the default listing
+        assert order_id not in fetch_all(api, "/orders", {"include": order_id})
+        assert fetch_all(api, "/orders", {"include": order_id, "status": "trash"}) == [order_id]
+        store.set_order_status(order_id, "completed")
+        assert order()["status"] == "completed"
+
+        store.delete_order(order_id)
+        assert api.get(f"/orders/{order_id}").status_code == 404
+        assert rest["id"] not in fetch_all(api, "/refunds", {})
+
+
 def test_products_and_variations(api: httpx.Client, store: SandboxStore) -> None:
     variable = next(p for p in store.products.values() if p["type"] == "variable")
     rows = api.get(f"/products/{variable['id']}/variations", params={"per_page": 100}).json()

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,21 @@ from syncd.config import Settings, WooCommerceSourceSettings
 from syncd.ingest import SourceSync
 from syncd.sandbox.server import SandboxServer
 from syncd.sandbox.store import SandboxStore
+from syncd.segments.recompute import recompute
 from syncd.sources import webhooks as webhooks_module
 from syncd.sources.inbox import open_inbox
 from syncd.sources.webhooks import WebhookIntake
 from syncd.store.engine import open_store
-from syncd.store.models import COUPONS, CUSTOMERS, EVENTS, ORDERS, PRODUCTS, QUARANTINE
+from syncd.store.models import (
+    COUPONS,
+    CUSTOMERS,
+    EVENTS,
+    ORDERS,
+    PRODUCTS,
+    PROFILES,
+    QUARANTINE,
+    REFUNDS,
+)
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from tests.conftest import fixture
 from tests.storedump import diff, dump
@@ -176,6 +187,28 @@ def sandbox() -> Iterator[SandboxServer]:
     store = SandboxStore(seed=3, customers=5, guests=2, orders=12, products=4, coupons=2)
     with SandboxServer(store) as server:
         yield server
+
+
+@pytest.fixture
+def small_shop() -> Iterator[SandboxServer]:
+    """A store of its own for a test that changes it. Order 25 is customer 5's only order:
+    completed, 51.92 USD, no refunds."""
+    store = SandboxStore(
+        seed=4, customers=3, guests=1, orders=6, products=3, coupons=0, refund_rate=0
+    )
+    with SandboxServer(store) as server:
+        yield server
+
+
+async def poll(engine: Engine, url: str) -> None:
+    # A poll reads up to its start, exclusive and to the second (WooCommerce's
+    # modified_before): a change stamped in this very second is left to the next poll.
+    await asyncio.sleep(1.02 - time.time() % 1)
+    runner = SourceSync(engine, "shop", make_settings(url).sources["shop"])
+    try:
+        assert (await runner.run()).status == "success"
+    finally:
+        await runner.client.aclose()
 
 
 # -- applying -----------------------------------------------------------------------------
@@ -338,6 +371,151 @@ def test_a_late_older_delivery_does_not_roll_a_record_back(
     assert count(engine, EVENTS, status="applied") == 2
 
 
+def test_a_refund_webhook_brings_the_refund_rows_and_the_profile_net_in_line(
+    engine: Engine, small_shop: SandboxServer
+) -> None:
+    # WooCommerce fires order.updated for a refund (woocommerce_order_refunded), with the
+    # order's "refunds" list; profiles count the refund rows. Customer 5's one order, 51.92:
+    # refunded 22.29 (seen by a poll), then 6.90 (by webhook only): net 51.92 - 22.29 - 6.90
+    # = 22.73. Then the 22.29 refund is deleted (by webhook only): net 51.92 - 6.90 = 45.02.
+    store, settings = small_shop.store, make_settings(small_shop.url)
+    order = store.orders[25]
+    assert (order["customer_id"], order["status"], order["total"]) == (5, "completed", "51.92")
+    assert [o["id"] for o in store.orders.values() if o["customer_id"] == 5] == [25]
+
+    def net() -> tuple[int, str]:
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(PROFILES.c.net_revenue_minor, PROFILES.c.currency)
+                .join(ORDERS, ORDERS.c.customer_id == PROFILES.c.customer_id)
+                .where(ORDERS.c.source_id == 25)
+            ).one()
+        return row.net_revenue_minor, row.currency
+
+    def refunds() -> dict[int, tuple[int, bool]]:
+        with engine.connect() as conn:
+            return {
+                r.source_id: (r.amount_minor, r.deleted_at is None)
+                for r in conn.execute(select(REFUNDS).where(REFUNDS.c.order_source_id == 25))
+            }
+
+    async def deliver_order() -> list[tuple[str, set[int]]]:
+        async with harness(engine, small_shop.url) as h:
+            await h.send("order.updated", copy.deepcopy(store.orders[25]))
+            await h.settle()
+            assert count(engine, EVENTS, status="pending") == 0
+            return h.changed
+
+    def scoped_recompute(changed: list[tuple[str, set[int]]]) -> None:
+        # What the daemon does with the people a delivery reports (customers_changed).
+        people = {p for _, ps in changed for p in ps}
+        assert len(people) == 1
+        assert recompute(engine, settings, customers=people).scope == 1
+
+    first = store.refund_order(25, Decimal("22.29"))
+    asyncio.run(poll(engine, small_shop.url))
+    recompute(engine, settings)  # the full one scoped runs are scored against
+    assert net() == (5192 - 2229, "USD")
+
+    second = store.refund_order(25, Decimal("6.90"))
+    scoped_recompute(asyncio.run(deliver_order()))
+    assert net() == (2273, "USD")
+    assert refunds() == {first["id"]: (2229, True), second["id"]: (690, True)}
+
+    store.delete_refund(first["id"])
+    scoped_recompute(asyncio.run(deliver_order()))
+    assert net() == (4502, "USD")
+    assert refunds() == {first["id"]: (2229, False), second["id"]: (690, True)}
+    assert one(engine, ORDERS, 25).refunded_minor == 690
+
+
+def test_a_trash_webhook_stores_the_order_a_poll_of_the_trash_stores(
+    engine: Engine, small_shop: SandboxServer, tmp_path: Path
+) -> None:
+    # order.deleted fires on trash only, with {"id": N}; the trashed order is still served
+    # with status "trash". A PUT of a status restores it with an order.updated only.
+    store = small_shop.store
+    asyncio.run(poll(engine, small_shop.url))
+    assert one(engine, ORDERS, 24).status == "completed"
+    trashed = store.trash_order(24)
+    trashed_at = datetime.fromisoformat(trashed["date_modified_gmt"]).replace(tzinfo=UTC)
+
+    async def deliver(topic: str, payload: Any) -> list[tuple[str, set[int]]]:
+        async with harness(engine, small_shop.url) as h:
+            await h.send(topic, payload)
+            await h.settle()
+            assert count(engine, EVENTS, status="pending") == 0
+            return h.changed
+
+    changed = asyncio.run(deliver("order.deleted", {"id": 24}))
+    row = one(engine, ORDERS, 24)
+    assert (row.status, row.deleted_at, row.modified_at) == ("trash", trashed_at, trashed_at)
+    assert changed == [("shop", {row.customer_id})]
+    polled = open_store(f"sqlite:///{tmp_path}/polled.db")
+    try:
+        asyncio.run(poll(polled, small_shop.url))
+        assert diff(dump(engine, "shop"), dump(polled, "shop")) == {}
+        by_poll = one(polled, ORDERS, 24)
+    finally:
+        polled.dispose()
+    assert (by_poll.status, by_poll.deleted_at, by_poll.modified_at) == tuple(
+        getattr(row, c) for c in ("status", "deleted_at", "modified_at")
+    )
+
+    restored = store.set_order_status(24, "completed")
+    asyncio.run(deliver("order.updated", copy.deepcopy(restored)))
+    row = one(engine, ORDERS, 24)
+    assert (row.status, row.deleted_at) == ("completed", None)
+
+
+def test_a_trash_webhook_for_an_order_deleted_for_good_since_marks_it_deleted(
+    engine: Engine, small_shop: SandboxServer
+) -> None:
+    # Trashed, then force-deleted before the delivery is applied: neither the trash nor the
+    # live orders have it any more, so it is marked deleted the way reconciliation marks a
+    # missing order (no status to read: the stored one is kept).
+    asyncio.run(poll(engine, small_shop.url))
+    small_shop.store.trash_order(23)
+    small_shop.store.delete_order(23)
+
+    async def go() -> None:
+        async with harness(engine, small_shop.url) as h:
+            await h.send("order.deleted", {"id": 23})
+            await h.settle()
+
+    asyncio.run(go())
+    row = one(engine, ORDERS, 23)
+    assert (row.status, row.deleted_at is not None) == ("completed", True)
+    assert count(engine, EVENTS, status="applied") == 1
+
+
+@pytest.mark.parametrize("topic", ["order.updated", "order.deleted"])
+def test_a_delivery_whose_refunds_or_trash_cannot_be_read_waits_for_a_retry(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, topic: str
+) -> None:
+    # The store's API is down: nothing of the delivery is stored, it stays pending and is
+    # tried again (then polling covers it: the order's refunds and the trash are polled).
+    monkeypatch.setattr(webhooks_module, "APPLY_MAX_ATTEMPTS", 1)
+    order = {
+        **fixture("order_single.json"),
+        "refunds": [{"id": 900, "reason": "", "total": "-5.00"}],
+    }
+
+    async def go() -> None:
+        async with harness(engine, "http://127.0.0.1:9") as h:
+            await h.send(topic, order if topic == "order.updated" else {"id": order["id"]})
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and h.intake.stats.retries == 0:
+                await asyncio.sleep(0.02)
+
+    asyncio.run(go())
+    with engine.connect() as conn:
+        row = conn.execute(select(EVENTS.c.status, EVENTS.c.attempts, EVENTS.c.error)).one()
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert row.error
+    assert count(engine, ORDERS) == count(engine, REFUNDS) == 0
+
+
 def test_restart_applies_deliveries_left_pending(engine: Engine, sandbox: SandboxServer) -> None:
     order, customer = fixture("order_single.json"), fixture("customer_single.json")
 
@@ -408,22 +586,15 @@ def test_webhooks_of_every_record_give_the_store_a_poll_gives(
                 await h.send(topic, copy.deepcopy(payload))
             await h.settle()
 
-    async def poll(polled: Engine) -> None:
-        runner = SourceSync(polled, "shop", make_settings(sandbox.url).sources["shop"])
-        try:
-            assert (await runner.run()).status == "success"
-        finally:
-            await runner.client.aclose()
-
     asyncio.run(deliver())
     polled = open_store(f"sqlite:///{tmp_path}/polled.db")
     try:
-        asyncio.run(poll(polled))
+        asyncio.run(poll(polled, sandbox.url))
         by_webhook, by_poll = dump(engine, "shop"), dump(polled, "shop")
     finally:
         polled.dispose()
-    # Refunds have no webhook topic: their amounts reach the store inside their order.
-    del by_webhook["refunds"], by_poll["refunds"]
+    # Refunds have no webhook topic: an order's delivery reads the refunds it lists.
+    assert by_poll["refunds"]
     assert diff(by_webhook, by_poll) == {}
     assert len(by_poll["orders"]) == len(store.orders)
     assert len(by_poll["products"]) == len(store.products) + sum(

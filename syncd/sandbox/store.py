@@ -500,6 +500,64 @@ class SandboxStore:
             self._reindex("customers", customer_id)
             return payload
 
+    def refund_order(self, order_id: int, amount: Decimal | None = None) -> Payload:
+        """Refund an order as ``POST orders/{id}/refunds`` with ``api_refund=false`` does:
+        ``amount`` (None: what is left, and the order becomes ``refunded``; a partial refund
+        keeps its status), listed first in the order's ``refunds``, the order's
+        ``date_modified`` stamped now. Returns the refund as ``GET refunds`` lists it.
+        ``KeyError`` for an unknown order, ``ValueError`` when nothing is left to refund."""
+        with self.lock:
+            order = self.orders[order_id]
+            stamp = _Stamp.real_now(self.timezone)
+            refund = _add_refund(self, self._mutation_rng, order, stamp, amount)
+            if refund is None:
+                raise ValueError(f"order {order_id} has nothing left to refund")
+            self._apply_links("refunds", refund)
+            self._reindex("refunds", refund["id"])
+            self._reindex("orders", order_id)
+            return refund
+
+    def delete_refund(self, refund_id: int) -> None:
+        """Delete a refund as ``DELETE orders/{id}/refunds/{refund_id}?force=true`` does: for
+        good (refunds have no trash), so the order's ``refunds`` list, read from its refund
+        posts, no longer shows it. The order's dates are left alone."""
+        with self.lock:
+            refund = self.refunds.pop(refund_id)
+            self._remove("refunds", refund_id)
+            order = self.orders[refund["parent_id"]]
+            order["refunds"] = [r for r in order["refunds"] if r["id"] != refund_id]
+            self._reindex("orders", order["id"])
+
+    def trash_order(self, order_id: int) -> Payload:
+        """``DELETE orders/{id}`` without ``force``: the order goes to the trash and is still
+        served, with ``status: "trash"`` and ``date_modified`` stamped now."""
+        with self.lock:
+            order = self.orders[order_id]
+            _trash(self, order, _Stamp.real_now(self.timezone))
+            self._reindex("orders", order_id)
+            return order
+
+    def delete_order(self, order_id: int) -> None:
+        """``DELETE orders/{id}?force=true``: the order is gone (GET gives 404, no webhook),
+        its refunds with it (``WC_Order_Data_Store_CPT::delete``)."""
+        with self.lock:
+            order = self.orders.pop(order_id)
+            self._remove("orders", order_id)
+            for entry in order["refunds"]:
+                if self.refunds.pop(entry["id"], None) is not None:
+                    self._remove("refunds", entry["id"])
+
+    def set_order_status(self, order_id: int, status: str) -> Payload:
+        """``PUT orders/{id}`` with ``{"status": ...}``: on a trashed order this brings it
+        back (WooCommerce 10.0 sends no ``order.restored`` webhook for it, only
+        ``order.updated``); ``date_modified`` is stamped now."""
+        with self.lock:
+            order = self.orders[order_id]
+            order["status"] = status
+            _Stamp.real_now(self.timezone).apply(order, "date_modified")
+            self._reindex("orders", order_id)
+            return order
+
     def _update_meta(self, payload: Payload, entries: Iterable[Mapping[str, Any]]) -> None:
         meta: list[Payload] = payload.setdefault("meta_data", [])
         for entry in entries:

@@ -9,7 +9,9 @@ What WooCommerce sends (shared/api-notes.md §1; core ``includes/class-wc-webhoo
 * the payload is the REST resource as ``GET /wc/v3/{resource}s/{id}`` returns it, except for
   ``deleted`` events, which send ``{"id": N}`` (N is the hook's argument: a number, or a
   string of digits for some post hooks); ``order.deleted`` and ``product.deleted`` fire on
-  *trash*, ``customer.deleted`` on user deletion;
+  *trash* (a permanent delete sends nothing), ``customer.deleted`` on user deletion;
+* ``order.updated`` also fires on ``woocommerce_order_refunded``, with the order's
+  ``refunds`` list (``{id, reason, total}``) but not the refunds themselves;
 * on creation (and activation) WooCommerce pings the URL with the form body ``webhook_id=N``
   and no X-WC headers; anything but exactly 200 makes the creation report an error;
 * each event is delivered once, never redelivered (and a webhook is disabled after more
@@ -24,7 +26,10 @@ delays an answer) before answering 200, so the store sees an answer in milliseco
 worker task applies stored deliveries through
 ``SourceSync.apply_payloads``/``apply_deletions`` (the polling code path) and then reports
 the people whose records changed to ``on_applied`` (the daemon's recompute trigger).
-Deliveries still pending when the process stops are applied on the next ``start()``.
+Applying may read the store's API as a poll would (an order's refunds when its ``refunds``
+list changed; a trashed record, which ``*.deleted`` only names): when that fails, the
+delivery stays pending and is retried. Deliveries still pending when the process stops
+are applied on the next ``start()``.
 """
 
 from __future__ import annotations
