@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
 import httpx
 import pytest
+import respx
+import structlog
+from pydantic import SecretStr
 from sqlalchemy import Engine, func, select
 
 from syncd.config import WooCommerceSourceSettings
 from syncd.ingest import SourceSync, SyncResult
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
+from syncd.sources.woocommerce import API_ROOT, WooCommerceClient
 from syncd.store.engine import open_store
 from syncd.store.models import COUPONS, ORDERS, PRODUCTS, REFUNDS
 from tests.test_sync_e2e import settings_for, wait_next_second
@@ -151,3 +155,72 @@ def test_a_store_clock_ahead_or_behind_loses_nothing(store_url: str, skew: timed
 def httpx_date(url: str) -> datetime:
     """The Date header the sandbox answers with (even a 401 carries one)."""
     return parsedate_to_datetime(httpx.get(url + "/wp-json/wc/v3/orders").headers["Date"])
+
+
+API = "https://shop.example" + API_ROOT
+
+
+def _settings(**overrides: Any) -> WooCommerceSourceSettings:
+    values: dict[str, Any] = {
+        "url": "https://shop.example",
+        "consumer_key": SecretStr("ck_x"),
+        "consumer_secret": SecretStr("cs_x"),
+        "requests_per_second": 0,
+        **overrides,
+    }
+    return WooCommerceSourceSettings(**values)
+
+
+def test_store_now_is_the_date_header_never_later_than_the_stores_now() -> None:
+    """The store's clock comes from its Date header (whole seconds, the server's second when
+    it answered): the bound follows it, to the second, and is never ahead of it."""
+    client = WooCommerceClient("wc", _settings())
+    stamp = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
+    with respx.mock:
+        route = respx.get(f"{API}/orders").mock(
+            return_value=httpx.Response(
+                200, json=[], headers={"Date": format_datetime(stamp, usegmt=True)}
+            )
+        )
+        assert client.store_now() is None  # nothing heard yet
+        asyncio.run(client.page("orders", {}, 1))
+        now = client.store_now()
+        assert now is not None and now.microsecond == 0
+        # the header's second plus the (sub-second) time since the answer: never less, and
+        # never a second past what the store can have reached
+        assert stamp <= now <= stamp + timedelta(seconds=1)
+        route.mock(return_value=httpx.Response(200, json=[], headers={"Date": "yesterday"}))
+        asyncio.run(client.page("orders", {}, 1))
+        kept = client.store_now()
+        assert kept is not None and stamp <= kept <= stamp + timedelta(seconds=1)
+    asyncio.run(client.aclose())
+
+
+def test_without_a_date_header_windows_end_at_syncds_clock_and_it_is_said_once(
+    tmp_path: Any,
+) -> None:
+    engine = open_store(f"sqlite:///{tmp_path}/s.db")
+    fixed = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+    settings = _settings()
+    with respx.mock, structlog.testing.capture_logs() as logs:
+        route = respx.get(f"{API}/refunds").mock(
+            return_value=httpx.Response(
+                200, json=[], headers={"X-WP-Total": "0", "X-WP-TotalPages": "0"}
+            )
+        )
+
+        async def go() -> list[SyncResult]:
+            results = []
+            for _ in range(2):
+                runner = SourceSync(engine, "nodate", settings, clock=lambda: fixed)
+                results.append(await runner.run(streams=["refunds"]))
+                await runner.client.aclose()
+            return results
+
+        results = asyncio.run(go())
+    assert [r.status for r in results] == ["success", "success"]
+    windows = [c.request for c in route.calls if "modified_before" in c.request.url.params]
+    assert windows and {c.url.params["modified_before"] for c in windows} == {"2026-03-01T12:00:00"}
+    warned = [e for e in logs if "no usable Date header" in e["event"]]
+    assert len(warned) == 1 and warned[0]["source"] == "nodate"
+    engine.dispose()
