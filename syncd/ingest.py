@@ -13,8 +13,9 @@ Invariants (see DESIGN.md, "Incremental sync"):
   smaller total means a row left the window mid-read (it was modified), shifting later rows
   one place back across a page boundary: that pass is read again from the last safe
   checkpoint. An id read twice means rows sharing one modification second came back in a
-  different order on different pages (HPOS has no tie-breaker): the window is read on from
-  the last safe checkpoint by id, an order without ties. So no row is skipped.
+  different order on different pages (HPOS has no tie-breaker), and as many places as
+  rows means another row was skipped: the window is read on from the last safe
+  checkpoint by id, an order without ties. So no row is skipped.
 * Counters count distinct rows: a row read twice (a re-read pass) is fetched and stored once.
 * Records that fail validation go to ``quarantine`` with the reason; the run goes on.
 """
@@ -463,7 +464,6 @@ class SourceSync:
         total_pages = max(total_pages, 1)
         outcome: PassOutcome = "complete"
         seen: set[int] = set()
-        loose = 0  # records without a usable id: each one a row of its own
         checkpoint: datetime | None = None
         pending: dict[int, asyncio.Task[Page]] = {}
         next_fetch = 2
@@ -479,17 +479,18 @@ class SourceSync:
                 page = first if number == 1 else await pending.pop(number)
                 if page.total != initial_total and outcome == "complete":
                     outcome = "moved"
-                repeated, no_id = _take_ids(page.items, seen)
-                loose += no_id
+                repeated = _take_ids(page.items, seen)
                 last = number == total_pages
-                if outcome == "complete" and (
-                    repeated
-                    or (last and initial_total is not None and len(seen) + loose < initial_total)
-                    or (not last and len(page.items) < self.client.per_page)
-                ):
-                    # With an unchanged total, a repeated id or a row short means the sort
-                    # put rows in another order on another page (ties); by id they have none.
-                    outcome = "moved" if by_id else "reordered"
+                if outcome == "complete":
+                    if repeated:
+                        # With an unchanged total, an id read twice means the sort put rows
+                        # in another order on another page (ties): one was skipped. By id
+                        # there are no ties, so there it can only be a row that moved.
+                        outcome = "moved" if by_id else "reordered"
+                    elif not by_id and not last and len(page.items) < self.client.per_page:
+                        # A short page before the last breaks the count of places the
+                        # checkpoints rely on (a total the host got wrong): read by id.
+                        outcome = "reordered"
                 new_cursor: datetime | None = None
                 if outcome == "complete":
                     if last:
@@ -545,7 +546,7 @@ class SourceSync:
         writer = _PageWriter(self.engine)
         try:
             while True:
-                repeated = _take_ids(page.items, seen)[0] or repeated
+                repeated = _take_ids(page.items, seen) or repeated
                 last = len(page.items) < self.client.per_page
                 cursor: datetime | None = None
                 if not repeated:
@@ -1383,20 +1384,16 @@ def _id_of(item: Any) -> Any:
     return item.get("id") if isinstance(item, Mapping) else None
 
 
-def _take_ids(items: Sequence[Any], seen: set[int]) -> tuple[bool, int]:
-    """Add a page's ids to ``seen``: whether one was there already, and how many records
-    have no usable id."""
+def _take_ids(items: Sequence[Any], seen: set[int]) -> bool:
+    """Add a page's ids to ``seen``; whether one was there already (records without a
+    usable id cannot repeat: they are quarantined by content)."""
     repeated = False
-    loose = 0
     for item in items:
         pid = _id_of(item)
-        if not _positive_int(pid):
-            loose += 1
-        elif pid in seen:
-            repeated = True
-        else:
+        if _positive_int(pid):
+            repeated = repeated or pid in seen
             seen.add(pid)
-    return repeated, loose
+    return repeated
 
 
 def _max_modified(items: Sequence[Any]) -> datetime | None:
