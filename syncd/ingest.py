@@ -4,13 +4,19 @@ Invariants (see DESIGN.md, "Incremental sync"):
 
 * A stream's cursor is written in the same transaction as the rows it covers, so a crash
   at any moment resumes without loss; upserts are idempotent, so re-read rows change nothing.
-* A window is bounded above by the run's start and starts ``overlap_seconds`` before the
-  cursor (clock skew, equal timestamps, WordPress's exclusive date bounds).
+* A window is bounded above by the store's own clock (its responses' ``Date`` header: it
+  stamps the rows) when the stream's read begins, and starts ``overlap_seconds`` before the
+  cursor (equal timestamps, WordPress's exclusive date bounds, slow transactions).
 * Pages are fetched concurrently (a bounded look-ahead) but committed in page order, and
   the cursor advances to the last committed row only while every page so far reported the
-  window's initial ``X-WP-Total``. A smaller total means a row left the window mid-read (it
-  was modified), shifting later rows one place back across a page boundary: that pass is
-  read again from the last safe checkpoint, so no row is skipped.
+  window's initial ``X-WP-Total``, every page so far was full and no id came twice. A
+  smaller total means a row left the window mid-read (it was modified), shifting later rows
+  one place back across a page boundary: that pass is read again from the last safe
+  checkpoint. An id read twice means rows sharing one modification second came back in a
+  different order on different pages (HPOS has no tie-breaker), and as many places as
+  rows means another row was skipped: the window is read on from the last safe
+  checkpoint by id, an order without ties. So no row is skipped.
+* Counters count distinct rows: a row read twice (a re-read pass) is fetched and stored once.
 * Records that fail validation go to ``quarantine`` with the reason; the run goes on.
 """
 
@@ -21,11 +27,11 @@ import contextlib
 import gc
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, select, update
 
@@ -75,6 +81,12 @@ log = get_logger("syncd.ingest")
 
 
 MAX_PASSES = 5  # re-reads of a window whose rows moved while it was read
+# How a pass over a window ended: every row read; a row left the window mid-read (X-WP-Total
+# changed); rows came back in another order on another page (an id twice, or fewer ids than
+# X-WP-Total with the total unchanged): ties in the sort.
+PassOutcome = Literal["complete", "moved", "reordered"]
+# Stores whose responses carry no usable Date header, already told about (once per process).
+_NO_STORE_CLOCK: set[str] = set()
 FLUSH_ROWS = 2000  # rows per transaction while pages keep arriving (a commit costs ~5 ms)
 FLUSH_SECONDS = 2.0  # ... or this long, so progress is durable during slow reads
 # The table each stream's rows land in (customers: the accounts as the source has them).
@@ -124,14 +136,34 @@ def fewer_collections() -> Iterator[None]:
 
 @dataclass
 class StreamCounts:
-    fetched: int = 0  # records read from the source
-    stored: int = 0  # rows written (inserted or updated)
+    fetched: int = 0  # distinct records read from the source
+    stored: int = 0  # distinct rows written (inserted or updated)
     quarantined: int = 0
     deleted: int = 0  # rows marked deleted by reconciliation
     passes: int = 0  # window passes (more than one per variant: rows moved mid-read)
+    # The ids behind fetched/stored: a row read again (an overlapping or repeated pass, a
+    # page that repeats a row) counts once. Records without a usable id count one each.
+    _fetched_ids: set[int] = field(default_factory=set, repr=False, compare=False)
+    _fetched_loose: int = field(default=0, repr=False, compare=False)
+    _stored_ids: set[int] = field(default_factory=set, repr=False, compare=False)
+
+    def saw(self, items: Sequence[Any]) -> None:
+        """Records read from the source."""
+        for item in items:
+            pid = _id_of(item)
+            if _positive_int(pid):
+                self._fetched_ids.add(pid)
+            else:
+                self._fetched_loose += 1
+        self.fetched = len(self._fetched_ids) + self._fetched_loose
+
+    def wrote(self, ids: Iterable[int]) -> None:
+        """Rows written, by source id."""
+        self._stored_ids.update(ids)
+        self.stored = len(self._stored_ids)
 
     def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items() if v}
+        return {k: v for k, v in vars(self).items() if v and not k.startswith("_")}
 
 
 @dataclass
@@ -300,6 +332,8 @@ class SourceSync:
             self.currency = await self._store_currency()
         prepare, commit = self._handlers(stream.name)
         had_rows = self._has_rows(stream.name)
+        # The windows end at the store's now: it stamps date_modified_gmt with its own clock.
+        self.run_start = await self._store_clock(stream.path)
         # Each variant's first window starts where its own cursor says, so every variant's
         # first page is asked for now: a later variant (the trash) then costs no round trip
         # of its own after the first one's pages.
@@ -323,7 +357,7 @@ class SourceSync:
             if had_rows:
                 await self._reconcile(stream)
             else:  # a first sync read everything there is: nothing can be missing yet
-                self._stamp_reconciled(stream.name, self.run_start)
+                self._stamp_reconciled(stream.name, self.clock())
 
     def _handlers(self, stream: str) -> tuple[Prepare, Commit]:
         handlers: dict[str, tuple[Prepare, Commit]] = {
@@ -336,6 +370,25 @@ class SourceSync:
 
     # -- windows ----------------------------------------------------------------------
 
+    async def _store_clock(self, path: str) -> datetime:
+        """Now on the store's clock (see ``WooCommerceClient.store_now``), asked with one
+        small request when no response told it yet; syncd's clock when the store sends no
+        usable ``Date`` header (said once)."""
+        now = self.client.store_now()
+        if now is None:
+            await self.client.probe_clock(path)
+            now = self.client.store_now()
+        if now is not None:
+            return now
+        if self.name not in _NO_STORE_CLOCK:
+            _NO_STORE_CLOCK.add(self.name)
+            log.warning(
+                "the store sends no usable Date header: windows end at syncd's clock, so a "
+                "store clock more than overlap_seconds behind it can lose rows",
+                source=self.name,
+            )
+        return self.clock()
+
     async def _windowed(
         self,
         stream: Stream,
@@ -346,22 +399,34 @@ class SourceSync:
         prepare: Prepare,
         commit: Commit,
     ) -> None:
-        """Read ``key``'s window from ``start`` to the run's start; ``first`` is the first
-        pass's first page, already asked for."""
+        """Read ``key``'s window from ``start`` to the store's now at the stream's start;
+        ``first`` is the first pass's first page, already asked for."""
         upper = self.run_start
+        by_id = False
         for _ in range(MAX_PASSES):
             self.counts[stream.name].passes += 1
-            params = self.client.window_params(variant, start, upper)
-            stable, checkpoint = await self._read_window(
-                stream, key, params, upper, prepare, commit, first
+            params = self.client.window_params(variant, start, upper, by_id=by_id)
+            outcome, checkpoint = await self._read_window(
+                stream, key, params, upper, prepare, commit, first, by_id=by_id
             )
             first = None  # later passes start elsewhere: their first page is asked for then
-            if stable:
+            if outcome == "complete":
                 return
-            # Rows moved while the window was read: read on from the last safe checkpoint.
+            # Read on from the last safe checkpoint (an id-ordered pass has none).
             if checkpoint is not None:
                 start = checkpoint - self.overlap
-            log.info("window moved while read; reading it again", source=self.name, stream=key)
+            if outcome == "reordered" and not by_id:
+                # Ties in orderby=modified came back in another order on another page: the
+                # rest of the window is read by id, which has no ties.
+                by_id = True
+                log.info(
+                    "rows sharing a modification second came back in another order on "
+                    "another page; reading the window by id",
+                    source=self.name,
+                    stream=key,
+                )
+            else:
+                log.info("window moved while read; reading it again", source=self.name, stream=key)
         log.warning(
             "window kept moving; the cursor stays at its last safe checkpoint",
             source=self.name,
@@ -378,14 +443,27 @@ class SourceSync:
         prepare: Prepare,
         commit: Commit,
         asked: asyncio.Task[Page] | None = None,
-    ) -> tuple[bool, datetime | None]:
+        *,
+        by_id: bool = False,
+    ) -> tuple[PassOutcome, datetime | None]:
+        """One pass over a window; returns how it ended and the last safe checkpoint.
+
+        A checkpoint (the newest modification time on a page) is safe after pages 1..p when
+        they all reported the first page's X-WP-Total, were full and held no id twice: a
+        tie group wholly before that point has a fixed number of places in those pages,
+        all filled by distinct rows, so every row modified before the checkpoint was read
+        (rows at the checkpoint's own second may continue on the next page). An id-ordered
+        pass has no checkpoint: its pages are not in modification order."""
         first = await (asked or self.client.page(stream.path, params, 1))
         initial_total = first.total
         total_pages = first.total_pages
         if total_pages is None:  # a host that strips the paging headers: read on to a short page
-            return await self._read_sequential(stream, key, params, upper, first, prepare, commit)
+            return await self._read_sequential(
+                stream, key, params, upper, first, prepare, commit, by_id=by_id
+            )
         total_pages = max(total_pages, 1)
-        stable = True
+        outcome: PassOutcome = "complete"
+        seen: set[int] = set()
         checkpoint: datetime | None = None
         pending: dict[int, asyncio.Task[Page]] = {}
         next_fetch = 2
@@ -399,14 +477,25 @@ class SourceSync:
                     )
                     next_fetch += 1
                 page = first if number == 1 else await pending.pop(number)
-                if page.total != initial_total:
-                    stable = False
+                if page.total != initial_total and outcome == "complete":
+                    outcome = "moved"
+                repeated = _take_ids(page.items, seen)
                 last = number == total_pages
+                if outcome == "complete":
+                    if repeated:
+                        # With an unchanged total, an id read twice means the sort put rows
+                        # in another order on another page (ties): one was skipped. By id
+                        # there are no ties, so there it can only be a row that moved.
+                        outcome = "moved" if by_id else "reordered"
+                    elif not by_id and not last and len(page.items) < self.client.per_page:
+                        # A short page before the last breaks the count of places the
+                        # checkpoints rely on (a total the host got wrong): read by id.
+                        outcome = "reordered"
                 new_cursor: datetime | None = None
-                if stable:
+                if outcome == "complete":
                     if last:
                         new_cursor = upper
-                    else:
+                    elif not by_id:
                         new_cursor = _max_modified(page.items)
                         checkpoint = new_cursor or checkpoint
                 writing = await self._apply(
@@ -420,6 +509,11 @@ class SourceSync:
                     await self._in_db_thread(writer.flush)
                 if self.progress:
                     self.progress(key, number, total_pages)
+                if outcome == "reordered":
+                    break  # the rest is read by id: these pages would be read for nothing
+            if writing is not None:
+                await writing
+                writing = None
             await self._in_db_thread(writer.flush)
         finally:
             if writing is not None:
@@ -429,7 +523,7 @@ class SourceSync:
             await self._in_db_thread(writer.abort)
             for task in pending.values():
                 task.cancel()
-        return stable, checkpoint
+        return outcome, checkpoint
 
     async def _read_sequential(
         self,
@@ -440,19 +534,32 @@ class SourceSync:
         first: Page,
         prepare: Prepare,
         commit: Commit,
-    ) -> tuple[bool, datetime | None]:
+        *,
+        by_id: bool = False,
+    ) -> tuple[PassOutcome, datetime | None]:
+        """A pass without X-WP-Total (a host stripped it): pages until a short one. An id
+        read twice still shows ties in another order; a row leaving cannot be seen here."""
         page = first
+        seen: set[int] = set()
+        repeated = False
+        checkpoint: datetime | None = None
         writer = _PageWriter(self.engine)
         try:
             while True:
+                repeated = _take_ids(page.items, seen) or repeated
                 last = len(page.items) < self.client.per_page
-                cursor = upper if last else _max_modified(page.items)
+                cursor: datetime | None = None
+                if not repeated:
+                    cursor = upper if last else None if by_id else _max_modified(page.items)
                 await (
                     await self._apply(writer, stream.name, key, page.items, cursor, prepare, commit)
                 )
                 await self._in_db_thread(writer.flush)
+                if repeated and not by_id:
+                    return "reordered", checkpoint
+                checkpoint = cursor or checkpoint
                 if last:
-                    return True, cursor
+                    return ("moved" if repeated else "complete"), checkpoint
                 page = await self.client.page(stream.path, params, page.number + 1)
         finally:
             await self._in_db_thread(writer.abort)
@@ -473,7 +580,7 @@ class SourceSync:
         ``previous`` (the page before) is still being written, then waits for it: pages are
         written in order, and a failed write stops the window before the next one starts."""
         prepared = await prepare(items)
-        self.counts[stream].fetched += len(items)
+        self.counts[stream].saw(items)
         if previous is not None:
             await previous
 
@@ -581,7 +688,7 @@ class SourceSync:
     async def _customers(self) -> None:
         counts = self.counts["customers"]
         params = {"role": "all", "orderby": "id", "order": "asc", "_fields": "id,date_modified_gmt"}
-        scanned, bad, stable = await self._scan(STREAMS["customers"].path, params)
+        scanned, bad, stable, began = await self._scan(STREAMS["customers"].path, params)
         if bad:
             # A record without an id cannot be fetched or stored: it is kept with the reason.
             await self._in_db_thread(self._commit_in_tx, self._quarantine_all, ("customers", bad))
@@ -606,7 +713,7 @@ class SourceSync:
         for start in range(0, len(changed), self.client.per_page):
             chunk = changed[start : start + self.client.per_page]
             payloads = await self.client.by_ids("customers", chunk, {"role": "all"})
-            counts.fetched += len(payloads)
+            counts.saw(payloads)
             await self._in_db_thread(self._commit_in_tx, self._commit_customers, payloads)
             if self.progress:
                 self.progress("customers", start + len(chunk), len(changed))
@@ -619,15 +726,16 @@ class SourceSync:
             if gone:
                 await self._in_db_thread(self._mark_customers_deleted, gone)
         # The customers "cursor" says how fresh the accounts are: every change the store
-        # had when this scan began is now in.
-        await self._in_db_thread(self._commit_in_tx, self._save_scan_cursor, self.run_start)
+        # had when this scan began (on its clock) is now in.
+        fresh_as_of = began or self.clock()
+        await self._in_db_thread(self._commit_in_tx, self._save_scan_cursor, fresh_as_of)
 
     async def _scan(
         self, path: str, params: Mapping[str, str]
-    ) -> tuple[dict[int, datetime | None], list[Any], bool]:
+    ) -> tuple[dict[int, datetime | None], list[Any], bool, datetime | None]:
         """Every id (and modification time) of a collection, the items that have no usable id,
-        and ``stable``: no page saw the total change (only then may absent ids be taken as
-        deleted)."""
+        ``stable``: no page saw the total change (only then may absent ids be taken as
+        deleted), and the store's clock when the scan began (its first answer's Date)."""
         out: dict[int, datetime | None] = {}
         bad: list[Any] = []
         totals: set[int | None] = set()
@@ -659,7 +767,7 @@ class SourceSync:
         stable = totals == {first.total} and (
             first.total is None or first.total == len(out) + len(bad)
         )
-        return out, bad, stable
+        return out, bad, stable, first.date
 
     def _commit_in_tx(self, commit: Commit, prepared: Any) -> None:
         with self.engine.begin() as conn:
@@ -682,8 +790,8 @@ class SourceSync:
             upsert(
                 conn, RECORDS, [{**row.record, "customer_id": person}], keys=("source", "source_id")
             )
-            counts.stored += 1
             ok.append(row.source_id)
+        counts.wrote(ok)
         self._release(conn, "customers", ok)
 
     def _save_scan_cursor(self, conn: Connection, when: datetime) -> None:
@@ -805,7 +913,7 @@ class SourceSync:
         upsert(conn, ITEMS, item_rows, keys=("order_id", "source_id"))
         self._link_refunds(conn, list(order_ids))
         self._release(conn, "orders", list(order_ids))
-        counts.stored += len(rows)
+        counts.wrote(r["source_id"] for r in rows)
 
     def _link_refunds(self, conn: Connection, order_source_ids: list[int]) -> None:
         """Refunds read before their order get its id and currency (amounts re-read if needed)."""
@@ -867,7 +975,7 @@ class SourceSync:
                 self._quarantine(conn, "refunds", payload, str(exc))
         upsert(conn, REFUNDS, rows, keys=("source", "source_id"))
         self._release(conn, "refunds", [r["source_id"] for r in rows])
-        counts.stored += len(rows)
+        counts.wrote(r["source_id"] for r in rows)
 
     async def _prepare_products(self, items: list[Any]) -> tuple[list[Any], dict[int, list[Any]]]:
         """Variations are read with their variable product (they are rows of ``products`` too)."""
@@ -904,7 +1012,7 @@ class SourceSync:
                 self._quarantine(conn, "products", payload, str(exc))
         upsert(conn, PRODUCTS, rows, keys=("source", "source_id"))
         self._release(conn, "products", [r["source_id"] for r in rows])
-        counts.stored += len(rows)
+        counts.wrote(r["source_id"] for r in rows)
 
     def _commit_coupons(self, conn: Connection, items: list[Any]) -> None:
         counts = self.counts["coupons"]
@@ -918,7 +1026,7 @@ class SourceSync:
                 self._quarantine(conn, "coupons", payload, str(exc))
         upsert(conn, COUPONS, rows, keys=("source", "source_id"))
         self._release(conn, "coupons", [r["source_id"] for r in rows])
-        counts.stored += len(rows)
+        counts.wrote(r["source_id"] for r in rows)
 
     async def _store_currency(self) -> str:
         code = await self.client.store_currency()
@@ -975,7 +1083,7 @@ class SourceSync:
         table = TABLE_OF_STREAM[stream.name]
         seen: set[int] = set()
         for _suffix, variant in stream.variants:
-            ids, _bad, stable = await self._scan(
+            ids, _bad, stable, _began = await self._scan(
                 stream.path, {**variant, "orderby": "id", "order": "asc", "_fields": "id"}
             )
             if not stable:
@@ -1053,7 +1161,7 @@ class SourceSync:
         if stream in ("products", "coupons"):
             # Looked up per batch: a poll keeps the stored products in the store's currency.
             self.currency = await self._apply_currency()
-        self.counts[stream].fetched += len(items)
+        self.counts[stream].saw(items)
         prepared = await prepare(items)
         ids = [i for i in (_id_of(item) for item in items) if _positive_int(i)]
         refunds: list[Any] = []
@@ -1362,6 +1470,18 @@ async def _no_prepare(items: list[Any]) -> list[Any]:
 
 def _id_of(item: Any) -> Any:
     return item.get("id") if isinstance(item, Mapping) else None
+
+
+def _take_ids(items: Sequence[Any], seen: set[int]) -> bool:
+    """Add a page's ids to ``seen``; whether one was there already (records without a
+    usable id cannot repeat: they are quarantined by content)."""
+    repeated = False
+    for item in items:
+        pid = _id_of(item)
+        if _positive_int(pid):
+            repeated = repeated or pid in seen
+            seen.add(pid)
+    return repeated
 
 
 def _max_modified(items: Sequence[Any]) -> datetime | None:

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import API_PREFIX, FaultConfig, SandboxServer
@@ -34,6 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-5xx", type=float, default=0.0)
     parser.add_argument("--rate-drop", type=float, default=0.0)
     parser.add_argument(
+        "--unstable-ties",
+        action="store_true",
+        help="order rows sharing a modification second randomly per request (as HPOS does)",
+    )
+    parser.add_argument(
+        "--clock-skew-seconds",
+        type=float,
+        default=0.0,
+        help="the store's clock ahead of the real one (negative: behind)",
+    )
+    parser.add_argument(
         "--destinations",
         action="store_true",
         help="also serve the Klaviyo, Mailchimp and webhook sandboxes",
@@ -58,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_5xx=args.rate_5xx,
             rate_drop=args.rate_drop,
             seed=args.seed,
+            unstable_ties=args.unstable_ties,
         )
         store = SandboxStore(
             seed=args.seed,
@@ -67,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             products=args.products,
             currency=args.currency,
             timezone=args.timezone,
+            clock_skew=timedelta(seconds=args.clock_skew_seconds),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import email.utils
 import math
 import random
 import re
@@ -18,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
@@ -96,6 +97,11 @@ class FaultConfig:
     Every request first sleeps ``latency_ms``; then one draw decides between dropping the
     connection (``rate_drop``), a 429 with ``Retry-After`` (``rate_429``; no header when
     ``retry_after`` is None), a 500/502/503 (``rate_5xx``), or a normal answer.
+
+    ``unstable_ties``: rows sharing one sort value under ``orderby=modified`` or ``date``
+    come back in a new random order on every request, as an HPOS store on MariaDB sorts
+    them (observed on WooCommerce 10: its orders query sorts by date with no tie-breaker,
+    and page 1 and page 2 ordered the same ties differently). Off, ties go by id.
     """
 
     latency_ms: float = 0
@@ -104,6 +110,7 @@ class FaultConfig:
     rate_5xx: float = 0
     rate_drop: float = 0
     seed: int = 0
+    unstable_ties: bool = False
 
     def __post_init__(self) -> None:
         rates = (self.rate_429, self.rate_5xx, self.rate_drop)
@@ -170,6 +177,11 @@ class FaultsAndLog(Generic[RecordT]):
         with self._log_lock:
             self._log.append(record)
 
+    def _draw_seed(self) -> int:
+        """A seed for a per-request random choice, drawn from the fault RNG."""
+        with self._fault_lock:
+            return self._fault_rng.getrandbits(64)
+
     def _draw_fault(self) -> tuple[FaultConfig, str | None, int]:
         """The config in force, the fault for one request (``drop``, ``rate_limit``,
         ``server_error`` or None) and the status a ``server_error`` answers with."""
@@ -228,7 +240,12 @@ class SandboxServer(ServedSandbox, FaultsAndLog[RequestRecord]):
         faults: FaultConfig | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        clock_skew: timedelta | None = None,
     ) -> None:
+        """``clock_skew`` (when given) sets the store's ``clock_skew``: its Date header and
+        the stamps of new and changed records follow a clock that far ahead (or behind)."""
+        if clock_skew is not None:
+            store.clock_skew = clock_skew
         self.store = store
         self.consumer_key = consumer_key
         self.consumer_secret = consumer_secret
@@ -343,6 +360,8 @@ class SandboxServer(ServedSandbox, FaultsAndLog[RequestRecord]):
             if not route.collection:
                 return self._single(route, fields), {}
             matched = self._matched(query)
+            if self.faults.unstable_ties and query.orderby in ("modified", "date"):
+                matched = _shuffle_ties(matched, query.sort_key(), random.Random(self._draw_seed()))
             ids, total = query.window(matched), len(matched)
             kind = query.index_kind
             if fields is None:
@@ -774,6 +793,23 @@ class _Query:
         start = self.offset if self.offset else (self.page - 1) * self.per_page
         return matched[start : start + self.per_page]
 
+    def _sort_field(self) -> str:
+        return {
+            "date": "created_local",
+            "modified": "modified_local",
+            "id": "id",
+            "title": "title",
+            "slug": "slug",
+            "name": "title",
+            "registered_date": "created_gmt",
+            "include": "created_local",
+        }[self.orderby]
+
+    def sort_key(self) -> Callable[[int], object]:
+        """The value an id is sorted by (call with the store locked)."""
+        entries, field = self.store.index(self.index_kind), self._sort_field()
+        return lambda record_id: getattr(entries[record_id], field)
+
     def matched(self) -> list[int]:
         """Ids passing every filter, in the requested order (call with the store locked)."""
         store = self.store
@@ -782,17 +818,7 @@ class _Query:
         if self.orderby == "include" and self.include:
             order = [i for i in dict.fromkeys(self.include) if i in entries]
         else:
-            field = {
-                "date": "created_local",
-                "modified": "modified_local",
-                "id": "id",
-                "title": "title",
-                "slug": "slug",
-                "name": "title",
-                "registered_date": "created_gmt",
-                "include": "created_local",
-            }[self.orderby]
-            ascending = store.sorted_ids(kind, field)
+            ascending = store.sorted_ids(kind, self._sort_field())
             order = ascending if self.order == "asc" else ascending[::-1]
         tests = self._tests()
         if len(tests) == 1:
@@ -834,6 +860,24 @@ class _Query:
         return tests
 
 
+def _shuffle_ties(ids: list[int], key: Callable[[int], object], rng: random.Random) -> list[int]:
+    """``ids`` (sorted by ``key``) with every run of equal keys in a random order."""
+    out: list[int] = []
+    run: list[int] = []
+    previous: object = None
+    for record_id in ids:
+        value = key(record_id)
+        if run and value != previous:
+            rng.shuffle(run)
+            out.extend(run)
+            run = []
+        run.append(record_id)
+        previous = value
+    rng.shuffle(run)
+    out.extend(run)
+    return out
+
+
 def _date_test(column: str, op: str, bound: str) -> Callable[[IndexEntry], bool]:
     # WP_Date_Query's after/before are exclusive unless "inclusive" is set, which WC never does.
     if op == ">":
@@ -843,6 +887,12 @@ def _date_test(column: str, op: str, bound: str) -> Callable[[IndexEntry], bool]
 
 class _Handler(SandboxHandler[SandboxServer]):
     server_version = "nginx"
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header, from the store's clock (which may be skewed)."""
+        if timestamp is None:
+            timestamp = self.app.store.clock().timestamp()
+        return email.utils.formatdate(timestamp, usegmt=True)
 
     def handle_request(self) -> None:
         app = self.app

@@ -307,6 +307,7 @@ class SandboxStore:
         currency: str = "USD",
         timezone: str = "America/New_York",
         now: datetime | None = None,
+        clock_skew: timedelta = timedelta(0),
     ) -> None:
         if min(customers, guests, orders, coupons) < 0 or products < 1:
             raise ValueError("counts must be >= 0 (and products >= 1)")
@@ -314,16 +315,21 @@ class SandboxStore:
             raise ValueError("refund_rate must be between 0 and 1")
         if len(currency) != 3 or not currency.isalpha():
             raise ValueError(f"currency must be an ISO 4217 code, not {currency!r}")
-        real_now = datetime.now(UTC)
+        # The store's clock runs clock_skew ahead of the real one (behind when negative): it
+        # stamps new and changed records and answers the Date header (see clock()).
+        self.clock_skew = clock_skew
+        store_now = datetime.now(UTC) + clock_skew
         if now is None:
-            # Midnight UTC today: two stores built the same day with the same seed are equal,
-            # and all history lies before the real clock.
-            anchor = real_now.replace(hour=0, minute=0, second=0, microsecond=0)
+            # Midnight UTC today (store time): two stores built the same day with the same
+            # seed are equal, and all history lies before the store's clock.
+            anchor = store_now.replace(hour=0, minute=0, second=0, microsecond=0)
         else:
             anchor = now if now.tzinfo else now.replace(tzinfo=UTC)
             anchor = anchor.astimezone(UTC).replace(microsecond=0)
-            if anchor > real_now:
-                raise ValueError("now must not be in the future: history must predate the clock")
+            if anchor > store_now:
+                raise ValueError(
+                    "now must not be in the future: history must predate the store's clock"
+                )
 
         self.lock = threading.RLock()
         self.seed = seed
@@ -359,6 +365,12 @@ class SandboxStore:
         self._next_meta_id = 1000
         self._guest_emails: list[str] = []
         _Generator(self, rng, refund_rate).run(customers, guests, orders, products, coupons)
+
+    def clock(self) -> datetime:
+        """Now on the store's clock: the real time plus ``clock_skew``. A WooCommerce store
+        stamps ``date_modified`` and its HTTP ``Date`` header with its server's clock, which
+        need not agree with the syncing machine's."""
+        return datetime.now(UTC) + self.clock_skew
 
     # ----------------------------------------------------------------- reads (for the server)
 
@@ -442,7 +454,7 @@ class SandboxStore:
         username from the email's local part, made unique; then ``changes`` as an update.
         The caller checks the email is valid and not taken."""
         with self.lock:
-            stamp = _Stamp.real_now(self.timezone)
+            stamp = _Stamp(self.clock(), self.timezone)
             user_id = self._take_user_id()
             taken = {str(p.get("username", "")).lower() for p in self._users()}
             base = email.split("@")[0] or "customer"
@@ -474,7 +486,7 @@ class SandboxStore:
 
     def update_customer(self, customer_id: int, changes: Mapping[str, Any]) -> Payload:
         """Apply a wc/v3 customer update (``KeyError`` for an unknown id) and stamp
-        ``date_modified`` with the real time, as saving a WC_Customer does.
+        ``date_modified`` with the store's clock (``clock()``), as saving a WC_Customer does.
 
         ``email``, ``first_name``, ``last_name`` and the known ``billing``/``shipping`` keys
         are set; ``meta_data`` entries go through ``WC_Data::update_meta_data``: with an
@@ -496,7 +508,7 @@ class SandboxStore:
                             address[key] = value
             if "meta_data" in changes:
                 self._update_meta(payload, changes["meta_data"])
-            _Stamp.real_now(self.timezone).apply(payload, "date_modified")
+            _Stamp(self.clock(), self.timezone).apply(payload, "date_modified")
             self._reindex("customers", customer_id)
             return payload
 
@@ -589,7 +601,7 @@ class SandboxStore:
         New orders (guest, registered, and from brand-new customers), status changes with
         their paid/completed dates, refunds, trashed and force-deleted orders, price and stock
         changes, coupon edits and usage, customer edits. Every change stamps
-        ``date_modified(_gmt)`` with the real current UTC time. Returns the ids changed per
+        ``date_modified(_gmt)`` with the store's clock (``clock()``). Returns the ids changed per
         kind, plus ``deleted_orders`` and ``deleted_refunds``.
         """
         if not 0 <= fraction <= 1:
@@ -606,7 +618,7 @@ class SandboxStore:
         (returned under the store's internal key for it). Also kept in ``malformed``.
         """
         with self.lock:
-            stamp = _Stamp.real_now(self.timezone)
+            stamp = _Stamp(self.clock(), self.timezone)
             template_id = next(
                 (i for i, o in self.orders.items() if o["status"] == "completed"),
                 next(iter(self.orders), None),
@@ -820,10 +832,6 @@ class _Stamp:
         self.moment = moment
         self.gmt = _format(moment)
         self.local = _format(moment.astimezone(tz))
-
-    @classmethod
-    def real_now(cls, tz: ZoneInfo) -> _Stamp:
-        return cls(datetime.now(UTC), tz)
 
     def apply(self, payload: Payload, *fields: str) -> None:
         for field in fields:
@@ -2044,7 +2052,7 @@ class _Mutation:
     def __init__(self, store: SandboxStore, rng: random.Random) -> None:
         self.store = store
         self.rng = rng
-        self.stamp = _Stamp.real_now(store.timezone)
+        self.stamp = _Stamp(store.clock(), store.timezone)
         # Records from add_malformed() stay as they are: they exist to be quarantined.
         bad = set(store.malformed.values())
         self.orders = [o for i, o in store.orders.items() if i not in bad]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
@@ -423,11 +424,26 @@ class Page:
     total: int | None  # X-WP-Total: rows matching the query when this page was read
     total_pages: int | None  # X-WP-TotalPages
     number: int = 1
+    date: datetime | None = None  # the response's Date header: the store's clock, to the second
 
 
 def gmt_param(value: datetime) -> str:
     """A UTC instant as WooCommerce's date parameters take it (with ``dates_are_gmt=true``)."""
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def http_date(value: str | None) -> datetime | None:
+    """An HTTP ``Date`` header (RFC 9110 section 6.6.1: whole seconds, GMT) as an aware
+    datetime; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed is None:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _int_header(value: str | None) -> int | None:
@@ -466,6 +482,38 @@ class WooCommerceClient:
                 verify=settings.verify_tls,
             )
         self.http = client
+        # The store's clock minus ours, as the latest response's Date header shows it (a lower
+        # bound: see store_now); None until a response with a usable Date arrived.
+        self._clock_offset: timedelta | None = None
+
+    def store_now(self) -> datetime | None:
+        """Now on the store's clock, to the second, never later than the store's real now;
+        None when no response so far carried a usable ``Date`` header.
+
+        WooCommerce stamps ``date_modified_gmt`` with its server's clock, so windows are
+        bounded by that clock, not ours. A ``Date`` header is the server's second, truncated,
+        taken before the answer reached us: ``Date - (our time on receipt)`` can only
+        underestimate the store's lead, so the bound errs early (rows of the last second
+        are read by the next run) and never late (a bound past the store's now would close
+        a second whose rows are still being written).
+        """
+        if self._clock_offset is None:
+            return None
+        return (datetime.now(UTC) + self._clock_offset).replace(microsecond=0)
+
+    def observe_clock(self, date_header: str | None) -> datetime | None:
+        """Take the store's clock from a response's ``Date`` header (the last offset is kept
+        when it is unusable); returns the header's time."""
+        received = datetime.now(UTC)
+        stamp = http_date(date_header)
+        if stamp is not None:
+            self._clock_offset = stamp - received
+        return stamp
+
+    async def probe_clock(self, path: str) -> None:
+        """One small request, for its ``Date`` header, when none came yet."""
+        _, response = await self.http.get_json(path, params={"per_page": "1", "_fields": "id"})
+        self.observe_clock(response.headers.get("Date"))
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -473,6 +521,7 @@ class WooCommerceClient:
     async def page(self, path: str, params: Mapping[str, str], number: int) -> Page:
         query = {**params, "page": str(number), "per_page": str(self.per_page)}
         body, response = await self.http.get_json(path, params=query)
+        date = self.observe_clock(response.headers.get("Date"))
         if not isinstance(body, list):
             raise ApiError(
                 service=self.http.service,
@@ -486,15 +535,28 @@ class WooCommerceClient:
             total=_int_header(response.headers.get("X-WP-Total")),
             total_pages=_int_header(response.headers.get("X-WP-TotalPages")),
             number=number,
+            date=date,
         )
 
     def window_params(
-        self, variant: Mapping[str, str], after: datetime | None, before: datetime
+        self,
+        variant: Mapping[str, str],
+        after: datetime | None,
+        before: datetime,
+        *,
+        by_id: bool = False,
     ) -> dict[str, str]:
-        """Query of one modification window, oldest first, ids breaking ties (stable paging)."""
+        """Query of one modification window: oldest first, or by id.
+
+        ``orderby=modified`` has no tie-breaker on HPOS stores (observed on WooCommerce 10
+        with MariaDB: rows sharing one modification second came back in a different order
+        on page 1 and page 2, so one was read twice and another never), so offset paging
+        over it can skip a row. ``orderby=id`` has no ties; the orders, refunds, products
+        and coupons controllers all accept it (WooCommerce REST API, ``orderby`` enum
+        ``date, id, include, title, slug, modified``)."""
         params = {
             **variant,
-            "orderby": "modified",
+            "orderby": "id" if by_id else "modified",
             "order": "asc",
             "dates_are_gmt": "true",
             "modified_before": gmt_param(before),
@@ -534,7 +596,8 @@ class WooCommerceClient:
     async def store_currency(self) -> str | None:
         """The store's currency (``GET data/currencies/current``), for product and coupon prices."""
         try:
-            body, _ = await self.http.get_json("data/currencies/current")
+            body, response = await self.http.get_json("data/currencies/current")
+            self.observe_clock(response.headers.get("Date"))
         except ApiError as exc:
             if exc.status in (401, 403) or exc.status is None:
                 raise
