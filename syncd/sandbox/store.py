@@ -520,7 +520,7 @@ class SandboxStore:
         ``KeyError`` for an unknown order, ``ValueError`` when nothing is left to refund."""
         with self.lock:
             order = self.orders[order_id]
-            stamp = _Stamp.real_now(self.timezone)
+            stamp = _Stamp(self.clock(), self.timezone)
             refund = _add_refund(self, self._mutation_rng, order, stamp, amount)
             if refund is None:
                 raise ValueError(f"order {order_id} has nothing left to refund")
@@ -545,7 +545,7 @@ class SandboxStore:
         served, with ``status: "trash"`` and ``date_modified`` stamped now."""
         with self.lock:
             order = self.orders[order_id]
-            _trash(self, order, _Stamp.real_now(self.timezone))
+            _trash(self, order, _Stamp(self.clock(), self.timezone))
             self._reindex("orders", order_id)
             return order
 
@@ -566,7 +566,7 @@ class SandboxStore:
         with self.lock:
             order = self.orders[order_id]
             order["status"] = status
-            _Stamp.real_now(self.timezone).apply(order, "date_modified")
+            _Stamp(self.clock(), self.timezone).apply(order, "date_modified")
             self._reindex("orders", order_id)
             return order
 
