@@ -444,7 +444,8 @@ def segments(
             "--as-of",
             metavar="DATE",
             help="Compute as of the end of this UTC day (YYYY-MM-DD): a backtest. "
-            "Memberships are compared, not recorded.",
+            "Nothing is recorded: profiles, memberships and model fits stay as the "
+            "last recompute left them.",
         ),
     ] = None,
 ) -> None:
@@ -465,7 +466,7 @@ def segments(
 def print_segments(result: Any) -> None:
     title = f"segments as of {result.as_of.isoformat()}"
     if not result.written:
-        title += " (backtest: memberships not recorded)"
+        title += " (backtest: nothing recorded)"
     table = Table(title=title)
     for col in ("segment", "size", "entered", "exited"):
         table.add_column(col, justify="left" if col == "segment" else "right")

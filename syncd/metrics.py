@@ -30,7 +30,8 @@ Metrics (label values in braces):
     Customers who ``entered`` or ``exited`` a segment, per recompute.
 ``syncd_last_success_timestamp_seconds{kind,name}`` (gauge, read from the store)
     Unix time the last ``success`` or ``partial`` run of that job finished; alert on
-    ``time() - syncd_last_success_timestamp_seconds`` to catch stale sources.
+    ``time() - syncd_last_success_timestamp_seconds`` to catch stale sources. Backtests
+    (kind ``backtest``) are no job and are left out.
 ``syncd_segment_size{segment}`` (gauge, read from the store)
     Current members of each segment (open memberships); configured segments with no
     members report 0.
@@ -82,6 +83,7 @@ from syncd import __version__
 from syncd.config import Settings
 from syncd.http import service_stats
 from syncd.log import get_logger
+from syncd.runs import BACKTEST
 from syncd.store.models import MEMBERSHIPS
 from syncd.store.models import SYNC_RUNS as RUNS
 
@@ -241,7 +243,8 @@ class _StoreCollector(Collector):
         with self._engine.connect() as conn:
             for kind, name, finished in conn.execute(
                 select(RUNS.c.kind, RUNS.c.name, func.max(RUNS.c.finished_at))
-                .where(RUNS.c.status.in_(_SUCCESS_STATUSES))
+                # A backtest is no job: its age says nothing about the service.
+                .where(RUNS.c.status.in_(_SUCCESS_STATUSES), RUNS.c.kind != BACKTEST)
                 .group_by(RUNS.c.kind, RUNS.c.name)
                 .order_by(RUNS.c.kind, RUNS.c.name)
             ):

@@ -10,6 +10,11 @@ from sqlalchemy import Engine, insert, update
 
 from syncd.store.models import SYNC_RUNS as RUNS
 
+# The kind of a backtest's run (``syncd segments --as-of``): a run of its own, never
+# taken for a job's last run (status, alerts, metrics and the daemon look for kind
+# "segments"), since it describes a past day and changed nothing.
+BACKTEST = "backtest"
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)

@@ -49,12 +49,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
 from syncd.config import ProfileSettings, Settings, WooCommerceSourceSettings
 from syncd.ingest import SourceSync
 from syncd.segments import profiles
+from syncd.segments import recompute as recompute_module
 from syncd.segments.recompute import ProfileError, recompute
 from syncd.sources.woocommerce import Page, WooCommerceClient
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
@@ -939,12 +940,18 @@ FLOATS = ("avg_days_between_orders", "coupon_order_share")
 
 
 def check_profiles(
-    engine: Engine, expected: Mapping[str, Mapping[str, Any]], as_of: datetime
+    engine: Engine,
+    expected: Mapping[str, Mapping[str, Any]],
+    as_of: datetime,
+    read: Sequence[Mapping[str, Any]] | None = None,
 ) -> None:
-    """Every expected column of every row, all differences reported at once."""
+    """Every expected column of every row (of customer_profiles, or the profile rows
+    ``read`` elsewhere), all differences reported at once."""
     with engine.connect() as conn:
         people = {r.email: r for r in conn.execute(select(CUSTOMERS))}
-        rows = {r.email: r._asdict() for r in conn.execute(select(PROFILES))}
+        if read is None:
+            read = [r._asdict() for r in conn.execute(select(PROFILES))]
+    rows = {r["email"]: r for r in read}
     assert sorted(rows) == sorted(p.email for p in PEOPLE)  # every person, prospects included
     by_email = {p.email: p for p in PEOPLE}
     problems: list[str] = []
@@ -1123,10 +1130,22 @@ EXPECTED_END_OF_MARCH: dict[str, dict[str, Any]] = {
 }
 
 
-def test_profiles_as_of_an_earlier_day(engine: Engine) -> None:
+def test_profiles_as_of_an_earlier_day(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backtest's profiles, as its segments see them on its own connection; the live
+    customer_profiles stays as it was (empty: no live recompute ran)."""
     load_shop(engine)
+    read: list[dict[str, Any]] = []
+    select_members = recompute_module.select_members
+
+    def reading(conn: Connection, *args: Any, **kwargs: Any) -> Any:
+        read.extend(r._asdict() for r in conn.execute(select(PROFILES)))
+        return select_members(conn, *args, **kwargs)
+
+    monkeypatch.setattr(recompute_module, "select_members", reading)
     recompute(engine, profile_settings(**EUR_WITH_USD_RATE), as_of=date(2026, 3, 31))
-    check_profiles(engine, EXPECTED_END_OF_MARCH, END_OF_MARCH)
+    check_profiles(engine, EXPECTED_END_OF_MARCH, END_OF_MARCH, read)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(PROFILES)).scalar_one() == 0
 
 
 def test_two_sources_number_their_products_apart(engine: Engine) -> None:

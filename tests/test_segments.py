@@ -12,11 +12,12 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from syncd.config import ConfigError, Settings, load_settings
 from syncd.segments import memberships as memberships_module
+from syncd.segments import recompute as recompute_module
 from syncd.segments.recompute import SegmentError, recompute
 from syncd.store.models import CUSTOMERS, MEMBERSHIPS, MODEL_FITS, ORDERS, PROFILES, SYNC_RUNS
 
@@ -220,22 +221,36 @@ def test_a_rule_with_an_unknown_column_is_a_config_error(tmp_path: Any) -> None:
     assert "net_revenue_minor" in message  # the columns that exist are listed
 
 
-def test_as_of_rebuilds_profiles_but_records_no_memberships(engine: Engine, shop: Shop) -> None:
+def test_as_of_reports_the_past_day_and_records_nothing(
+    engine: Engine, shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shop.customer(1)
     shop.order(1, datetime(2026, 3, 10, 9, 0, tzinfo=UTC), 4_000)
     shop.order(1, datetime(2026, 3, 31, 23, 59, 59, tzinfo=UTC), 1_000)  # last second counts
     shop.order(1, datetime(2026, 4, 1, 0, 0, tzinfo=UTC), 9_000)  # the next day does not
     config = settings(everyone={"rule": "orders_count >= 1"})
+    # The profiles the backtest's segments are evaluated on, on its own connection.
+    read: list[Any] = []
+    select_members = recompute_module.select_members
+
+    def reading(conn: Connection, *args: Any, **kwargs: Any) -> Any:
+        read.extend(conn.execute(select(PROFILES)).all())
+        return select_members(conn, *args, **kwargs)
+
+    monkeypatch.setattr(recompute_module, "select_members", reading)
     result = recompute(engine, config, as_of=date(2026, 3, 31))
     assert result.as_of == datetime(2026, 3, 31, 23, 59, 59, 999999, tzinfo=UTC)
     assert result.written is False
     assert result.segments["everyone"].as_dict() == {"size": 1, "entered": 1, "exited": 0}
-    assert memberships(engine) == set()
-    with engine.connect() as conn:
-        row = conn.execute(select(PROFILES).where(PROFILES.c.customer_id == 1)).one()
-    assert (row.orders_count, row.gross_revenue_minor) == (2, 5_000)
+    (row,) = read
+    assert (row.customer_id, row.orders_count, row.gross_revenue_minor) == (1, 2, 5_000)
     assert row.days_since_last_order == 0
     assert row.as_of == result.as_of
+    # Nothing recorded: no membership, no profile, no model fit.
+    assert memberships(engine) == set()
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(PROFILES)).scalar_one() == 0
+        assert conn.execute(select(func.count()).select_from(MODEL_FITS)).scalar_one() == 0
 
 
 def test_model_fits_are_kept_with_the_reason_when_not_fitted(engine: Engine, shop: Shop) -> None:

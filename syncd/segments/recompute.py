@@ -1,6 +1,12 @@
 """`syncd segments`: rebuild the profiles, fit and score the CLV models, evaluate the
 segments and record who entered and who left. One transaction: readers see the old
-profiles and memberships or the new ones, never a mix."""
+profiles and memberships or the new ones, never a mix.
+
+A backtest (``as_of``) writes nothing to the store but its ``sync_runs`` row: its
+profiles go to a temporary copy of ``customer_profiles`` on its own connection (see
+``work.shadow``), its memberships are compared and its models fitted but neither is
+recorded, and its transaction is rolled back. Everyone else (a push, a scoped
+recompute of the daemon, ``syncd status``) reads the live tables throughout."""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from sqlalchemy import Connection, Engine, insert, select, text
 
 from syncd.config import Settings
 from syncd.log import log_run
-from syncd.runs import finish_run, start_run, utc_now
+from syncd.runs import BACKTEST, finish_run, start_run, utc_now
 from syncd.segments import clv, work
 from syncd.segments.memberships import (
     T_SCOPE,
@@ -43,7 +49,7 @@ from syncd.segments.profiles import (
     write_profiles,
     write_scores,
 )
-from syncd.store.models import MODEL_FITS
+from syncd.store.models import MODEL_FITS, PROFILES
 
 __all__ = ["ProfileError", "RecomputeResult", "SegmentError", "as_of_instant", "recompute"]
 
@@ -67,7 +73,7 @@ class RecomputeResult:
     status: str = "success"  # success | failed
     error: str | None = None
     run_id: int | None = None
-    written: bool = True  # memberships recorded (not for --as-of)
+    written: bool = True  # profiles, memberships and fits recorded (not for --as-of)
     profiles: int = 0
     buyers: int = 0
     currency: str | None = None
@@ -89,6 +95,8 @@ class RecomputeResult:
         }
         if self.scope is not None:
             counts["scope"] = self.scope
+        if not self.written:
+            counts["as_of"] = self.as_of.isoformat()
         return counts
 
     def as_json(self) -> dict[str, Any]:
@@ -127,8 +135,9 @@ def recompute(
     customers: Collection[int] | None = None,
 ) -> RecomputeResult:
     """Recompute profiles and segments as of now (``now`` pins it, for tests) or as of the
-    end of the day ``as_of`` (a backtest: profiles are rebuilt as of then, memberships are
-    compared but not recorded).
+    end of the day ``as_of`` (a backtest: profiles are computed as of then, memberships
+    compared and models fitted, and nothing of it is written to the store; the run is
+    recorded under the kind BACKTEST).
 
     ``customers`` (not with ``as_of``) scopes the recompute to those people: their profiles
     and memberships are rebuilt, scored against the last full recompute's RFM cut points
@@ -145,7 +154,8 @@ def recompute(
     instant = as_of_instant(as_of) if as_of is not None else (now or computed_at)
     result = RecomputeResult(as_of=instant, computed_at=computed_at, written=as_of is None)
     started = time.monotonic()
-    result.run_id = start_run(engine, "segments", "segments")
+    kind = "segments" if result.written else BACKTEST
+    result.run_id = start_run(engine, kind, "segments")
     try:
         scoring = None
         if customers is not None and len(customers) <= SCOPED_MAX_CUSTOMERS:
@@ -162,7 +172,7 @@ def recompute(
     finally:
         finish_run(engine, result.run_id, result.status, result.counts(), result.error)
         log_run(
-            "segments",
+            kind,
             "segments",
             result.status,
             started,
@@ -183,7 +193,8 @@ def _recompute(
     scoring: _Scoring | None = None,
 ) -> None:
     """The recompute, in one transaction: of everyone, or (``scope`` with the ``scoring``
-    to score them against) of those customers only."""
+    to score them against) of those customers only. A backtest's transaction is rolled
+    back, its profiles written to a shadow of ``customer_profiles``."""
     scoped = scoring is not None
     timer = _Timer(result.timings)
     profiles = settings.profiles
@@ -195,6 +206,14 @@ def _recompute(
     with engine.connect() as conn:
         try:
             conn.begin()
+            if not result.written:
+                # A backtest writes its profiles (and its segments read them) in a
+                # temporary table of the same name on this connection: the live one is
+                # neither written nor locked, so pushes and webhook recomputes go on
+                # reading and writing it meanwhile. (Writing the live table in a
+                # transaction never committed would hold Postgres' TRUNCATE lock, which
+                # stops every reader, and SQLite's one write lock, for the whole run.)
+                work.shadow(conn, PROFILES.name)
             if scoring is not None:
                 _scope_table(conn, scope or set())
             with timer.step("metrics"):
@@ -234,8 +253,9 @@ def _recompute(
                 result.segments = record_changes(
                     conn, sizes, as_of, write=result.written, scoped=scoped
                 )
-            with timer.step("commit"):
-                conn.commit()
+            if result.written:
+                with timer.step("commit"):
+                    conn.commit()
         finally:
             if products is not None:
                 products.cancel()
@@ -243,7 +263,7 @@ def _recompute(
                 conn.rollback()
             with timer.step("cleanup"):
                 work.drop_all(conn)
-    if not scoped and engine.dialect.name == "postgresql":
+    if not scoped and result.written and engine.dialect.name == "postgresql":
         # The tables were just rewritten: fresh statistics now, not whenever autovacuum
         # comes, or the next scoped recompute's plans scan them instead of looking up the
         # few customers it covers (a second instead of a tenth).
@@ -367,7 +387,8 @@ def _fit_and_score(
         fits.append(_fit_row("gamma_gamma", None, None, int((x > 0).sum()), gg_error))
     for row in fits:
         row.update(as_of=result.as_of, fitted_at=fitted_at)
-    conn.execute(insert(MODEL_FITS), fits)
+    if result.written:  # a backtest's fits are reported, not kept
+        conn.execute(insert(MODEL_FITS), fits)
     return bg, gg
 
 

@@ -49,6 +49,33 @@ def create(conn: Connection, name: str, columns: str, *, key: str | None = None)
     conn.execute(text(f"CREATE TEMP TABLE {name} ({columns}){suffix}"))
 
 
+def shadow(conn: Connection, table: str) -> None:
+    """An empty temporary ``table`` on ``conn``, with the columns of the store's table of
+    that name, which it hides from ``conn`` alone: an unqualified name finds a temporary
+    table first (SQLite searches its temp schema before main, Postgres its pg_temp schema
+    before the search_path), so every statement of ``conn`` that reads or writes
+    ``table`` uses the copy while every other connection keeps seeing the store's table.
+    A backtest writes its profiles there. The store's table is never locked, never
+    written: on SQLite the temp schema is a database of its own, so writing there does
+    not take the store's write lock."""
+    conn.info.setdefault(_MADE, set()).add(table)
+    if conn.dialect.name == "sqlite":
+        conn.execute(text(f"DROP TABLE IF EXISTS temp.{table}"))
+        ddl = conn.execute(
+            text("SELECT sql FROM main.sqlite_master WHERE type = 'table' AND name = :t"),
+            {"t": table},
+        ).scalar_one()
+        # The stored statement starts "CREATE TABLE" (SQLite normalises it).
+        conn.exec_driver_sql(ddl.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+    else:
+        # LIKE reads the store's table: the copy does not exist yet. Without its key or
+        # indexes: nothing looks a backtest's profile up by key.
+        conn.execute(text(f"DROP TABLE IF EXISTS pg_temp.{table}"))
+        conn.execute(
+            text(f"CREATE TEMP TABLE {table} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP")
+        )
+
+
 def analyze(conn: Connection, name: str) -> None:
     """Statistics for the planner on a filled work table (Postgres; SQLite plans by keys)."""
     if conn.dialect.name == "postgresql":
@@ -119,5 +146,6 @@ def drop_all(conn: Connection) -> None:
         conn.invalidate()
         return
     for name in names:
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+        # "temp.": a shadow (see ``shadow``) has the name of a store table.
+        conn.execute(text(f"DROP TABLE IF EXISTS temp.{name}"))
     conn.commit()

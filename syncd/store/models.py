@@ -245,7 +245,7 @@ class SyncRun(SQLModel, table=True):
     __table_args__ = (Index("ix_sync_runs_kind_name_started", "kind", "name", "started_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    kind: str  # "source" | "segments" | "destination"
+    kind: str  # "source" | "segments" | "destination" | "backtest" (segments --as-of)
     name: str
     started_at: datetime | None = _utc()
     finished_at: datetime | None = _utc()
