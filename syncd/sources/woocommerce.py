@@ -511,9 +511,9 @@ class WooCommerceClient:
         return stamp
 
     async def probe_clock(self, path: str) -> None:
-        """One small request, for its ``Date`` header, when none came yet."""
-        _, response = await self.http.get_json(path, params={"per_page": "1", "_fields": "id"})
-        self.observe_clock(response.headers.get("Date"))
+        """One small request (ids only), for its ``Date`` header, when none came yet. Through
+        ``page`` like every read, so a client that serves pages its own way serves it too."""
+        await self.page(path, {"_fields": "id"}, 1)
 
     async def aclose(self) -> None:
         await self.http.aclose()
