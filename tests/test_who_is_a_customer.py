@@ -141,6 +141,8 @@ def settings(roles: list[str] | None = None, mappings: list[str] | None = None) 
             "segments": {
                 "everyone": {"rule": "orders_count >= 0"},
                 "buyers": {"rule": "orders_count >= 1"},
+                # A SQL segment reading `customers` (everyone in the store) directly.
+                "sql_everyone": {"sql": "SELECT id AS customer_id FROM customers"},
             },
             "destinations": {"mappings": mappings or []},
         }
@@ -186,6 +188,7 @@ def test_staff_without_orders_and_guests_of_dead_orders_are_not_customers(
     assert (got[CAROL.email].orders_count, got[CAROL.email].lifecycle_stage) == (0, "prospect")
     assert members(engine, "everyone") == emails(CUSTOMERS_BY_DEFAULT)
     assert members(engine, "buyers") == {BUYING_MANAGER.email, GUEST.email}
+    assert members(engine, "sql_everyone") == emails(CUSTOMERS_BY_DEFAULT)
     # Kept in the store for the record.
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(CUSTOMERS)).scalar_one() == 10
@@ -308,7 +311,7 @@ def test_a_guest_whose_order_is_trashed_leaves_segments_and_the_destination(
                 MEMBERSHIPS.c.customer_id == guest
             )
         ).all()
-    assert sorted(exits) == [("buyers", later), ("everyone", later)]
+    assert sorted(exits) == [("buyers", later), ("everyone", later), ("sql_everyone", later)]
 
     counts = run_push(config, engine).counts
     assert (counts.removed, counts.added) == (1, 0)
