@@ -29,7 +29,7 @@ from syncd.mapping import load_mappings
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.segments.recompute import recompute
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
-from syncd.store.models import CUSTOMERS, MEMBERSHIPS, ORDERS, PROFILES
+from syncd.store.models import CUSTOMERS, MEMBERSHIPS, ORDERS, PROFILES, QUARANTINE
 from syncd.sync import PushResult, push, select_syncs
 from tests.test_profiles import (
     SOURCE,
@@ -58,6 +58,7 @@ GONE = Person(17, "gone@example.com", "Gus", "Gone", "NL")  # customer, account 
 TRASHED = Person(0, "trashed.guest@example.com", "Tom", "Trash", "DE")  # only order trashed
 DELETED = Person(0, "deleted.guest@example.com", "Dee", "Deleted", "DE")  # only order deleted
 GUEST = Person(0, "guest@example.com", "Gina", "Guest", "AT")  # a completed order
+QUARANTINED = Person(0, "quarantined.guest@example.com", "Quin", "Q", "DE")  # only order bad
 
 ROLES = {
     ADMIN: "administrator",
@@ -68,9 +69,9 @@ ROLES = {
     CANCELLED_ADMIN: "administrator",
     GONE: "customer",
 }
-TRASHED_ORDER, DELETED_ORDER, GUEST_ORDER = 3001, 3002, 3003
+TRASHED_ORDER, DELETED_ORDER, GUEST_ORDER, BAD_ORDER = 3001, 3002, 3003, 3004
 CUSTOMERS_BY_DEFAULT = {BUYING_MANAGER, CAROL, CANCELLED_ADMIN, GUEST}
-NOT_CUSTOMERS = {ADMIN, MANAGER, SUBSCRIBER, GONE, TRASHED, DELETED}
+NOT_CUSTOMERS = {ADMIN, MANAGER, SUBSCRIBER, GONE, TRASHED, DELETED, QUARANTINED}
 
 
 def account(p: Person) -> Payload:
@@ -93,6 +94,8 @@ def build() -> Shop:
             mug_order(TRASHED_ORDER, "trash", TRASHED, modified="2026-06-02T10:00"),
             mug_order(DELETED_ORDER, "completed", DELETED),
             mug_order(GUEST_ORDER, "completed", GUEST),
+            # Quarantined (no valid currency): stored nowhere but in `quarantine`.
+            {**mug_order(BAD_ORDER, "completed", QUARANTINED), "currency": "EURO"},
         ],
         products=[product_payload(MUG)],
     )
@@ -107,7 +110,8 @@ def sync(engine: Engine, shop: Shop) -> None:
             await runner.client.aclose()
 
     result = asyncio.run(go())
-    assert result.status == "success", result.error
+    # "partial": the bad order is quarantined (load() checks it is the only record there).
+    assert result.status == "partial" and result.error is None, result.error
 
 
 def load(engine: Engine) -> Shop:
@@ -130,6 +134,8 @@ def load(engine: Engine) -> Shop:
             ).all()
         )
         assert dead == {TRASHED_ORDER: "trash", DELETED_ORDER: "completed"}
+        bad = conn.execute(select(QUARANTINE.c.stream, QUARANTINE.c.source_id)).all()
+        assert bad == [("orders", str(BAD_ORDER))]
     return shop
 
 
