@@ -81,6 +81,12 @@ SourceType = Literal["woocommerce"]
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
 StreamName = Literal["customers", "orders", "refunds", "products", "coupons"]
 STREAMS: tuple[StreamName, ...] = get_args(StreamName)
+# A WordPress role's slug as the `role` field of WooCommerce's customer JSON gives it:
+# "customer", "subscriber", "shop_manager", a plugin's "wholesale_customer". Compared
+# exactly, as WordPress compares roles.
+RoleName = Annotated[str, Field(pattern=r"^\S+$")]
+# The roles whose accounts are customers without an order, in a source that does not say.
+DEFAULT_CUSTOMER_ROLES: tuple[str, ...] = ("customer",)
 
 
 # ---------------------------------------------------------------------------
@@ -333,6 +339,11 @@ class WooCommerceSourceSettings(BaseModel):
     # older than this. Default: 0 = three polling intervals.
     stale_after_minutes: Annotated[float, Field(ge=0)] = 0.0
     verify_tls: bool = True
+    # The WordPress roles whose accounts are customers even before they buy (prospects).
+    # /customers?role=all lists every user (WooCommerce 10.0 REST, customers controller),
+    # administrators and shop managers included: they are customers only once they have
+    # an order that is not trashed or deleted.
+    customer_roles: list[RoleName] = Field(default_factory=lambda: list(DEFAULT_CUSTOMER_ROLES))
 
     @property
     def freshness_minutes(self) -> float:
@@ -390,6 +401,11 @@ class WooCommerceSourceSettings(BaseModel):
         if isinstance(value, str) and value.strip() in ("0", "0.0"):
             return None
         return value
+
+    @field_validator("customer_roles")
+    @classmethod
+    def _unique_roles(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
     @field_validator("streams")
     @classmethod

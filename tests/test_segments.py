@@ -19,25 +19,47 @@ from syncd.config import ConfigError, Settings, load_settings
 from syncd.segments import memberships as memberships_module
 from syncd.segments import recompute as recompute_module
 from syncd.segments.recompute import SegmentError, recompute
-from syncd.store.models import CUSTOMERS, MEMBERSHIPS, MODEL_FITS, ORDERS, PROFILES, SYNC_RUNS
+from syncd.store.models import (
+    CUSTOMER_RECORDS,
+    CUSTOMERS,
+    MEMBERSHIPS,
+    MODEL_FITS,
+    ORDERS,
+    PROFILES,
+    SYNC_RUNS,
+)
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 class Shop:
-    """Customers and paid orders written directly into the store."""
+    """Customers (registered accounts) and their orders written directly into the store."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.next_order = 1
 
-    def customer(self, cid: int, country: str = "DE") -> None:
+    def customer(self, cid: int, country: str = "DE", role: str | None = "customer") -> None:
+        """A person with a registered account in ``role`` (None: a guest, known only
+        through their orders)."""
         with self.engine.begin() as conn:
             conn.execute(
                 insert(CUSTOMERS).values(
                     id=cid, email=f"c{cid}@example.com", country=country, created_at=T0
                 )
             )
+            if role is not None:
+                conn.execute(
+                    insert(CUSTOMER_RECORDS).values(
+                        source="shop",
+                        source_id=cid,
+                        customer_id=cid,
+                        email=f"c{cid}@example.com",
+                        role=role,
+                        created_at=T0,
+                        modified_at=T0,
+                    )
+                )
 
     def order(self, cid: int, when: datetime, total: int = 1000, status: str = "completed") -> int:
         oid = self.next_order

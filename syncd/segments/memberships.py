@@ -131,7 +131,12 @@ def select_members(
             conn.execute(insert(T_MEMBERS).from_select(["segment", "customer_id"], query))
         else:
             assert seg.sql is not None
-            exclude = " AND s.customer_id IN (SELECT cid FROM t_scope)" if scoped else ""
+            # Members are customers (a row in customer_profiles), whatever table the
+            # user's query reads: a staff account or the guest of a trashed order is in
+            # ``customers`` but in no segment.
+            exclude = " AND s.customer_id IN (SELECT customer_id FROM customer_profiles)"
+            if scoped:
+                exclude += " AND s.customer_id IN (SELECT cid FROM t_scope)"
             if higher:
                 exclude += (
                     " AND NOT EXISTS (SELECT 1 FROM t_members t WHERE t.customer_id = s.customer_id"

@@ -6,8 +6,8 @@ but the final swap writes to the store. The big tables are read once or twice, i
 the order they are stored, and per-customer tables are keyed by customer (see
 ``work.create_as``):
 
-1. ``t_ref``, ``t_ord``  the refunds per order; the one scan of ``orders``: paid orders
-   and carts up to as-of, narrow, keyed by order id;
+1. ``t_ref``, ``t_ord``  the refunds per order; the one scan of ``orders``: every live
+   order (paid and carts up to as-of, the others), narrow, keyed by order id;
 2. ``t_days``  per customer and day, with sums per currency; ``t_agg`` per customer:
    counts, money converted per currency sum, first/last order, purchase days;
 3. ``t_items`` units per customer and product; ``t_top`` the top category (``t_cat``,
@@ -17,7 +17,8 @@ the order they are stored, and per-customer tables are keyed by customer (see
 4. ``t_first`` the first paid order's attribution; ``t_cart`` the latest open cart;
 5. ``t_clv``   per buyer: CLV and RFM scores, computed by the caller with numpy from
    ``clv_inputs`` (``rfm_by_rank``, ``write_scores``);
-6. one INSERT … SELECT into ``customer_profiles`` with the lifecycle stage.
+6. ``t_people`` the customers who are not buyers (``_people``: who is a customer), then
+   one INSERT … SELECT into ``customer_profiles`` with the lifecycle stage.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import psycopg
 from numpy.typing import NDArray
 from sqlalchemy import Connection, CursorResult, Engine, text
 
-from syncd.config import ProfileSettings
+from syncd.config import DEFAULT_CUSTOMER_ROLES, ProfileSettings, Settings
 from syncd.money import exponent
 from syncd.segments import work
 from syncd.store.bulk import indexes_built_after
@@ -142,8 +143,10 @@ def _orders_from(dialect: str, scoped: bool) -> tuple[str, str]:
     return ("orders o NOT INDEXED" if dialect == "sqlite" else "orders o"), ""
 
 
-# The orders a profile counts: a customer's, not deleted, created by the as-of instant.
-_COUNTED = "o.customer_id IS NOT NULL AND o.deleted_at IS NULL AND o.created_at <= :as_of"
+# The orders of a customer: a person's, live (not trashed, not deleted).
+_LIVE = "o.customer_id IS NOT NULL AND o.deleted_at IS NULL"
+# The orders a profile counts: live, created by the as-of instant.
+_COUNTED = f"{_LIVE} AND o.created_at <= :as_of"
 
 
 def _scan_refunds(conn: Connection, as_of: datetime, scoped: bool) -> None:
@@ -165,12 +168,17 @@ def _scan_refunds(conn: Connection, as_of: datetime, scoped: bool) -> None:
     )
 
 
+# ``t_ord.paid``: what an order is to the profile.
+PAID, CART, OTHER = 1, 0, 2
+
+
 def _scan_orders(
     conn: Connection, settings: ProfileSettings, as_of: datetime, scoped: bool
 ) -> None:
-    """``t_ord``: the one scan of ``orders``: every paid order and open-cart candidate up
-    to the as-of instant, narrow, with its refunds from ``t_ref`` (``paid`` = 1) or its
-    cart time (0), keyed by order id."""
+    """``t_ord``: the one scan of ``orders``: every live order, narrow, keyed by order
+    id. Up to the as-of instant: paid ones (``paid`` = PAID) with their refunds from
+    ``t_ref``, open-cart candidates (CART) with their cart time; the others (OTHER:
+    cancelled, failed, ..., or created after as-of) only make their buyer a customer."""
     dialect = conn.dialect.name
     orders, orders_scope = _orders_from(dialect, scoped)
     # A cart's time is its last modification, or its creation when it was modified
@@ -181,7 +189,9 @@ def _scan_orders(
         "t_ord",
         f"""
         SELECT o.id AS oid, o.customer_id AS cid, o.source AS src, o.currency AS cur,
-               CASE WHEN o.status IN :paid THEN 1 ELSE 0 END AS paid,
+               CASE WHEN o.created_at IS NULL OR o.created_at > :as_of THEN {OTHER}
+                    WHEN o.status IN :paid THEN {PAID} WHEN o.status IN :carts THEN {CART}
+                    ELSE {OTHER} END AS paid,
                o.total_minor AS total,
                CASE WHEN rf.n IS NULL THEN o.refunded_minor ELSE rf.dated END AS refunded,
                o.created_at AS created_at,
@@ -192,12 +202,13 @@ def _scan_orders(
                    AS coupon{attr}
         FROM {orders}
         LEFT JOIN t_ref rf ON rf.oid = o.id
-        WHERE {_COUNTED} AND o.status IN :counted{orders_scope}
+        WHERE {_LIVE}{orders_scope}
         """,
         {
             "as_of": as_of,
             "paid": list(settings.paid_statuses),
-            "counted": list(dict.fromkeys([*settings.paid_statuses, *settings.cart_statuses])),
+            # A status both paid and a cart is paid (the CASE tests paid first).
+            "carts": list(settings.cart_statuses),
         },
         key="oid",
     )
@@ -311,7 +322,8 @@ def _customer_tables(
     """``t_ord`` and the per-customer tables from it (``t_prod`` too, unless ``products``
     is making it aside)."""
     _scan_orders(conn, settings, as_of, scoped)
-    pairs = conn.execute(text("SELECT DISTINCT src, cur FROM t_ord")).all()
+    # The currencies of the orders counted (OTHER ones' amounts are never read).
+    pairs = conn.execute(text(f"SELECT DISTINCT src, cur FROM t_ord WHERE paid <> {OTHER}")).all()
     conv = conversion(sorted({cur for _, cur in pairs}), settings)
     money = _Currencies(conv)
     params = money.params
@@ -325,7 +337,7 @@ def _customer_tables(
         SELECT cid, day, COUNT(*) AS cnt, {_sum("coupon")} AS coupons,
                MIN(created_at) AS first_at, MAX(created_at) AS last_at
                {money.sums("total", "tot")}{money.sums("refunded", "ref")}
-        FROM t_ord WHERE paid = 1 GROUP BY cid, day
+        FROM t_ord WHERE paid = {PAID} GROUP BY cid, day
         """,
         params,
         key=("cid", "day"),
@@ -364,7 +376,7 @@ def _customer_tables(
         FROM (
             SELECT cid, cur, total, cart_at,
                    ROW_NUMBER() OVER (PARTITION BY cid ORDER BY cart_at DESC, oid DESC) AS n
-            FROM t_ord WHERE paid = 0
+            FROM t_ord WHERE paid = {CART}
         ) c
         LEFT JOIN t_agg a ON a.cid = c.cid
         WHERE c.n = 1 AND (a.last_at IS NULL OR c.cart_at > a.last_at)
@@ -401,11 +413,11 @@ def _first_orders(conn: Connection, settings: ProfileSettings, as_of: datetime) 
             FROM t_agg a
         """
     else:
-        select_sql = """
+        select_sql = f"""
             SELECT cid, attr FROM (
                 SELECT cid, attr,
                        ROW_NUMBER() OVER (PARTITION BY cid ORDER BY created_at, oid) AS n
-                FROM t_ord WHERE paid = 1
+                FROM t_ord WHERE paid = {PAID}
             ) f WHERE n = 1
         """
     work.create_as(conn, "t_first", select_sql, params, key="cid")
@@ -576,7 +588,7 @@ def _paid_orders(conn: Connection, settings: ProfileSettings, as_of: datetime) -
         conn,
         "t_ord",
         f"""
-        SELECT o.id AS oid, o.customer_id AS cid, o.source AS src, 1 AS paid
+        SELECT o.id AS oid, o.customer_id AS cid, o.source AS src, {PAID} AS paid
         FROM {orders} WHERE {_COUNTED} AND o.status IN :paid
         """,
         {"as_of": as_of, "paid": list(settings.paid_statuses)},
@@ -601,7 +613,7 @@ def _product_tables(conn: Connection, sources: list[str]) -> None:
         SELECT p.cid AS cid, {"p.src AS src, " if len(sources) > 1 else ""}
                i.product_source_id AS product, {_sum("i.quantity")} AS units
         FROM t_ord p JOIN order_items i ON i.order_id = p.oid
-        WHERE p.paid = 1 AND i.product_source_id IS NOT NULL AND i.product_source_id > 0
+        WHERE p.paid = {PAID} AND i.product_source_id IS NOT NULL AND i.product_source_id > 0
         GROUP BY p.cid, {"p.src, " if len(sources) > 1 else ""}i.product_source_id
         """,
         {},
@@ -847,6 +859,46 @@ def rfm_by_cuts(inputs: ClvInputs, as_of_day: int, cuts: RfmCuts) -> Scores:
     return scores[0], scores[1], scores[2]
 
 
+def customer_roles(settings: Settings) -> dict[str, list[str]]:
+    """Each configured source's ``customer_roles``: the accounts that are customers
+    without an order (see ``_people``)."""
+    return {name: list(source.customer_roles) for name, source in settings.sources.items()}
+
+
+def _people(conn: Connection, roles: Mapping[str, Sequence[str]], scoped: bool) -> None:
+    """``t_people``: the customers besides the buyers (``t_agg``): people with a live
+    order that is not paid (a cart, a cancelled or failed order) and people with a live
+    account in one of its source's customer roles (``roles``; a source no longer
+    configured keeps the default). Nobody else is a customer: a staff account that never
+    ordered, a person known only through trashed or deleted orders (their rows stay in
+    the store for the record)."""
+    params: dict[str, Any] = {}
+    accepted = []
+    for i, (source, names) in enumerate(sorted(roles.items())):
+        if names:
+            accepted.append(f"(r.source = :role_src{i} AND r.role IN :roles{i})")
+            params.update({f"role_src{i}": source, f"roles{i}": list(names)})
+    unconfigured = ""
+    if roles:
+        unconfigured = " AND r.source NOT IN :role_srcs"
+        params["role_srcs"] = sorted(roles)
+    accepted.append(f"(r.role IN :default_roles{unconfigured})")
+    params["default_roles"] = list(DEFAULT_CUSTOMER_ROLES)
+    scope = f" AND r.{_IN_SCOPE}" if scoped else ""
+    work.create_as(
+        conn,
+        "t_people",
+        f"""
+        SELECT cid FROM t_ord WHERE paid <> {PAID}
+        UNION
+        SELECT r.customer_id AS cid FROM customer_records r
+        WHERE r.deleted_at IS NULL AND ({" OR ".join(accepted)}){scope}
+        """,
+        params,
+        key="cid",
+    )
+
+
 def write_profiles(
     conn: Connection,
     settings: ProfileSettings,
@@ -857,11 +909,15 @@ def write_profiles(
     bgnbd_fitted: bool,
     *,
     scoped: bool = False,
+    roles: Mapping[str, Sequence[str]],
 ) -> int:
     """Step 7: replace ``customer_profiles`` with the new rows. Returns the row count.
 
-    ``scoped``: only the rows of the customers in ``t_scope`` are replaced (a customer no
-    longer in ``customers`` loses its row)."""
+    A row is written for each customer: a buyer, or one of ``t_people`` (``roles``: each
+    source's customer roles, see ``customer_roles``). ``scoped``: only the rows of the
+    customers in ``t_scope`` are replaced (one who is no longer a customer, or no longer
+    in ``customers``, loses its row)."""
+    _people(conn, roles, scoped)
     dialect = conn.dialect.name
     life = settings.lifecycle
     true, false = ("1", "0") if dialect == "sqlite" else ("TRUE", "FALSE")
@@ -880,7 +936,7 @@ def write_profiles(
              ELSE 'active' END
     """
     if scoped:
-        scope = " WHERE c.id IN (SELECT cid FROM t_scope)"
+        scope = " AND c.id IN (SELECT cid FROM t_scope)"
         delete = "DELETE FROM customer_profiles WHERE customer_id IN (SELECT cid FROM t_scope)"
     else:
         scope = ""
@@ -949,7 +1005,9 @@ def write_profiles(
             LEFT JOIN t_first fi ON fi.cid = c.id
             LEFT JOIN t_prod pr ON pr.cid = c.id
             LEFT JOIN t_cart ca ON ca.cid = c.id
-            LEFT JOIN t_clv v ON v.cid = c.id{scope}
+            LEFT JOIN t_clv v ON v.cid = c.id
+            LEFT JOIN t_people q ON q.cid = c.id
+            WHERE (b.cid IS NOT NULL OR q.cid IS NOT NULL){scope}
             """,
                 params,
             ),

@@ -44,6 +44,7 @@ from syncd.segments.profiles import (
     Scores,
     build_work_tables,
     clv_inputs,
+    customer_roles,
     rfm_by_cuts,
     rfm_by_rank,
     write_profiles,
@@ -244,6 +245,7 @@ def _recompute(
                     result.computed_at,
                     bg is not None,
                     scoped=scoped,
+                    roles=customer_roles(settings),
                 )
             if scoring is None and result.written:
                 kept = _Scoring(cuts, bg, gg, conv.currency)
