@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,8 +106,11 @@ def realwoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         pytest.skip("the real WooCommerce store runs its MariaDB, php-fpm and nginx as root")
     folder = tmp_path_factory.mktemp("realwoo")
     try:
+        started = time.monotonic()
         # A fresh machine installs Debian packages first: generous timeout.
-        yield json.loads(_realwoo_run("up", str(folder), timeout=900))
+        store = json.loads(_realwoo_run("up", str(folder), timeout=900))
+        print(f"realwoo: up {time.monotonic() - started:.1f} s")
+        yield store
     finally:
         subprocess.run([str(REALWOO / "down"), str(folder)], stdin=subprocess.DEVNULL, timeout=300)
         shutil.rmtree(folder, ignore_errors=True)  # ~340 MB a store
@@ -116,5 +120,7 @@ def realwoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 def realwoo_seeded(realwoo: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The store with products, customers, 100 orders (guests, every status), full and
     partial refunds, trashed and deleted orders; and the ids `seed` reports."""
+    started = time.monotonic()
     out = _realwoo_run("seed", realwoo["dir"], "--orders", "100", "--seed", "7", timeout=600)
+    print(f"realwoo: seed {time.monotonic() - started:.1f} s")
     return realwoo, json.loads(out)

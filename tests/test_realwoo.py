@@ -47,7 +47,9 @@ from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.models import CUSTOMERS, ORDERS, REFUNDS
 from tests.conftest import POSTGRES_URL, _drop_postgres_database, _fresh_postgres_database
 
-pytestmark = [pytest.mark.realwoo, pytest.mark.slow]
+# The first test also waits for the store: up (on a fresh machine with its Debian packages,
+# under a minute, more on a slow mirror), seed and the syncs.
+pytestmark = [pytest.mark.realwoo, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "shop"
@@ -533,10 +535,17 @@ def scenario(
             write_config(config, store, url, transport)
             lanes[name] = Lane(name, url, config)
         first = db.facts()
+        started = time.monotonic()
         sync_lanes(lanes.values())
+        synced = time.monotonic()
         changes = change_the_store(store, db, seeded)
         wait_next_second()
+        changed = time.monotonic()
         sync_lanes(lanes.values())
+        print(
+            f"realwoo: {len(lanes)} lanes side by side: first sync {synced - started:.1f} s, "
+            f"changes {changed - synced:.1f} s, second sync {time.monotonic() - changed:.1f} s"
+        )
         yield Scenario(seeded, first, db.facts(), changes, lanes)
     finally:
         for database in databases:
