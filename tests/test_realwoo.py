@@ -166,11 +166,6 @@ class MariaDB:
             )
         return Facts(orders, refunds, accounts)
 
-    def one(self, sql: str) -> list[str | None]:
-        rows = self.rows(sql)
-        assert len(rows) == 1, (sql, rows)
-        return rows[0]
-
 
 # -- syncd's store ------------------------------------------------------------------------------
 
