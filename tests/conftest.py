@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,3 +66,61 @@ def engine(store_url: str) -> Iterator[Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+# -- a real WooCommerce store (../shared/realwoo beside the project root) -------------------
+
+
+def _find_realwoo() -> Path:
+    """``shared/realwoo`` beside the project root (CI puts a copy of shared/ there), or beside
+    a folder further up (a git worktree under the main checkout's parent)."""
+    root = Path(__file__).resolve().parents[1]
+    for parent in root.parents:
+        if (parent / "shared" / "realwoo" / "up").is_file():
+            return parent / "shared" / "realwoo"
+    return root.parent / "shared" / "realwoo"
+
+
+REALWOO = _find_realwoo()
+
+
+def _realwoo_run(*args: str, timeout: float) -> str:
+    """One of the kit's commands; stdout is its JSON, stderr (progress) goes to ours."""
+    return subprocess.run(
+        [str(REALWOO / args[0]), *args[1:]],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout
+
+
+@pytest.fixture(scope="session")
+def realwoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real WooCommerce 10 store (WordPress, MariaDB, php-fpm, nginx) on 127.0.0.1 for the
+    session: the JSON `up` prints (URLs, keys, CA file, database). Stopped and removed after."""
+    if not (REALWOO / "up").is_file():
+        pytest.skip("../shared/realwoo is absent: no real WooCommerce store to test against")
+    if os.geteuid() != 0:
+        pytest.skip("the real WooCommerce store runs its MariaDB, php-fpm and nginx as root")
+    folder = tmp_path_factory.mktemp("realwoo")
+    try:
+        started = time.monotonic()
+        # A fresh machine installs Debian packages first: generous timeout.
+        store = json.loads(_realwoo_run("up", str(folder), timeout=900))
+        print(f"realwoo: up {time.monotonic() - started:.1f} s")
+        yield store
+    finally:
+        subprocess.run([str(REALWOO / "down"), str(folder)], stdin=subprocess.DEVNULL, timeout=300)
+        shutil.rmtree(folder, ignore_errors=True)  # ~340 MB a store
+
+
+@pytest.fixture(scope="session")
+def realwoo_seeded(realwoo: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The store with products, customers, 100 orders (guests, every status), full and
+    partial refunds, trashed and deleted orders; and the ids `seed` reports."""
+    started = time.monotonic()
+    out = _realwoo_run("seed", realwoo["dir"], "--orders", "100", "--seed", "7", timeout=600)
+    print(f"realwoo: seed {time.monotonic() - started:.1f} s")
+    return realwoo, json.loads(out)
