@@ -433,7 +433,8 @@ def test_a_trash_webhook_stores_the_order_a_poll_of_the_trash_stores(
     engine: Engine, small_shop: SandboxServer, tmp_path: Path
 ) -> None:
     # order.deleted fires on trash only, with {"id": N}; the trashed order is still served
-    # with status "trash". A PUT of a status restores it with an order.updated only.
+    # with status "trash". A PUT of a status restores it with no webhook of its own (a poll
+    # brings it back); any later order.updated of the order carries the live status.
     store = small_shop.store
     asyncio.run(poll(engine, small_shop.url))
     assert one(engine, ORDERS, 24).status == "completed"

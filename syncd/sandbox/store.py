@@ -561,8 +561,9 @@ class SandboxStore:
 
     def set_order_status(self, order_id: int, status: str) -> Payload:
         """``PUT orders/{id}`` with ``{"status": ...}``: on a trashed order this brings it
-        back (WooCommerce 10.0 sends no ``order.restored`` webhook for it, only
-        ``order.updated``); ``date_modified`` is stamped now."""
+        back (WooCommerce 10.0.2 queues no webhook for it at all, neither
+        ``order.restored`` nor ``order.updated``: only a poll sees it); ``date_modified``
+        is stamped now."""
         with self.lock:
             order = self.orders[order_id]
             order["status"] = status
