@@ -464,6 +464,7 @@ class WooCommerceClient:
                     settings.oauth_signature_method,
                 ),
                 verify=settings.verify_tls,
+                tls_setting=f"sources.{name}.verify_tls",
             )
         self.http = client
 
