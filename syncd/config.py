@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -302,6 +303,49 @@ class _TypeRequired:
 _TYPE_REQUIRED = _TypeRequired()
 
 
+_TRUE_WORDS: tuple[str, ...] = ("true", "yes", "on", "1")
+_FALSE_WORDS: tuple[str, ...] = ("false", "no", "off", "0")
+
+
+def _verify_tls_value(value: object) -> object:
+    """``verify_tls``: true, false, or the path of a PEM file of the CAs to trust.
+
+    A relative path is relative to the config file's folder, like ``file:`` secrets.
+    The file is loaded here, so a wrong path or a file that holds no certificate is a
+    configuration error at ``syncd validate`` rather than a failure at the first sync.
+    """
+    if not isinstance(value, str | Path):
+        return value
+    text = str(value).strip()
+    if text.lower() in _TRUE_WORDS:  # an environment override is always a string
+        return True
+    if text.lower() in _FALSE_WORDS:
+        return False
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = _context_base_dir() / path
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise PydanticCustomError(
+            "verify_tls", "expected true, false or a CA file: {path} not found", {"path": str(path)}
+        ) from None
+    except ssl.SSLError as exc:  # (a subclass of OSError)
+        reason = (exc.reason or str(exc)).replace("_", " ").lower()  # NO_CERTIFICATE_OR_CRL_FOUND
+        raise PydanticCustomError(
+            "verify_tls",
+            "expected a PEM file of CA certificates: {path}: {reason}",
+            {"path": str(path), "reason": reason},
+        ) from None
+    except OSError as exc:
+        raise PydanticCustomError(
+            "verify_tls",
+            "expected a PEM file of CA certificates: {path}: {reason}",
+            {"path": str(path), "reason": (exc.strerror or str(exc)).lower()},
+        ) from None
+    return path
+
+
 class WooCommerceSourceSettings(BaseModel):
     """One WooCommerce store, read through its REST API (v3)."""
 
@@ -338,7 +382,9 @@ class WooCommerceSourceSettings(BaseModel):
     # /readyz and the alerts call the source stale when its last successful sync is
     # older than this. Default: 0 = three polling intervals.
     stale_after_minutes: Annotated[float, Field(ge=0)] = 0.0
-    verify_tls: bool = True
+    # True: the system's CAs; a path: the CAs of that PEM file alone (a store's own CA
+    # or self-signed certificate); False: no check.
+    verify_tls: Annotated[bool | Path, BeforeValidator(_verify_tls_value)] = True
     # The WordPress roles whose accounts are customers even before they buy (prospects).
     # /customers?role=all lists every user (WooCommerce 10.0 REST, customers controller),
     # administrators and shop managers included: they are customers only once they have

@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 import math
+import os
 import random
 import re
 import ssl
@@ -54,6 +55,7 @@ __all__ = [
     "ServiceClient",
     "ServiceLimits",
     "ServiceStats",
+    "TlsError",
     "parse_retry_after",
     "redact_url",
     "reset_service_stats",
@@ -93,6 +95,42 @@ _MAX_TEXT_BODY: Final = 4000
 # Transport errors that mean our request or configuration is wrong, not that the
 # network or the server had a bad moment: retrying them cannot help.
 _PERMANENT_TRANSPORT_ERRORS: Final = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH: a trusted
+# certificate, issued for another name than the URL's.
+_NAME_MISMATCH_CODES: Final = frozenset({62, 64})
+
+# TLS failures that are the same on every attempt: the certificate (expired, unknown CA,
+# self-signed, for another host: all ssl.SSLCertVerificationError) or a protocol the two
+# sides do not share, by OpenSSL's reason code. A peer closing or resetting the connection
+# mid-handshake (SSLEOFError, ConnectionResetError) and a handshake timeout are not here:
+# those are network trouble and are retried.
+_PERMANENT_TLS_REASONS: Final = frozenset(
+    {
+        "CERTIFICATE_VERIFY_FAILED",
+        "WRONG_VERSION_NUMBER",  # plain HTTP on the other end of an https:// URL
+        "HTTP_REQUEST",
+        "PACKET_LENGTH_TOO_LONG",
+        "RECORD_LAYER_FAILURE",
+        "UNSUPPORTED_PROTOCOL",
+        "NO_PROTOCOLS_AVAILABLE",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "TLSV1_ALERT_INAPPROPRIATE_FALLBACK",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV1_ALERT_CERTIFICATE_REQUIRED",
+        "TLSV1_UNRECOGNIZED_NAME",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "NO_SHARED_CIPHER",
+        "NO_CIPHERS_AVAILABLE",
+        "UNSAFE_LEGACY_RENEGOTIATION_DISABLED",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -210,6 +248,11 @@ class RetryExhausted(ApiError):
         self.attempts = attempts
         self.elapsed = elapsed
         super().__init__(service, status, method, url, message, code=code, body=body)
+
+
+class TlsError(ApiError):
+    """The TLS handshake failed for a reason retrying cannot fix: the certificate is not
+    trusted or not for this host, or the two sides share no protocol."""
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -452,11 +495,46 @@ def _verified_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+@functools.cache
+def _ca_file_context(ca_file: str) -> ssl.SSLContext:
+    """A certificate-verifying context that trusts the CAs of ``ca_file`` (PEM) alone:
+    for a store with its own CA or a self-signed certificate."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def _tls_context(verify: bool | str | os.PathLike[str]) -> ssl.SSLContext | bool:
+    if verify is True:
+        return _verified_context()
+    if verify is False:
+        return False
+    return _ca_file_context(os.fspath(verify))
+
+
+def _permanent_tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl error behind an httpx transport error, when it will recur on every attempt.
+
+    httpx raises ConnectError from httpcore's, itself raised from the ssl module's error:
+    the reason is found by following the chain.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        if isinstance(current, ssl.SSLError) and current.reason in _PERMANENT_TLS_REASONS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, _RetryableResponse):
         return True
-    return isinstance(exc, httpx.TransportError) and not isinstance(
-        exc, _PERMANENT_TRANSPORT_ERRORS
+    return (
+        isinstance(exc, httpx.TransportError)
+        and not isinstance(exc, _PERMANENT_TRANSPORT_ERRORS)
+        and _permanent_tls_failure(exc) is None
     )
 
 
@@ -476,7 +554,8 @@ class ServiceClient:
         limits: ServiceLimits = DEFAULT_LIMITS,
         auth: httpx.Auth | None = None,
         headers: Mapping[str, str] | None = None,
-        verify: bool = True,
+        verify: bool | str | os.PathLike[str] = True,
+        tls_setting: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -485,6 +564,9 @@ class ServiceClient:
         self.service = service
         self.limits = limits
         self.stats = ServiceStats()
+        # The setting a user changes when the certificate is refused (verify: True checks
+        # against the system's CAs, a path against that PEM file's, False not at all).
+        self.tls_setting = tls_setting
         self._sleep = sleep
         self._clock = clock
         # A private generator: seeded ones make tests deterministic, and production
@@ -497,7 +579,7 @@ class ServiceClient:
             base_url=base_url,
             auth=auth,
             headers={**default_headers, **(headers or {})},
-            verify=_verified_context() if verify else False,
+            verify=_tls_context(verify),
             timeout=httpx.Timeout(limits.timeout),
             # The semaphore never lets more than `concurrency` requests out, so a pool
             # of that size keeps every connection warm and never makes one wait.
@@ -697,6 +779,9 @@ class ServiceClient:
                 raise timed_out from exc
             except httpx.HTTPError as exc:
                 call.last_exception = exc
+                tls_failure = _permanent_tls_failure(exc)
+                if tls_failure is not None:
+                    raise self._tls_error(call, tls_failure) from exc
                 if _is_retryable(exc):
                     raise
                 raise ApiError(
@@ -745,6 +830,31 @@ class ServiceClient:
                 status=status,
                 pause=round(hold, 3),
             )
+
+    def _tls_error(self, call: _Call, failure: ssl.SSLError) -> TlsError:
+        host = urlsplit(call.url).netloc
+        setting = self.tls_setting
+        if isinstance(failure, ssl.SSLCertVerificationError):
+            what = failure.verify_message or failure.reason or "certificate verify failed"
+            message = f"TLS certificate of {host} refused: {what.rstrip('.')}"
+            if failure.verify_code in _NAME_MISMATCH_CODES:
+                message += "; use the host name the certificate is issued for in the URL"
+            elif setting:
+                message += (
+                    f"; for a server with its own CA or a self-signed certificate, set "
+                    f'{setting} = "/path/to/ca.pem" (its CA certificate, PEM); '
+                    f"{setting} = false turns the check off (test servers only)"
+                )
+        else:
+            what = (failure.reason or str(failure)).replace("_", " ").lower()
+            message = (
+                f"TLS handshake with {host} failed: {what}; check that the server speaks "
+                f"TLS (https://) on that port"
+            )
+            if setting:
+                message += f", and {setting}"
+        # The same on every attempt: the first one says so and nothing is retried.
+        return TlsError(self.service, None, call.method, call.url, f"{message} (not retried)")
 
     def _error_from_response(self, call: _Call, response: httpx.Response) -> ApiError:
         body = _decode_body(response)

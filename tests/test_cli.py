@@ -301,6 +301,79 @@ def test_validate_missing_config_file(tmp_path: Path, how: str) -> None:
     assert "Traceback" not in run.output
 
 
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
+# Every variable the shipped example and the shipped mappings/ files read.
+EXAMPLE_SECRETS = {
+    "WC_KEY": "ck_example",
+    "WC_SECRET": "cs_example",
+    "WC_WEBHOOK_SECRET": "whsec_example",
+    "KLAVIYO_API_KEY": "pk_example",
+    "MAILCHIMP_API_KEY": "0123456789abcdef-us19",
+    "SYNCD_WEBHOOK_SECRET": "hook_example",
+}
+
+
+def example_env(**secrets: str) -> dict[str, str]:
+    env = base_env()
+    for name in EXAMPLE_SECRETS:
+        env.pop(name, None)
+    env.update(secrets)
+    return env
+
+
+def test_validate_the_shipped_example_config(tmp_path: Path) -> None:
+    # A user copying config.example.toml with its one listed mapping, secrets set.
+    env = example_env(**EXAMPLE_SECRETS)
+    run = syncd("--config", str(EXAMPLE_CONFIG), "validate", env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.output
+    assert run.stdout_lines() == [
+        f"{EXAMPLE_CONFIG}: ok (sources: woocommerce; destination syncs: klaviyo-customers, "
+        "klaviyo-win-back-list, klaviyo-cart-abandoned)"
+    ]
+    assert "pk_example" not in run.output
+
+
+def test_validate_the_shipped_example_with_every_shipped_mapping(tmp_path: Path) -> None:
+    # The example's segments cover every segment the mappings/ files push.
+    env = example_env(**EXAMPLE_SECRETS)
+    names = ("klaviyo", "mailchimp", "woocommerce", "webhook")
+    env["SYNCD_DESTINATIONS__MAPPINGS"] = json.dumps([f"mappings/{n}.toml" for n in names])
+    run = syncd("--config", str(EXAMPLE_CONFIG), "validate", env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.output
+    assert run.stdout_lines() == [
+        f"{EXAMPLE_CONFIG}: ok (sources: woocommerce; destination syncs: klaviyo-customers, "
+        "klaviyo-win-back-list, klaviyo-cart-abandoned, mailchimp-customers, mailchimp-vip-tag, "
+        "woocommerce-meta, webhook-win-back)"
+    ]
+
+
+def test_validate_the_shipped_example_without_secrets_names_only_them(tmp_path: Path) -> None:
+    # Before the user has exported anything, the only complaints are their own secrets,
+    # one line each: the config's first, then (the config being good) the mapping's.
+    run = syncd("--config", str(EXAMPLE_CONFIG), "validate", env=example_env(), cwd=tmp_path)
+    assert run.returncode == 2, run.output
+    assert run.stderr_lines() == [
+        f"{EXAMPLE_CONFIG}: sources.woocommerce.consumer_key: environment variable WC_KEY "
+        "is not set",
+        f"{EXAMPLE_CONFIG}: sources.woocommerce.consumer_secret: environment variable "
+        "WC_SECRET is not set",
+        f"{EXAMPLE_CONFIG}: sources.woocommerce.webhook_secret: environment variable "
+        "WC_WEBHOOK_SECRET is not set",
+    ]
+    assert run.stdout == ""
+
+    store_secrets = {k: EXAMPLE_SECRETS[k] for k in ("WC_KEY", "WC_SECRET", "WC_WEBHOOK_SECRET")}
+    run = syncd(
+        "--config", str(EXAMPLE_CONFIG), "validate", env=example_env(**store_secrets), cwd=tmp_path
+    )
+    assert run.returncode == 2, run.output
+    klaviyo = EXAMPLE_CONFIG.parent / "mappings" / "klaviyo.toml"
+    assert run.stderr_lines() == [
+        f"{klaviyo}: credentials.api_key: environment variable KLAVIYO_API_KEY is not set"
+    ]
+    assert run.stdout == ""
+
+
 # ---------------------------------------------------------------------------
 # syncd sync / syncd status
 # ---------------------------------------------------------------------------

@@ -739,3 +739,41 @@ def test_profile_rates_are_exact_decimals(in_tmp: Path) -> None:
     )
     rates = load_settings(Path("config.toml"), {}).profiles.rates
     assert rates == {"USD": Decimal("0.92"), "JPY": Decimal("0.0061")}
+
+
+# --- verify_tls: true, false or a CA file --------------------------------------------
+
+
+def test_verify_tls_takes_a_ca_file_relative_to_the_config(in_tmp: Path) -> None:
+    from tests.test_tls import make_certificate
+
+    (in_tmp / "conf" / "tls").mkdir(parents=True)
+    make_certificate(in_tmp / "conf" / "tls", "store", "IP:127.0.0.1")
+    path = write(in_tmp / "conf" / "config.toml", MINIMAL_SOURCE + 'verify_tls = "tls/store.pem"\n')
+    source = load_settings(path, {}).sources["woocommerce"]
+    assert source.verify_tls == in_tmp / "conf" / "tls" / "store.pem"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("false", False), ("true", True), ("0", False)])
+def test_verify_tls_from_the_environment_is_a_boolean(
+    in_tmp: Path, value: str, expected: bool
+) -> None:
+    path = write(in_tmp / "config.toml", MINIMAL_SOURCE)
+    env = {"SYNCD_SOURCES__WOOCOMMERCE__VERIFY_TLS": value}
+    assert load_settings(path, env).sources["woocommerce"].verify_tls is expected
+
+
+def test_verify_tls_file_missing_or_not_a_certificate(in_tmp: Path) -> None:
+    write(in_tmp / "notes.txt", "not a certificate\n")
+    write(in_tmp / "config.toml", MINIMAL_SOURCE + 'verify_tls = "no/ca.pem"\n')
+    assert load_error(Path("config.toml")).problems == [
+        (
+            "config.toml",
+            "sources.woocommerce.verify_tls",
+            f"expected true, false or a CA file: {in_tmp / 'no' / 'ca.pem'} not found",
+        )
+    ]
+    write(in_tmp / "config.toml", MINIMAL_SOURCE + 'verify_tls = "notes.txt"\n')
+    ((_, key, expected),) = load_error(Path("config.toml")).problems
+    assert key == "sources.woocommerce.verify_tls"
+    assert expected.startswith(f"expected a PEM file of CA certificates: {in_tmp / 'notes.txt'}: ")

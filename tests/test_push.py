@@ -380,14 +380,16 @@ email = "email"
 
 
 def test_klaviyo_mirror_keeps_profile_ids_to_remove_leavers(
-    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     list_id = sandbox.klaviyo.add_list(name="VIP")
     add_people(engine, range(1, 31))
     settings = settings_for(tmp_path, klaviyo_mapping(sandbox, list_id))
     mappings = load_mappings(settings)
     for mapping in mappings:
-        mapping.adapter.poll_interval = 0.01  # type: ignore[attr-defined]
+        # mapping.adapter is the class: set through monkeypatch, so the fast polling
+        # ends with this test instead of reaching every later Klaviyo test.
+        monkeypatch.setattr(mapping.adapter, "poll_interval", 0.01)
     results = asyncio.run(push(engine, select_syncs(mappings, None)))
     assert [r.counts.added for r in results] == [30, 30]
     ids = {k: r.dest_id for k, r in records(engine, "kl-vip").items()}

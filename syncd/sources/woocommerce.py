@@ -480,6 +480,7 @@ class WooCommerceClient:
                     settings.oauth_signature_method,
                 ),
                 verify=settings.verify_tls,
+                tls_setting=f"sources.{name}.verify_tls",
             )
         self.http = client
         # The store's clock minus ours, as the latest response's Date header shows it (a lower
