@@ -44,7 +44,7 @@ from syncd.server import create_app
 from syncd.sources.webhooks import WebhookIntake
 from syncd.store.engine import open_store
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
-from syncd.store.models import CUSTOMERS, ORDERS, REFUNDS
+from syncd.store.models import CUSTOMERS, ORDERS, PROFILES, REFUNDS
 from tests.conftest import POSTGRES_URL, _drop_postgres_database, _fresh_postgres_database
 
 # The first test also waits for the store: up (on a fresh machine with its Debian packages,
@@ -339,14 +339,18 @@ class Lane:
     facts: list[tuple[Facts, set[int]]] = field(default_factory=list)
     link_errors: list[str] = field(default_factory=list)
 
-    def start(self) -> subprocess.Popen[bytes]:
-        """``syncd sync`` with this lane's config, in the background (lanes sync side by side)."""
+    @staticmethod
+    def env() -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
         # The CA comes from the config's verify_tls, not from the environment.
         for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE"):
             env.pop(name, None)
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        return env
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """``syncd sync`` with this lane's config, in the background (lanes sync side by side)."""
         log = self.config.with_suffix(f".{len(self.runs)}.log")
         with log.open("wb") as out:
             return subprocess.Popen(
@@ -354,7 +358,7 @@ class Lane:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=self.env(),
                 cwd=self.config.parent,
             )
 
@@ -370,6 +374,32 @@ class Lane:
                 assert_links(engine)
             except AssertionError as exc:
                 self.link_errors.append(f"after sync {len(self.runs)}: {exc}")
+        finally:
+            engine.dispose()
+
+    def profile(self) -> set[str | None]:
+        """``syncd segments`` with this lane's config; the emails of the profiled people."""
+        done = subprocess.run(
+            [sys.executable, "-m", "syncd", "--config", str(self.config), "segments"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=self.config.parent,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        engine = open_store(self.store_url)
+        try:
+            with engine.connect() as conn:
+                return {
+                    row.email
+                    for row in conn.execute(
+                        select(CUSTOMERS.c.email).join(
+                            PROFILES, PROFILES.c.customer_id == CUSTOMERS.c.id
+                        )
+                    )
+                }
         finally:
             engine.dispose()
 
@@ -422,6 +452,7 @@ class Changes:
     restored: int = 0  # trashed by the seed, brought back with PUT status
     deleted: list[int] = field(default_factory=list)  # batch delete: permanent
     guest_order: int = 0
+    trashed_guest_order: int = 0
     registered_order: int = 0
     renamed_customer: tuple[int, str, str] = (0, "", "")  # id, new email, new first name
     created_customer: int = 0
@@ -481,6 +512,9 @@ def change_the_store(store: dict[str, Any], db: MariaDB, seeded: dict[str, Any])
         call(api, "POST", "orders/batch", json={"delete": changes.deleted})
 
         changes.guest_order = int(new_order(api, db)["id"])
+        # a guest known only by an order that went to the trash (spam, a test order)
+        changes.trashed_guest_order = int(new_order(api, db)["id"])
+        call(api, "DELETE", f"orders/{changes.trashed_guest_order}")
         someone = sorted(c for c in seeded["customers"] if c in before.accounts)[0]
         changes.registered_order = int(
             new_order(api, db, customer_id=someone, status="on-hold")["id"]
@@ -575,6 +609,44 @@ def test_sync_after_changes_equals_the_store_database(scenario: Scenario, lane: 
     # the batch-deleted orders are kept in syncd, marked gone for good (not "trash")
     assert gone == set(scenario.changes.deleted)
     assert run.link_errors == []
+
+
+def customers_of(facts: Facts) -> set[str | None]:
+    """Who syncd must profile, by email: accounts in the default ``customer_roles``
+    (``customer``) and whoever has an order that is not trashed (deleted ones are gone from
+    the database); never staff without orders, never a guest known only by trashed orders."""
+    people = {a.email for a in facts.accounts.values() if a.role == "customer"}
+    for order in facts.orders.values():
+        if order.status != "trash":
+            account = facts.accounts.get(order.customer_source_id)
+            people.add(account.email if account else order.email)
+    return people
+
+
+@pytest.fixture(scope="module")
+def profiled(scenario: Scenario) -> dict[str, set[str | None]]:
+    """``syncd segments`` on one lane per store kind, after the second sync: the emails of
+    the people it profiled."""
+    out: dict[str, set[str | None]] = {}
+    for name in ("sqlite-https", "postgres-https"):
+        if name in scenario.lanes:
+            out[name] = scenario.lanes[name].profile()
+    return out
+
+
+@pytest.mark.parametrize("lane", ["sqlite-https", "postgres-https"])
+def test_profiles_hold_the_stores_customers_only(
+    scenario: Scenario, profiled: dict[str, set[str | None]], lane: str
+) -> None:
+    lane_of(scenario, lane)
+    expected = customers_of(scenario.second)
+    admin = scenario.second.accounts[1]
+    assert admin.role == "administrator"
+    assert admin.email not in expected
+    spam = scenario.second.orders[scenario.changes.trashed_guest_order]
+    assert (spam.status, spam.customer_source_id) == ("trash", 0)
+    assert spam.email not in expected
+    assert profiled[lane] == expected
 
 
 def test_the_changes_reached_the_store_database(scenario: Scenario) -> None:
@@ -760,10 +832,15 @@ class HookScenario:
 
 
 @pytest.fixture(scope="module")
-def hooks(realwoo: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> HookScenario:
+def hooks(
+    realwoo_seeded: tuple[dict[str, Any], dict[str, Any]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> HookScenario:
     """Changes made through the API in three rounds; each round waits for all its changes to
-    reach syncd's store by webhook alone (no polling runs), timing each."""
-    store, db = realwoo, MariaDB(realwoo)
+    reach syncd's store by webhook alone (no polling runs), timing each. On the seeded store,
+    whichever module fixture comes first: new orders need its products."""
+    store = realwoo_seeded[0]
+    db = MariaDB(store)
     folder = tmp_path_factory.mktemp("realwoo-hooks")
     seconds: dict[str, float | None] = {}
     with webhook_receiver(store, folder) as rx, rest_client(store) as api:
