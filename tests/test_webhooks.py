@@ -502,9 +502,18 @@ def test_a_delivery_whose_refunds_or_trash_cannot_be_read_waits_for_a_retry(
         "refunds": [{"id": 900, "reason": "", "total": "-5.00"}],
     }
 
+    payload = order if topic == "order.updated" else {"id": order["id"]}
+    assert_left_pending(engine, topic, payload)
+    assert count(engine, ORDERS) == count(engine, REFUNDS) == 0
+
+
+def assert_left_pending(engine: Engine, topic: str, payload: Any) -> None:
+    """Deliver ``payload`` with the store's API unreachable (port 9): the delivery is tried
+    once, fails, and stays pending with the error."""
+
     async def go() -> None:
         async with harness(engine, "http://127.0.0.1:9") as h:
-            await h.send(topic, order if topic == "order.updated" else {"id": order["id"]})
+            await h.send(topic, payload)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and h.intake.stats.retries == 0:
                 await asyncio.sleep(0.02)
@@ -514,7 +523,6 @@ def test_a_delivery_whose_refunds_or_trash_cannot_be_read_waits_for_a_retry(
         row = conn.execute(select(EVENTS.c.status, EVENTS.c.attempts, EVENTS.c.error)).one()
     assert (row.status, row.attempts) == ("pending", 1)
     assert row.error
-    assert count(engine, ORDERS) == count(engine, REFUNDS) == 0
 
 
 def test_restart_applies_deliveries_left_pending(engine: Engine, sandbox: SandboxServer) -> None:
@@ -549,18 +557,7 @@ def test_a_delivery_that_cannot_be_applied_stays_pending_for_a_retry(
     monkeypatch.setattr(webhooks_module, "APPLY_MAX_ATTEMPTS", 1)
     coupon = fixture("coupon_single.json")
 
-    async def go() -> None:
-        async with harness(engine, "http://127.0.0.1:9") as h:
-            await h.send("coupon.updated", coupon)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and h.intake.stats.retries == 0:
-                await asyncio.sleep(0.02)
-
-    asyncio.run(go())
-    with engine.connect() as conn:
-        row = conn.execute(select(EVENTS.c.status, EVENTS.c.attempts, EVENTS.c.error)).one()
-    assert (row.status, row.attempts) == ("pending", 1)
-    assert row.error
+    assert_left_pending(engine, "coupon.updated", coupon)
     assert count(engine, COUPONS) == 0
 
 
