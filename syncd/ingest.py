@@ -75,6 +75,7 @@ from syncd.store.models import (
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.models import ORDER_ITEMS as ITEMS
 from syncd.store.models import SYNC_STATE as STATE
+from syncd.store.types import storable_copy
 from syncd.store.upsert import upsert
 
 log = get_logger("syncd.ingest")
@@ -642,7 +643,7 @@ class SourceSync:
             "source_id": source_id,
             "record_key": key,
             "reason": reason,
-            "payload": payload,
+            "payload": storable_copy(payload),  # a stand-in when the store cannot keep it
             "first_seen_at": now,
             "seen_at": now,
             "times_seen": 1,

@@ -671,8 +671,12 @@ def test_forged_unsigned_and_malformed_deliveries_change_nothing(
 
     h = asyncio.run(go())
     assert stored(engine) == 0
-    for table in (ORDERS, CUSTOMERS, QUARANTINE):
+    for table in (ORDERS, CUSTOMERS):
         assert count(engine, table) == 0
+    # The signed delivery with NUL (Postgres stores none) is kept in the quarantine.
+    with engine.connect() as conn:
+        kept = conn.execute(select(QUARANTINE.c.record_key, QUARANTINE.c.reason)).all()
+    assert [(k, "NUL" in r) for k, r in kept] == [("727", True)]
     assert h.intake.stats.rejected == {
         "unsigned": 1,
         "bad_signature": 3,
@@ -682,6 +686,98 @@ def test_forged_unsigned_and_malformed_deliveries_change_nothing(
         "too_large": 1,
     }
     assert h.changed == []
+
+
+def deep_delivery(topic: str, payload: dict[str, Any], depth: int) -> tuple[bytes, dict[str, str]]:
+    """A signed delivery of ``payload`` with a metadata value nested so that the body is
+    ``depth`` levels deep (written out: orjson does not write past 254 levels)."""
+    body, headers = delivery(topic, {**payload, "meta_data": [{"id": 1, "value": "@"}]})
+    # body, meta_data's list, its object: 3 levels; the value's lists make the rest.
+    body = body.replace(b'"@"', b"[" * (depth - 3) + b"]" * (depth - 3))
+    return body, {**headers, "X-WC-Webhook-Signature": sign(body)}
+
+
+def test_a_delivery_nested_too_deep_is_quarantined_alone_and_its_neighbours_applied(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    # One signed delivery nested 300 deep (the intake parsed up to 1,024 levels, the store's
+    # JSON writer fails past 254) among 30 good ones sent at once: on SQLite the journal
+    # retried its batch forever; on Postgres the shared write failed all 31.
+    base = fixture("order_single.json")
+    good = [{**base, "id": 5000 + n} for n in range(30)]
+    poison = deep_delivery("order.updated", {**base, "id": 6000}, 300)
+    later = {**base, "id": 7000}
+
+    async def go() -> None:
+        async with harness(engine, sandbox.url) as h:
+            sent = [delivery("order.updated", p) for p in good]
+            sent.insert(15, poison)
+            answers = await asyncio.gather(*(h.post(b, hd) for b, hd in sent))
+            codes = [a.status_code for a in answers]
+            # 422: signed, valid JSON, but past what the store keeps (400 is for a body that
+            # is not a delivery at all; 413 for one over the size limit).
+            assert codes == [200] * 15 + [422] + [200] * 15
+            assert answers[15].json()["error"] == "too_deep"
+            await h.settle()
+            await h.send("order.updated", later)
+            await h.settle()
+            assert h.intake.stats.quarantined == 1
+        # A restart on the same store: nothing stuck, the poison refused again.
+        async with harness(engine, sandbox.url) as h:
+            again = await h.post(*sent[15])
+            assert again.status_code == 422
+            await h.send("order.updated", {**later, "id": 7001})
+            await h.settle()
+
+    asyncio.run(go())
+    with engine.connect() as conn:
+        ids = set(
+            conn.execute(select(ORDERS.c.source_id).where(ORDERS.c.source == "shop")).scalars()
+        )
+        quarantined = conn.execute(select(QUARANTINE)).all()
+    assert ids == {5000 + n for n in range(30)} | {7000, 7001}
+    assert count(engine, EVENTS, status="applied") == 32
+    assert stored(engine) == 32
+    assert [(q.stream, q.record_key, q.times_seen) for q in quarantined] == [("orders", "6000", 2)]
+    assert "too deep: JSON nested over 64 levels" in quarantined[0].reason
+    assert quarantined[0].payload["id"] == 6000
+    assert quarantined[0].payload["json_start"].startswith('{"id":6000,')
+
+
+def test_a_record_nested_too_deep_is_quarantined_by_the_polling_path(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    # The store's limits hold for polled records as for deliveries: a record past them is
+    # quarantined with the reason by the handlers a polled page goes through, not a crash
+    # of the batch (the JSON writer failed past 254 levels, and Postgres takes no NUL).
+    base = fixture("order_single.json")
+    deep = orjson.loads(deep_delivery("order.updated", {**base, "id": 8001}, 300)[0])
+    nul = {**base, "id": 8002, "customer_note": "a\x00b"}
+    fine = {**base, "id": 8003}
+
+    async def go() -> None:
+        runner = SourceSync(engine, "shop", make_settings(sandbox.url).sources["shop"])
+        try:
+            await runner.apply_payloads("orders", [deep, nul, fine])
+        finally:
+            await runner.client.aclose()
+
+    asyncio.run(go())
+    with engine.connect() as conn:
+        ids = list(conn.execute(select(ORDERS.c.source_id)).scalars())
+        kept = conn.execute(
+            select(QUARANTINE.c.record_key, QUARANTINE.c.reason, QUARANTINE.c.payload).order_by(
+                QUARANTINE.c.record_key
+            )
+        ).all()
+    assert ids == [8003]
+    assert [(k, r) for k, r, _ in kept] == [
+        ("8001", "too deep: JSON nested over 64 levels"),
+        ("8002", "holds a NUL character, which Postgres cannot store"),
+    ]
+    # What is kept in place of a value the store cannot keep: its id, why, its start.
+    assert kept[0].payload["id"] == 8001 and kept[0].payload["json_start"] == ""
+    assert kept[1].payload["json_start"].startswith('{"id":8002,')
 
 
 def test_the_creation_ping_gets_exactly_200_and_stores_nothing(

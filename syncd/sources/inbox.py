@@ -35,10 +35,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, Engine, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
 
-from syncd.store.models import EVENTS
+from syncd.sources.woocommerce import record_key
+from syncd.store.models import EVENTS, QUARANTINE
+from syncd.store.types import payload_problem, stand_in
 from syncd.store.upsert import upsert
 
 MAX_GROUP: Final = 500  # deliveries per commit; a larger backlog takes several
@@ -46,6 +48,12 @@ JOURNAL_KEEP: Final = timedelta(days=2)  # duplicate detection window for moved 
 PRUNE_EVERY_SECONDS: Final = 3600.0
 
 Key = tuple[str, str, str]  # (source, delivery_id, body_sha256): the events table's unique key
+Number = int | None | Exception  # what ``_write`` answers for one row
+
+
+class Unstorable(Exception):
+    """A delivery the store refused on its own (its neighbours were stored): it is to be
+    quarantined with this reason, and its request answered 4xx."""
 
 
 def delivery_key(row: dict[str, Any]) -> Key:
@@ -98,12 +106,17 @@ class Inbox(ABC):
                         future.set_exception(exc)
                 continue
             for (_, future), number in zip(group, numbers, strict=True):
-                if not future.done():  # the client may have gone away
+                if future.done():  # the client may have gone away
+                    continue
+                if isinstance(number, Exception):
+                    future.set_exception(number)
+                else:
                     future.set_result(number)
 
     @abstractmethod
-    def _write(self, rows: list[dict[str, Any]]) -> list[int | None]:
-        """Store ``rows`` in one transaction; each one's number, None for a duplicate."""
+    def _write(self, rows: list[dict[str, Any]]) -> list[Number]:
+        """Store ``rows``; each one's number, None for a duplicate, or an Unstorable for
+        one the store refused (the others of the group are stored all the same)."""
 
     def take(self, limit: int) -> tuple[list[int], int]:
         """Move up to ``limit`` journal rows into ``events`` (the caller holds the store's
@@ -127,20 +140,51 @@ class StoreInbox(Inbox):
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._conn: Connection | None = None
 
-    def _write(self, rows: list[dict[str, Any]]) -> list[int | None]:
+    def _write(self, rows: list[dict[str, Any]]) -> list[Number]:
         first = _first_of_each(rows)
         events = [_event_row(rows[i]) for i in first.values()]
+        refused: dict[Key, Unstorable] = {}
         try:
-            stored = self._insert(events)
+            stored = self._insert_reconnecting(events)
+        except Exception as exc:
+            if not _refused_row(exc):
+                raise
+            # One row the store refuses fails the statement of the group: each on its own
+            # then, so the one is refused alone and its neighbours are stored.
+            stored = []
+            for event in events:
+                try:
+                    stored += self._insert_reconnecting([event])
+                except Exception as one:
+                    if not _refused_row(one):
+                        raise
+                    refused[delivery_key(event)] = Unstorable(_reason(one))
+        ids = {(r.source, r.delivery_id, r.body_sha256): int(r.id) for r in stored}
+        return [
+            (refused.get(key) or ids.get(key)) if first[key] == i else None
+            for i, key in _keyed(rows)
+        ]
+
+    def _insert_reconnecting(self, events: list[dict[str, Any]]) -> list[Any]:
+        try:
+            return self._insert(events)
         except DBAPIError as exc:
             if not exc.connection_invalidated:
+                self._rollback()
                 raise
             # The server closed the kept connection (a restart, an idle timeout): once
             # more on a new one, so the deliveries waiting now are not refused.
             self._drop_connection()
-            stored = self._insert(events)
-        ids = {(r.source, r.delivery_id, r.body_sha256): int(r.id) for r in stored}
-        return [ids.get(key) if first[key] == i else None for i, key in _keyed(rows)]
+            return self._insert(events)
+        except Exception:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        """Leave the kept connection usable after a failed statement."""
+        if self._conn is not None:
+            with suppress(Exception):
+                self._conn.rollback()
 
     def _insert(self, events: list[dict[str, Any]]) -> list[Any]:
         if self._conn is None:
@@ -221,8 +265,8 @@ class JournalInbox(Inbox):
     def unmoved(self) -> int:
         return int(self._unmoved)
 
-    def _write(self, rows: list[dict[str, Any]]) -> list[int | None]:
-        numbers: list[int | None] = []
+    def _write(self, rows: list[dict[str, Any]]) -> list[Number]:
+        numbers: list[Number] = []
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -247,7 +291,7 @@ class JournalInbox(Inbox):
             conn.execute("ROLLBACK")
             raise
         with self._count_lock:
-            self._unmoved += sum(n is not None for n in numbers)
+            self._unmoved += sum(isinstance(n, int) for n in numbers)
         return numbers
 
     def take(self, limit: int) -> tuple[list[int], int]:
@@ -265,28 +309,60 @@ class JournalInbox(Inbox):
             self._prune()
             return [], 0
         columns = ("source", "delivery_id", "body_sha256", "topic", "resource", "event")
-        rows = [
-            {
+        rows: list[dict[str, Any]] = []
+        refused: list[tuple[dict[str, Any], str]] = []
+        for p in picked:
+            row = {
                 **dict(zip(columns, p[1:7], strict=True)),
                 "webhook_id": p[7],
                 "received_at": _EPOCH + timedelta(microseconds=p[8]),
-                "payload": orjson.loads(p[9]),
+                "body": bytes(p[9]),
             }
-            for p in picked
-        ]
+            # A row an earlier version journaled (it parsed up to 1,024 levels) or a damaged
+            # one: checked as the intake checks now, and quarantined rather than moved.
+            try:
+                row["payload"] = orjson.loads(row["body"])
+            except orjson.JSONDecodeError as exc:
+                refused.append((row, f"not valid JSON: {exc}"))
+                continue
+            problem = payload_problem(row["payload"], row["body"])
+            if problem is not None:
+                refused.append((row, str(problem)))
+            else:
+                rows.append(row)
         keys = [delivery_key(r) for r in rows]
+        checked = len(refused)  # refused before the store was asked
         with self.engine.begin() as conn:
-            stored = _insert_events(conn, [_event_row(r) for r in rows], ("id",))
+            try:
+                with conn.begin_nested():
+                    stored = _insert_events(conn, [_event_row(r) for r in rows], ("id",))
+            except Exception as exc:
+                if not _refused_row(exc):
+                    raise
+                # One row the store refuses fails the statement: each on its own then.
+                stored = []
+                for r in rows:
+                    try:
+                        with conn.begin_nested():
+                            stored += _insert_events(conn, [_event_row(r)], ("id",))
+                    except Exception as one:
+                        if not _refused_row(one):
+                            raise
+                        refused.append((r, _reason(one)))
             ids = [int(r.id) for r in stored]
-            duplicates = len(rows) - len(ids)
+            offered = len(rows) - (len(refused) - checked)  # rows the store did not refuse
+            duplicates = offered - len(ids)
             if duplicates:
                 # Already in the store: a delivery sent again after the journal forgot it,
                 # or one this journal moved before a crash kept it from noting so. The
                 # latter may still be pending and must be applied.
                 ids += _pending_ids(conn, keys)
-                duplicates = len(rows) - len(set(ids))
+                duplicates = offered - len(set(ids))
+            for row, reason in refused:
+                quarantine_delivery(conn, row, reason)
         # Committed in the store first: a crash here moves the rows again, and the unique
-        # key of events makes that a no-op.
+        # key of events makes that a no-op. A refused row is moved too (into the
+        # quarantine), so it never holds back the rows behind it.
         with self._mover:  # one transaction (the connection is in autocommit otherwise)
             self._mover.execute("BEGIN IMMEDIATE")
             self._mover.executemany(
@@ -388,3 +464,67 @@ def _pending_ids(conn: Any, keys: Sequence[Key]) -> list[int]:
         )
     )
     return [int(r.id) for r in rows if (r.source, r.delivery_id, r.body_sha256) in wanted]
+
+
+def _refused_row(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store refusing a row for what it holds (which the same row
+    would meet again), not the store being unavailable."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return False
+        # Postgres: data exception, integrity violation, program limit exceeded (a value
+        # past jsonb's limits) are the row's; psycopg files the last as OperationalError.
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23", "54"):
+            return True
+        return not isinstance(exc, OperationalError | InterfaceError)
+    # A value its column's bind processor refused (the JSON writer's limits: PayloadRejected).
+    return isinstance(exc, StatementError | ValueError | TypeError)
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    text = str(cause).strip().splitlines()
+    return f"the store refused it: {type(cause).__name__}: {text[0] if text else ''}"[:2000]
+
+
+def quarantine_delivery(conn: Connection, row: dict[str, Any], reason: str) -> None:
+    """Keep a webhook delivery the store cannot take in the quarantine, with the reason:
+    keyed like a polled record (its id), so a valid copy arriving later releases it."""
+    # The value itself may be what the store cannot keep: a stand-in always (id, reason,
+    # the start of the body).
+    payload = row.get("payload")
+    kept = stand_in(payload, reason, row["body"])
+    key = f"sha256:{row['body_sha256']}" if payload is None else record_key(payload)
+    now = datetime.now(UTC)
+    stream = f"{row['resource']}s"  # coupon -> coupons … (as webhooks.RESOURCE_STREAMS)
+    log_reason = f"webhook {row['topic']} delivery {row['delivery_id']}: {reason}"[:2000]
+    upsert(
+        conn,
+        QUARANTINE,
+        [
+            {
+                "source": row["source"],
+                "stream": stream,
+                "source_id": None if key.startswith("sha256:") else key,
+                "record_key": key,
+                "reason": log_reason,
+                "payload": kept,
+                "first_seen_at": now,
+                "seen_at": now,
+                "times_seen": 1,
+            }
+        ],
+        keys=("source", "stream", "record_key"),
+        update=("reason", "payload", "seen_at"),
+    )
+    conn.execute(  # seen again (as SourceSync._quarantine counts a record read again)
+        update(QUARANTINE)
+        .where(
+            QUARANTINE.c.source == row["source"],
+            QUARANTINE.c.stream == stream,
+            QUARANTINE.c.record_key == key,
+            QUARANTINE.c.first_seen_at != now,
+        )
+        .values(times_seen=QUARANTINE.c.times_seen + 1)
+    )

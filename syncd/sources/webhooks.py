@@ -57,9 +57,10 @@ from starlette.responses import JSONResponse, Response
 from syncd.config import Settings, WooCommerceSourceSettings
 from syncd.ingest import AppliedBatch, SourceSync
 from syncd.log import get_logger
-from syncd.sources.inbox import open_inbox
+from syncd.sources.inbox import Unstorable, open_inbox, quarantine_delivery
 from syncd.store.engine import writer_lock
 from syncd.store.models import EVENTS
+from syncd.store.types import payload_problem
 
 log = get_logger("syncd.webhooks")
 
@@ -93,6 +94,14 @@ APPLY_MAX_RETRY_SECONDS = 15.0
 _ARRIVED = 0  # queued for a journal inbox: move what it holds (events ids are positive)
 _PING = re.compile(rb"webhook_id=\d{1,20}")
 _MAX_BIGINT = 2**63 - 1
+# A delivery past the store's limits (syncd.store.types.payload_problem): the rejection
+# reason and status. 422, not 400: the body is signed, valid JSON, just past what the store
+# keeps; 413 for one too large, as for a body over the cap.
+_REFUSALS = {
+    "too_deep": ("too_deep", 422),
+    "too_large": ("too_large", 413),
+    "nul": ("malformed", 400),
+}
 
 OnApplied = Callable[[str, set[int]], Awaitable[None]]
 
@@ -108,6 +117,7 @@ class WebhookStats:
     applied: int = 0  # deliveries applied to the store
     stale: int = 0  # applied deliveries whose payload was older than the stored row
     failed: int = 0  # deliveries given up after MAX_ATTEMPTS
+    quarantined: int = 0  # signed deliveries the store cannot keep: refused, quarantined
     retries: int = 0  # failed attempts scheduled again
     # (source, outcome) -> count; outcome: received | duplicate | ping | rejected | applied |
     # failed. Only configured sources appear: an unknown path segment is not a label.
@@ -231,9 +241,6 @@ class WebhookIntake:
             return self._reject(
                 source, "malformed", 400, 'expected a JSON object with a positive integer "id"'
             )
-        if b"\\u0000" in body and _has_nul(payload):
-            # Postgres cannot store NUL in text or JSONB; no store sends it.
-            return self._reject(source, "malformed", 400, "the payload contains NUL characters")
         digest = hashlib.sha256(body).hexdigest()
         delivery_id = headers.get("x-wc-webhook-delivery-id") or f"sha256:{digest[:48]}"
         if len(delivery_id) > MAX_DELIVERY_ID:
@@ -250,8 +257,17 @@ class WebhookIntake:
             "payload": payload,
             "body": body,
         }
+        # The store's limits (depth, size, NUL), checked once before anything is written: a
+        # delivery past them would fail the shared write of its neighbours, or stop the
+        # journal's moves. It is quarantined alone and refused.
+        problem = payload_problem(payload, body)
+        if problem is not None:
+            reason, status = _REFUSALS[problem.kind]
+            return await self._refuse(row, reason, status, str(problem))
         try:
             number = await self.inbox.put(row)
+        except Unstorable as exc:  # the store refused this one; its neighbours are stored
+            return await self._refuse(row, "unstorable", 422, str(exc))
         except (SQLAlchemyError, sqlite3.Error):
             log.exception("webhook delivery could not be stored", source=source)
             return self._reject(source, "store_unavailable", 503, "the store is unavailable")
@@ -265,6 +281,24 @@ class WebhookIntake:
             # A journal's number is not an events id: the worker moves the journal first.
             self._queue.put_nowait(_ARRIVED if self.inbox.journal else number)
         return JSONResponse({"status": "accepted"}, status_code=200)
+
+    async def _refuse(
+        self, row: dict[str, Any], reason: str, status: int, message: str
+    ) -> Response:
+        """Refuse a signed delivery the store cannot keep, once it is in the quarantine
+        with the reason (WooCommerce never sends it again: the quarantine is its record)."""
+        try:
+            await asyncio.to_thread(self._quarantine, row, message)
+        except (SQLAlchemyError, sqlite3.Error):
+            log.exception("webhook delivery could not be quarantined", source=row["source"])
+            return self._reject(row["source"], "store_unavailable", 503, "the store is unavailable")
+        self.stats.quarantined += 1
+        return self._reject(row["source"], reason, status, f"not stored: {message}")
+
+    def _quarantine(self, row: dict[str, Any], reason: str) -> None:
+        # In turn with the jobs (see WriterLock), as _mark.
+        with writer_lock(self.engine), self.engine.begin() as conn:
+            quarantine_delivery(conn, row, reason)
 
     def _reject(self, source: str | None, reason: str, status: int, message: str) -> Response:
         self.stats.rejected[reason] += 1
@@ -544,19 +578,3 @@ def _webhook_id(value: str | None) -> int | None:
         return None
     number = int(value)
     return number if number <= _MAX_BIGINT else None
-
-
-def _has_nul(payload: Any) -> bool:
-    """Whether any key or string holds NUL (iterative: payloads nest up to 1024 deep)."""
-    stack = [payload]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False

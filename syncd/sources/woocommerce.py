@@ -31,6 +31,7 @@ from syncd.identity import (
 )
 from syncd.money import MoneyError, exponent, to_minor
 from syncd.sources.woocommerce_auth import make_auth
+from syncd.store.types import payload_problem, storable_copy
 
 API_ROOT = "/wp-json/wc/v3"
 MAX_PER_PAGE = 100  # WooCommerce's schema maximum: per_page > 100 is a 400 rest_invalid_param
@@ -69,6 +70,14 @@ def trashed_at(status: str | None, modified: datetime | None) -> datetime | None
     return modified or datetime.now(UTC)
 
 
+def _check_storable(payload: Mapping[str, Any]) -> None:
+    """A record the store cannot keep as its raw payload (nested too deep, too large, with
+    NUL) is quarantined with the reason, the same limits as a webhook delivery's."""
+    problem = payload_problem(payload)
+    if problem is not None:
+        raise BadRecord(str(problem))
+
+
 def _id(payload: Mapping[str, Any], key: str = "id") -> int:
     value = payload.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -103,10 +112,11 @@ def record_key(payload: object) -> str:
         value = payload.get("id")
         if isinstance(value, int | str) and not isinstance(value, bool) and str(value):
             return str(value)
-    return (
-        "sha256:"
-        + hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()[:64]
-    )
+    try:
+        text = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # nested past orjson's limit: keyed by what is kept of it
+        text = orjson.dumps(storable_copy(payload), option=orjson.OPT_SORT_KEYS)
+    return "sha256:" + hashlib.sha256(text).hexdigest()[:64]
 
 
 def modified_of(payload: Mapping[str, Any]) -> datetime | None:
@@ -158,6 +168,7 @@ def _attribution(meta: object) -> dict[str, str]:
 
 
 def parse_order(payload: Mapping[str, Any], source: str) -> OrderRow:
+    _check_storable(payload)
     source_id = _id(payload)
     currency, exp = _currency(payload)
     status = payload.get("status")
@@ -243,6 +254,7 @@ class CustomerRow:
 
 
 def parse_customer(payload: Mapping[str, Any], source: str) -> CustomerRow:
+    _check_storable(payload)
     source_id = _id(payload)
     billing = payload.get("billing") or {}
     if not isinstance(billing, Mapping):
@@ -279,6 +291,7 @@ def parse_refund(
 ) -> dict[str, Any]:
     """A refund from ``GET refunds`` (has ``parent_id``) or from ``GET orders/{id}/refunds``
     (no ``parent_id``: pass the order's id)."""
+    _check_storable(payload)
     source_id = _id(payload)
     if order_source_id is None:
         order_source_id = _id(payload, "parent_id")
@@ -303,6 +316,7 @@ def parse_refund(
 def parse_product(
     payload: Mapping[str, Any], source: str, currency: str, parent_source_id: int | None = None
 ) -> dict[str, Any]:
+    _check_storable(payload)
     source_id = _id(payload)
     status = clean_text(payload.get("status"))
     modified = parse_gmt(payload.get("date_modified_gmt"), "date_modified_gmt")
@@ -334,6 +348,7 @@ def parse_product(
 
 
 def parse_coupon(payload: Mapping[str, Any], source: str, currency: str) -> dict[str, Any]:
+    _check_storable(payload)
     source_id = _id(payload)
     code = clean_text(payload.get("code"))
     if code is None:
