@@ -241,9 +241,9 @@ def test_a_push_whose_every_row_is_refused_exits_1_and_retry_failed_sends_the_gi
     engine.dispose()
     config = write_config(tmp_path, store_url, sandbox, 100)
     mapping = tmp_path / "dest.toml"
-    # No retry: a refused row is given up at once (what a fourth refusal does by default).
+    # One try: a refused row is given up at once (what a fourth refusal does by default).
     mapping.write_text(
-        mapping.read_text().replace("batch_size = 100", "batch_size = 100\nretry_delays = []", 1)
+        mapping.read_text().replace("batch_size = 100", "batch_size = 100\nmax_attempts = 1", 1)
     )
     receiver = sandbox.webhooks["crm"]
     receiver.reject = lambda record: "account suspended"
