@@ -794,11 +794,13 @@ class _Run:
             )
         return outcomes
 
-    async def _send_split(self, op: Op, items: Sequence[Item]) -> list[Outcome]:
+    async def _send_split(
+        self, op: Op, items: Sequence[Item], *, first: bool = True
+    ) -> list[Outcome]:
         try:
             return await self._send(op, items)
         except BatchRejected as exc:
-            return await self._refused(op, items, exc.message, first=True)
+            return await self._refused(op, items, exc.message, first=first)
 
     async def _refused(
         self, op: Op, items: Sequence[Item], message: str, *, first: bool = False
@@ -827,14 +829,18 @@ class _Run:
             and _same_reason(head.message, tail.message)
         ):
             # Bad rows on both sides look the same so far: one row alone tells them apart.
+            rest = halves[0][1:]
             try:
                 alone = await self._send(op, halves[0][:1])
             except BatchRejected as exc:
                 if _same_reason(exc.message, head.message):
                     raise _SystematicRefusal(exc.message) from None
+                # That row was bad in its own way: the rest of the half is not known bad.
                 alone = [Outcome.rejected(exc.message)]
-            rest = await self._refused(op, halves[0][1:], head.message)
-            return alone + rest + await self._refused(op, halves[1], tail.message)
+                after = await self._send_split(op, rest, first=False)
+            else:
+                after = await self._refused(op, rest, head.message)  # holds the bad rows
+            return alone + after + await self._refused(op, halves[1], tail.message)
         outcomes: list[Outcome] = []
         for half, result in zip(halves, sent, strict=True):
             if isinstance(result, BatchRejected):

@@ -655,6 +655,7 @@ def test_given_up_rows_are_counted_alerted_and_sent_again_by_retry_failed(
 ) -> None:
     from syncd.alerts import Alerts
     from syncd.config import AlertSettings
+    from syncd.metrics import Metrics
     from syncd.status import collect_status
 
     add_people(engine, range(1, 11))
@@ -675,6 +676,8 @@ def test_given_up_rows_are_counted_alerted_and_sent_again_by_retry_failed(
     assert "10 rows given up" in alerts.incidents["given_up:hook"]
     records_now = collect_status(engine, settings)["destinations"]["hook"]["records"]
     assert records_now == {"in_destination": 0, "failed": 10, "given_up": 10, "skipped": 0}
+    metric = 'syncd_destination_given_up_rows{sync="hook"} 10.0'
+    assert metric in Metrics(engine, settings).render()[0].decode()
 
     state["down"] = False
     sandbox.reset_logs()
@@ -685,6 +688,7 @@ def test_given_up_rows_are_counted_alerted_and_sent_again_by_retry_failed(
     assert len(receiver.records) == 10
     records_now = collect_status(engine, settings)["destinations"]["hook"]["records"]
     assert records_now == {"in_destination": 10, "failed": 0, "given_up": 0, "skipped": 0}
+    assert "syncd_destination_given_up_rows{" not in Metrics(engine, settings).render()[0].decode()
     alerts.run_finished(
         "destination", "hook", retried.status, retried.counts.as_json(), failures_in_a_row=0
     )
@@ -712,3 +716,15 @@ def test_a_batch_refused_whole_for_one_reason_fails_the_sync_without_bisecting(
     assert {r.error for r in held.values()} == {
         "1 record(s) refused: field 'name' is not in the schema"
     }
+
+
+def test_a_retry_delay_that_is_no_duration_is_refused_naming_the_key(
+    sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    from syncd.config import ConfigError
+
+    mapping = webhook_mapping(sandbox).replace(
+        "batch_size", 'retry_delays = ["1h", "soon"]\nbatch_size'
+    )
+    with pytest.raises(ConfigError, match=r"sync\[hook\]\.retry_delays.*'soon'"):
+        load_mappings(settings_for(tmp_path, mapping))
