@@ -728,3 +728,55 @@ def test_a_retry_delay_that_is_no_duration_is_refused_naming_the_key(
     )
     with pytest.raises(ConfigError, match=r"sync\[hook\]\.retry_delays.*'soon'"):
         load_mappings(settings_for(tmp_path, mapping))
+
+
+def test_a_probe_row_refused_for_its_own_reason_leaves_the_rest_of_its_half_to_be_sent(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Rows 1 and 4 bad; the receiver names no row when a batch holds several
+    ("batch contains invalid records"), only when one is sent alone. The batch and both
+    halves are refused alike, so row 1 goes alone: refused for its own reason, which
+    is not the batch's, so row 2 is sent, not recorded refused unsent."""
+    import respx
+
+    url = "https://hooks.example.com/catch"
+    add_people(engine, [1, 2, 3, 4])
+    mapping = f"""
+destination = "webhook"
+base_url = "{url}"
+[credentials]
+secret = "{SECRET}"
+
+[[sync]]
+name = "hook"
+segment = "vip"
+mode = "upsert"
+[sync.fields]
+email = "email"
+"""
+    bad = {"1": "invalid phone", "4": "invalid email"}
+    sent: list[list[str]] = []
+
+    def answer(request: Any) -> Any:
+        import httpx
+
+        keys = [r["key"] for r in json.loads(request.content)["records"]]
+        sent.append(keys)
+        refused = [k for k in keys if k in bad]
+        if not refused:
+            return httpx.Response(200, json={})
+        message = bad[keys[0]] if len(keys) == 1 else "batch contains invalid records"
+        return httpx.Response(422, json={"message": message})
+
+    with respx.mock(assert_all_called=False) as mock:
+        mock.post(url).mock(side_effect=answer)
+        result = run_push(settings_for(tmp_path, mapping), engine)
+    assert sent == [["1", "2", "3", "4"], ["1", "2"], ["3", "4"], ["1"], ["2"], ["3"], ["4"]]
+    assert (result.status, result.counts.added, result.counts.failed) == ("partial", 2, 2)
+    held = records(engine, "hook")
+    assert {k: (r.status, r.error) for k, r in held.items()} == {
+        "1": ("failed", "invalid phone"),
+        "2": ("sent", None),
+        "3": ("sent", None),
+        "4": ("failed", "invalid email"),
+    }
