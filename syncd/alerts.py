@@ -2,7 +2,8 @@
 
 An *incident* is a named condition that is either open or not: ``failures:<kind>:<name>``
 (a job failed ``consecutive_failures`` times in a row), ``rejected:<sync>`` (a destination
-sync's refused rows passed ``rejected_share``), ``stale:<source>`` (a source has not
+sync's refused rows passed ``rejected_share``), ``given_up:<sync>`` (a destination sync
+holds rows refused on their last try), ``stale:<source>`` (a source has not
 succeeded within its freshness) and ``overdue:<job>`` (a scheduled job's next run is past
 due: a job that silently never runs). Opening an incident logs an error and posts
 ``{"text": ...}`` to ``alerts.slack_webhook_url`` when one is configured; while it stays
@@ -158,6 +159,21 @@ class Alerts:
                 )
             else:
                 self.close(key, f"destination sync {name}: refused rows back under {limit:.1%}")
+        if kind == "destination":
+            self._given_up(name, status, counts)
+
+    def _given_up(self, name: str, status: str, counts: Mapping[str, Any]) -> None:
+        """Rows given up are sent by nothing but ``push --retry-failed``: never silent."""
+        given_up = counts.get("given_up")
+        key = f"given_up:{name}"
+        if isinstance(given_up, int) and given_up > 0:
+            self.open(
+                key,
+                f"destination sync {name}: {given_up} rows given up after repeated refusals "
+                f"(`syncd push --retry-failed {name}` sends them again)",
+            )
+        elif status != "failed":  # a failed run may have stopped before counting them
+            self.close(key, f"destination sync {name}: no rows given up any more")
 
     def sources_stale(self, stale: Mapping[str, str]) -> None:
         """The stale sources now (source -> why); every other source is fresh."""

@@ -300,6 +300,8 @@ def print_status(data: dict[str, Any]) -> None:
             f"push {name}: {held['in_destination']} in destination, "
             f"{held['failed']} failed, {held['skipped']} skipped"
         )
+        if held.get("given_up"):
+            line += f", {held['given_up']} given up (syncd push --retry-failed {name})"
         run = dest["last_run"]
         if run:
             c = run["counts"]
@@ -329,9 +331,17 @@ def push(
     full: Annotated[
         bool, typer.Option("--full", help="Forget what was sent and send every row again.")
     ] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="Send the rows the destination refused now, given up or waiting to retry.",
+        ),
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Run destination syncs once: send what changed since the last push."""
+    """Run destination syncs once: send what changed since the last push. Exits 1 when a
+    sync failed, including one whose every row sent was refused."""
     from syncd.sync import push as run_push
     from syncd.sync import select_syncs
 
@@ -353,7 +363,9 @@ def push(
         raise typer.Exit(2)
     engine = open_engine(settings)
     try:
-        results = asyncio.run(run_push(engine, selected, dry_run=dry_run, full=full))
+        results = asyncio.run(
+            run_push(engine, selected, dry_run=dry_run, full=full, retry_failed=retry_failed)
+        )
     finally:
         engine.dispose()
     if json_output:
@@ -367,7 +379,17 @@ def print_push(results: Sequence[Any]) -> None:
     dry = any(r.status == "dry-run" for r in results)
     table = Table(title="push (dry run: nothing sent)" if dry else "push")
     heads = ("sync", "destination", "mode", "status")
-    numbers = ("added", "updated", "removed", "unchanged", "failed", "skipped", "requests")
+    numbers = (
+        "added",
+        "updated",
+        "removed",
+        "unchanged",
+        "failed",
+        "retrying",
+        "given_up",
+        "skipped",
+        "requests",
+    )
     for col in heads + numbers:
         # Sync names are what a user types next (syncd push NAME): never cut them.
         table.add_column(col, justify="right" if col in numbers else "left", no_wrap=col == "sync")
@@ -388,6 +410,11 @@ def print_push(results: Sequence[Any]) -> None:
             say(f"{r.sync}: {n} refused: {reason}")
         for reason, n in r.counts.skipped_reasons.most_common(5):
             say(f"{r.sync}: {n} skipped: {reason}")
+        if r.counts.given_up:
+            say(
+                f"{r.sync}: {r.counts.given_up} rows given up after repeated refusals: "
+                f"`syncd push --retry-failed {r.sync}` sends them again"
+            )
         if r.status == "dry-run":
             plan = ", ".join(f"{op} {n}" for op, n in sorted(r.planned.items())) or "nothing"
             say(f"{r.sync}: would send: {plan}")

@@ -69,6 +69,9 @@ _COLUMN_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DEST_FIELD_RE: Final = re.compile(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*")
 _INTERVAL_RE: Final = re.compile(r"every\s+(\d+)\s*(s|m|h|d)")
 _INTERVAL_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DELAY_RE: Final = re.compile(r"(\d+)\s*(s|m|h|d)")
+# A refused row's waits before its 2nd, 3rd and 4th try; refused a 4th time, it is given up.
+DEFAULT_RETRY_DELAYS: Final = ("1h", "6h", "24h")
 
 
 # ---------------------------------------------------------------------------
@@ -321,7 +324,12 @@ class SyncSpec(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict)
     schedule: str | None = None
     batch_size: Annotated[int, Field(ge=1)] | None = None
-    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    # Tries of a refused row's content before it is given up; None: one more than the
+    # retry delays (4 with the default 1h, 6h, 24h).
+    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+    # How long a refused row waits before its next try, after its 1st, 2nd, … refusal
+    # (the last delay repeats); None: the mapping's, else DEFAULT_RETRY_DELAYS.
+    retry_delays: list[str] | None = None
     source: str | None = None  # the WooCommerce source woocommerce_id refers to
     consent_meta_keys: list[str] = Field(
         # Mailchimp for WooCommerce keeps a shopper's newsletter opt-in in this user meta.
@@ -343,6 +351,28 @@ class SyncSpec(BaseModel):
     def _schedule(cls, value: str | None) -> str | None:
         return _check_schedule(value)
 
+    @field_validator("retry_delays")
+    @classmethod
+    def _retry_delays(cls, value: list[str] | None) -> list[str] | None:
+        return _check_delays(value)
+
+
+def _check_delays(value: list[str] | None) -> list[str] | None:
+    for delay in value or ():
+        if _DELAY_RE.fullmatch(delay.strip()) is None:
+            raise ValueError(f"expected delays like '30m', '6h' or '1d', got {delay!r}")
+    return value
+
+
+def delay_seconds(delays: Sequence[str]) -> tuple[int, ...]:
+    """``["1h", "6h"]`` as seconds: ``(3600, 21600)`` (checked by the spec's validator)."""
+    out: list[int] = []
+    for delay in delays:
+        match = _DELAY_RE.fullmatch(delay.strip())
+        assert match is not None
+        out.append(int(match.group(1)) * _INTERVAL_SECONDS[match.group(2)])
+    return tuple(out)
+
 
 class LimitsSpec(BaseModel):
     model_config = _MODEL_CONFIG
@@ -360,7 +390,13 @@ class MappingSpec(BaseModel):
     credentials: dict[str, str] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    retry_delays: list[str] | None = None  # every sync's, unless it sets its own
     sync: list[SyncSpec] = Field(min_length=1)
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _retry_delays(cls, value: list[str] | None) -> list[str] | None:
+        return _check_delays(value)
 
     @field_validator("destination")
     @classmethod
@@ -384,10 +420,17 @@ class LoadedSync:
     fields: tuple[FieldMap, ...]
     batch_size: int  # per op: min(asked, vendor maximum) is applied by batch_for()
     fingerprint: str  # changes whenever what a row becomes could change
+    # Seconds a refused row waits before its next try, after its 1st, 2nd, … refusal.
+    retry_delays: tuple[int, ...] = delay_seconds(DEFAULT_RETRY_DELAYS)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def max_attempts(self) -> int:
+        """Refusals of one content after which its row is given up."""
+        return self.spec.max_attempts or len(self.retry_delays) + 1
 
     def columns(self) -> tuple[str, ...]:
         """Every row column the fields read, in a fixed order (the content hash uses it)."""
@@ -629,6 +672,13 @@ def _load_sync(
         fields=tuple(fields),
         batch_size=min(sync.batch_size or largest, largest),
         fingerprint=fingerprint,
+        retry_delays=delay_seconds(
+            next(
+                d
+                for d in (sync.retry_delays, spec.retry_delays, DEFAULT_RETRY_DELAYS)
+                if d is not None
+            )
+        ),
     )
 
 

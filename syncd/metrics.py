@@ -84,7 +84,7 @@ from syncd.config import Settings
 from syncd.http import service_stats
 from syncd.log import get_logger
 from syncd.runs import BACKTEST
-from syncd.store.models import MEMBERSHIPS
+from syncd.store.models import MEMBERSHIPS, SYNC_RECORDS
 from syncd.store.models import SYNC_RUNS as RUNS
 
 __all__ = ["RUN_DURATION_BUCKETS", "WEBHOOK_LAG_BUCKETS", "Metrics"]
@@ -259,6 +259,20 @@ class _StoreCollector(Collector):
             )
             for segment in sorted(set(self._settings.segments) | set(counted)):
                 sizes.add_metric([segment], counted.get(segment, 0))
+            given_up = GaugeMetricFamily(
+                "syncd_destination_given_up_rows",
+                "Rows the destination refused on their last try: sent again only by "
+                "syncd push --retry-failed (or when their content changes).",
+                labels=["sync"],
+            )
+            for sync, n in conn.execute(
+                select(SYNC_RECORDS.c.sync, func.count())
+                .where(SYNC_RECORDS.c.status == "failed", SYNC_RECORDS.c.retry_after.is_(None))
+                .group_by(SYNC_RECORDS.c.sync)
+                .order_by(SYNC_RECORDS.c.sync)
+            ):
+                given_up.add_metric([sync], n)
+            families.append(given_up)
             if self._has_events_table():
                 pending = GaugeMetricFamily(
                     "syncd_webhook_events_pending",

@@ -172,25 +172,37 @@ def _destinations(conn: Any) -> dict[str, Any]:
         for r in conn.execute(select(RUNS.c.name).where(RUNS.c.kind == "destination").distinct())
     }
     held: dict[str, dict[str, int]] = {}
-    for name, status, in_dest, n in conn.execute(
+    # A refused record with no next try is given up (until --retry-failed).
+    waiting = SYNC_RECORDS.c.retry_after.is_not(None)
+    for name, status, in_dest, will_retry, n in conn.execute(
         select(
             SYNC_RECORDS.c.sync,
             SYNC_RECORDS.c.status,
             SYNC_RECORDS.c.in_destination,
+            waiting,
             func.count(),
-        ).group_by(SYNC_RECORDS.c.sync, SYNC_RECORDS.c.status, SYNC_RECORDS.c.in_destination)
+        ).group_by(
+            SYNC_RECORDS.c.sync, SYNC_RECORDS.c.status, SYNC_RECORDS.c.in_destination, waiting
+        )
     ):
-        counts = held.setdefault(name, {"in_destination": 0, "failed": 0, "skipped": 0})
+        counts = held.setdefault(name, _no_records())
         if in_dest:
             counts["in_destination"] += n
         if status in ("failed", "skipped"):
             counts[status] += n
+        if status == "failed" and not will_retry:
+            counts["given_up"] += n
     return {
         name: {
             "last_run": _run_json(
                 _last_run(conn, RUNS.c.kind == "destination", RUNS.c.name == name)
             ),
-            "records": held.get(name, {"in_destination": 0, "failed": 0, "skipped": 0}),
+            "records": held.get(name, _no_records()),
         }
         for name in sorted(runs | set(held))
     }
+
+
+def _no_records() -> dict[str, int]:
+    # given_up: of the failed, those refused on their last try (never sent again alone).
+    return {"in_destination": 0, "failed": 0, "given_up": 0, "skipped": 0}

@@ -4,7 +4,10 @@ One pass over a sync's rows (a segment's members joined to their profiles, or a 
 model) compares each row's content hash with ``sync_records``:
 
 * new keys are added, changed ones updated, unchanged ones skipped without mapping;
-* rows that failed last time are retried, up to the sync's ``max_attempts``;
+* rows the destination refused are tried again once their wait is over (by default 1 h,
+  6 h, then 24 h after the 1st, 2nd, 3rd refusal); refused on the last try, a row is given
+  up: counted in ``given_up`` (and by ``syncd status``, alerts and metrics) until its
+  content changes or ``syncd push --retry-failed`` sends it again;
 * rows that cannot be sent (no email for an email-keyed list) are skipped with the
   adapter's reason and never sent to fail;
 * in mirror mode, records the destination holds whose key left the segment are removed.
@@ -14,7 +17,10 @@ size, a few batches in flight within the service's concurrency. Each batch's out
 are committed as soon as they are known, so a crash loses at most the batches in
 flight, which the next run sends again (events keep their idempotency key, so a
 destination that deduplicates never triggers twice). A batch the vendor refuses as a
-whole is split in halves until the bad rows are alone.
+whole is split in halves until the bad rows are alone, unless both halves and a single
+row are refused whole for the same reason: that is the batch's content failing as one (a
+mapping error), and the sync fails with the reason instead of sending each row alone.
+A run where every row sent was refused fails too.
 
 The content hash covers the sync's mapping (its fingerprint) and the row's input
 columns, not the mapped payload: the mapping is deterministic, so an unchanged row
@@ -26,10 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
 
 import orjson
@@ -64,8 +71,16 @@ _ACCEPTED_UPDATE: Final = (
     "error",
     "sent_at",
     "updated_at",
+    "retry_after",
 )
-_REFUSED_UPDATE: Final = ("content_hash", "status", "attempts", "error", "updated_at")
+_REFUSED_UPDATE: Final = (
+    "content_hash",
+    "status",
+    "attempts",
+    "error",
+    "updated_at",
+    "retry_after",
+)
 # What a row of the sync's rows becomes, by mode (mirror removals are planned apart).
 _SEND_OP: Final[dict[str, Op]] = {
     "upsert": "upsert",
@@ -87,7 +102,9 @@ class PushCounts:
     removed: int = 0
     unchanged: int = 0
     failed: int = 0  # refused by the destination
-    skipped: int = 0  # not sent: invalid for the destination, or given up on
+    skipped: int = 0  # not sent: invalid for the destination
+    retrying: int = 0  # refused before, not sent: their next try is not due yet
+    given_up: int = 0  # refused on their last try: held back until --retry-failed
     requests: int = 0
     skipped_reasons: Counter[str] = field(default_factory=Counter)
     failed_reasons: Counter[str] = field(default_factory=Counter)
@@ -100,6 +117,8 @@ class PushCounts:
             "unchanged": self.unchanged,
             "failed": self.failed,
             "skipped": self.skipped,
+            "retrying": self.retrying,
+            "given_up": self.given_up,
             "requests": self.requests,
             # The most frequent reasons only: a run with a million bad rows must not
             # write a million-entry JSON into sync_runs.
@@ -143,6 +162,7 @@ class _Known(NamedTuple):
     attempts: int
     in_destination: bool
     error: str | None
+    retry_after: datetime | None = None  # a refused record's next try; None: given up
 
 
 class _Pending(NamedTuple):
@@ -445,6 +465,20 @@ def _held(digest: int) -> _Known:
     return _Known(digest, "sent", 0, True, None)
 
 
+class _SystematicRefusal(Exception):
+    """A batch refused whole, then both its halves and one row alone, for one reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _same_reason(a: str, b: str) -> bool:
+    """Whether two refusals give one reason: vendors put counts and positions in them
+    ("259 record(s) refused: …", "row 3: …"), so numbers are ignored."""
+    return re.sub(r"\d+", "#", a) == re.sub(r"\d+", "#", b)
+
+
 def _load_known(
     conn: Connection, sync: str, int_keys: bool, keys: Collection[str] | None = None
 ) -> dict[Any, int | _Known]:
@@ -471,12 +505,16 @@ def _load_known(
         for batch in _driver_batches(conn, held, args):
             known.update(batch)
         others = (
-            f"SELECT {key}, content_hash, status, attempts, in_destination, error "
+            f"SELECT {key}, content_hash, status, attempts, in_destination, error, retry_after "
             f"FROM sync_records WHERE {where} AND NOT (status = 'sent' AND in_destination)"
         )
+        # SQLite returns the instant as text: UTCDateTime reads it as the store wrote it.
+        to_instant = RECORDS.c.retry_after.type.result_processor(conn.dialect, None)
         for batch in _driver_batches(conn, others, args):
-            for key_, digest, status, attempts, in_dest, error in batch:
-                known[key_] = _Known(digest, status, attempts, bool(in_dest), error)
+            for key_, digest, status, attempts, in_dest, error, retry in batch:
+                if retry is not None and to_instant is not None:
+                    retry = to_instant(retry)
+                known[key_] = _Known(digest, status, attempts, bool(in_dest), error, retry)
     return known
 
 
@@ -493,8 +531,13 @@ class _Run:
         dry_run: bool,
         full: bool,
         scope: Collection[int] | None = None,
+        retry_failed: bool = False,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.engine = engine
+        self.retry_failed = retry_failed  # refused rows go now, waiting or given up
+        self.clock = clock
+        self.now = clock()  # planning compares every refused row's retry_after with it
         self.mapping = mapping
         self.sync = sync
         self.adapter = adapter
@@ -516,7 +559,7 @@ class _Run:
         return _SEND_OP[self.sync.spec.mode]
 
     def _classify(self, known: _Known | None, digest: int) -> str:
-        """send | unchanged | skipped (for a stored reason) | gave_up."""
+        """send | unchanged | skipped (for a stored reason) | waiting | gave_up."""
         if known is None or self.full:
             return "send"
         spec = self.sync.spec
@@ -529,7 +572,15 @@ class _Run:
             return "unchanged"
         if known.status == "skipped":
             return "skipped"
-        return "gave_up" if known.attempts >= spec.max_attempts else "send"
+        return self._refused_verdict(known)
+
+    def _refused_verdict(self, known: _Known) -> str:
+        """send | waiting | gave_up for a record of refused content."""
+        if self.retry_failed:
+            return "send"
+        if known.retry_after is None:
+            return "gave_up"
+        return "waiting" if known.retry_after > self.now else "send"
 
     async def run(self) -> None:
         sync, spec = self.sync, self.sync.spec
@@ -578,8 +629,9 @@ class _Run:
                 elif verdict == "skipped":
                     self._count_skip(previous.error if previous else None)
                 elif verdict == "gave_up":
-                    assert previous is not None
-                    self._count_skip(f"gave up after {previous.attempts} failed attempts")
+                    self.counts.given_up += 1
+                elif verdict == "waiting":
+                    self.counts.retrying += 1
                 else:
                     pending.append(_Pending(str(key), digest, previous, row))
                     if len(pending) >= batch_size:
@@ -643,15 +695,17 @@ class _Run:
                     )
         if spec.mode != "mirror":
             return
-        leaving = [k for k, v in known.items() if v.in_destination]
-        gave_up = {
-            k
-            for k in leaving
-            if known[k].status == "failed" and known[k].attempts >= spec.max_attempts
-        }
-        for key in gave_up:
-            self._count_skip(f"gave up removing after {known[key].attempts} failed attempts")
-        leaving = [k for k in leaving if k not in gave_up]
+        leaving = []
+        for key, record in known.items():
+            if not record.in_destination:
+                continue
+            verdict = self._refused_verdict(record) if record.status == "failed" else "send"
+            if verdict == "gave_up":
+                self.counts.given_up += 1
+            elif verdict == "waiting":
+                self.counts.retrying += 1
+            else:
+                leaving.append(key)
         self.planned["remove"] += len(leaving) if self.dry_run else 0
         if self.dry_run or not leaving:
             return
@@ -714,7 +768,17 @@ class _Run:
         try:
             if op != "remove":
                 self._attach_dest_ids(entries)
-            outcomes = await self._send_split(op, [e.item for e in entries])
+            try:
+                outcomes = await self._send_split(op, [e.item for e in entries])
+            except _SystematicRefusal as exc:
+                # Every row of the batch was refused for it: recorded as refused (tried
+                # again on the schedule), and the sync stops: the next batches would fail
+                # the same way.
+                self._commit(op, entries, [Outcome.rejected(exc.message)] * len(entries))
+                raise PushError(
+                    f"the destination refused a batch of {len(entries)} rows, both its "
+                    f"halves and a row alone, for one reason: {exc.message}"
+                ) from None
             self._commit(op, entries, outcomes)
         except Exception as exc:  # the run fails; the batch goes out next time
             if self.fatal is None:
@@ -722,21 +786,67 @@ class _Run:
         finally:
             self._slots.release()
 
-    async def _send_split(self, op: Op, items: Sequence[Item]) -> list[Outcome]:
-        target = self.sync.target
-        try:
-            outcomes = await self.adapter.send(target, op, items)
-        except BatchRejected as exc:
-            if len(items) == 1:
-                return [Outcome.rejected(exc.message)]
-            # One bad row must not hold back the rest: halve until it is alone.
-            middle = len(items) // 2
-            first = await self._send_split(op, items[:middle])
-            return first + await self._send_split(op, items[middle:])
+    async def _send(self, op: Op, items: Sequence[Item]) -> list[Outcome]:
+        outcomes = await self.adapter.send(self.sync.target, op, items)
         if len(outcomes) != len(items):
             raise RuntimeError(
                 f"{self.adapter.type}: {len(outcomes)} outcomes for {len(items)} items"
             )
+        return outcomes
+
+    async def _send_split(
+        self, op: Op, items: Sequence[Item], *, first: bool = True
+    ) -> list[Outcome]:
+        try:
+            return await self._send(op, items)
+        except BatchRejected as exc:
+            return await self._refused(op, items, exc.message, first=first)
+
+    async def _refused(
+        self, op: Op, items: Sequence[Item], message: str, *, first: bool = False
+    ) -> list[Outcome]:
+        """Outcomes of rows the destination refused as a whole with ``message``: one bad
+        row must not hold back the rest, so the rows are halved until the bad ones are
+        alone. ``first``: the batch as dispatched, where a systematic refusal is told
+        apart (both halves refused for one reason, and one row alone too: each row would
+        be refused alone, so bisecting would only multiply the requests)."""
+        if len(items) == 1:
+            return [Outcome.rejected(message)]
+        middle = len(items) // 2
+        halves = (items[:middle], items[middle:])
+        sent: list[list[Outcome] | BatchRejected] = []
+        for half in halves:
+            try:
+                sent.append(await self._send(op, half))
+            except BatchRejected as exc:
+                sent.append(exc)
+        head, tail = sent
+        if (
+            first
+            and len(halves[0]) > 1
+            and isinstance(head, BatchRejected)
+            and isinstance(tail, BatchRejected)
+            and _same_reason(head.message, tail.message)
+        ):
+            # Bad rows on both sides look the same so far: one row alone tells them apart.
+            rest = halves[0][1:]
+            try:
+                alone = await self._send(op, halves[0][:1])
+            except BatchRejected as exc:
+                if _same_reason(exc.message, head.message):
+                    raise _SystematicRefusal(exc.message) from None
+                # That row was bad in its own way: the rest of the half is not known bad.
+                alone = [Outcome.rejected(exc.message)]
+                after = await self._send_split(op, rest, first=False)
+            else:
+                after = await self._refused(op, rest, head.message)  # holds the bad rows
+            return alone + after + await self._refused(op, halves[1], tail.message)
+        outcomes: list[Outcome] = []
+        for half, result in zip(halves, sent, strict=True):
+            if isinstance(result, BatchRejected):
+                outcomes += await self._refused(op, half, result.message)
+            else:
+                outcomes += result
         return outcomes
 
     # -- recording -----------------------------------------------------------------------
@@ -751,8 +861,9 @@ class _Run:
         attempts: int = 0,
         dest_id: str | None = None,
         in_destination: bool = False,
+        retry_after: datetime | None = None,
     ) -> dict[str, Any]:
-        now = utc_now()
+        now = self.clock()
         return {
             "sync": self.sync.spec.name,
             "record_key": key,
@@ -764,6 +875,7 @@ class _Run:
             "error": error,
             "sent_at": now if status == "sent" else None,
             "updated_at": now,
+            "retry_after": retry_after,
         }
 
     def _flush_skipped(self) -> None:
@@ -815,9 +927,17 @@ class _Run:
                 attempts = (
                     known.attempts if same and known is not None and not self.full else 0
                 ) + 1
+                retry_after = self._next_try(attempts)
+                if retry_after is None:
+                    counts.given_up += 1
                 refused.append(
                     self._record(
-                        key, entry.content_hash, "failed", error=message, attempts=attempts
+                        key,
+                        entry.content_hash,
+                        "failed",
+                        error=message,
+                        attempts=attempts,
+                        retry_after=retry_after,
                     )
                 )
         with self.engine.begin() as conn:
@@ -831,6 +951,14 @@ class _Run:
                 conn.execute(
                     delete(RECORDS).where(RECORDS.c.sync == name, RECORDS.c.record_key.in_(chunk))
                 )
+
+    def _next_try(self, attempts: int) -> datetime | None:
+        """When content refused ``attempts`` times is tried again; None: given up."""
+        if attempts >= self.sync.max_attempts:
+            return None
+        delays = self.sync.retry_delays
+        wait = delays[min(attempts, len(delays)) - 1] if delays else 0
+        return self.clock() + timedelta(seconds=wait)
 
 
 def _chunks(keys: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
@@ -847,17 +975,31 @@ async def push_sync(
     dry_run: bool = False,
     full: bool = False,
     scope: Collection[int] | None = None,
+    retry_failed: bool = False,
+    clock: Callable[[], datetime] = utc_now,
 ) -> PushResult:
     """Run one destination sync once; the run is recorded in ``sync_runs`` (not a dry run).
 
     ``scope`` limits a segment sync to those customers: their rows are compared and sent,
     and those of them who left a mirrored segment are removed; nobody else is read (the
-    push after a scoped recompute). SQL-model syncs always run in full."""
+    push after a scoped recompute). SQL-model syncs always run in full.
+    ``retry_failed`` sends refused rows now, given up or waiting for their next try.
+    ``clock`` is now (a test's or benchmark's simulated time: refused rows' waits)."""
     name = sync.spec.name
     started = utc_now()
     run_id = None if dry_run else start_run(engine, "destination", name)
     before = adapter.request_count()
-    state = _Run(engine, mapping, sync, adapter, dry_run=dry_run, full=full, scope=scope)
+    state = _Run(
+        engine,
+        mapping,
+        sync,
+        adapter,
+        dry_run=dry_run,
+        full=full,
+        scope=scope,
+        retry_failed=retry_failed,
+        clock=clock,
+    )
     error: str | None = None
     try:
         await state.run()
@@ -875,6 +1017,15 @@ async def push_sync(
         status = "dry-run" if error is None else "failed"
     elif error is not None:
         status = "failed"
+    elif counts.failed and not (
+        counts.added or counts.updated or counts.removed or counts.unchanged
+    ):
+        # No row of the sync is in the destination as it should be, and every one sent was
+        # refused: a wrong list, a field the vendor rejects, a vendor answering 4xx to
+        # all. That is the sync failing, not some of its rows.
+        status = "failed"
+        reason = counts.failed_reasons.most_common(1)[0][0]
+        error = f"the destination refused every row sent ({counts.failed}): {reason}"
     else:
         status = "partial" if counts.failed else "success"
     if run_id is not None:
@@ -927,9 +1078,11 @@ async def push(
     full: bool = False,
     transport: Any = None,
     scope: Collection[int] | None = None,
+    retry_failed: bool = False,
+    clock: Callable[[], datetime] = utc_now,
 ) -> list[PushResult]:
-    """Run the selected syncs once, one adapter (one HTTP client) per mapping (``scope``:
-    see push_sync)."""
+    """Run the selected syncs once, one adapter (one HTTP client) per mapping (``scope``,
+    ``retry_failed``, ``clock``: see push_sync)."""
     results: list[PushResult] = []
     adapters: dict[int, Destination] = {}
     try:
@@ -939,7 +1092,15 @@ async def push(
                 adapter = adapters[id(mapping)] = mapping.open(transport)
             results.append(
                 await push_sync(
-                    engine, mapping, sync, adapter, dry_run=dry_run, full=full, scope=scope
+                    engine,
+                    mapping,
+                    sync,
+                    adapter,
+                    dry_run=dry_run,
+                    full=full,
+                    scope=scope,
+                    retry_failed=retry_failed,
+                    clock=clock,
                 )
             )
     finally:

@@ -155,7 +155,12 @@ def test_one_refused_address_fails_alone_and_only_it_is_retried(
     assert reason.startswith("Please provide a valid email address.")  # the vendor's words
 
     sandbox.reset_logs()
-    second = run_push(settings, engine)
+    # The refused row waits an hour (the default schedule's first delay) for its next try.
+    now = datetime.now(UTC)
+    waiting = run_push(settings, engine, clock=lambda: now + timedelta(minutes=59))
+    c = waiting.counts
+    assert (c.unchanged, c.retrying, c.failed, c.requests) == (499, 1, 0, 0)
+    second = run_push(settings, engine, clock=lambda: now + timedelta(minutes=61))
     c = second.counts
     assert (c.added, c.unchanged, c.failed, c.requests) == (0, 499, 1, 1)
     (body,) = mc_posts(sandbox)
@@ -165,27 +170,32 @@ def test_one_refused_address_fails_alone_and_only_it_is_retried(
         runs = conn.execute(
             select(SYNC_RUNS.c.status, SYNC_RUNS.c.counts).where(SYNC_RUNS.c.kind == "destination")
         ).all()
-    assert [r.status for r in runs] == ["partial", "partial"]
-    assert runs[1].counts["unchanged"] == 499 and runs[1].counts["failed"] == 1
+    assert [r.status for r in runs] == ["partial", "success", "partial"]
+    assert runs[2].counts["unchanged"] == 499 and runs[2].counts["failed"] == 1
 
 
 def test_a_failing_row_is_given_up_after_max_attempts(
     engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
 ) -> None:
     add_people(engine, [1, 2], emails={2: "a..b@example.com"})
-    settings = settings_for(tmp_path, mailchimp_mapping(sandbox, extra="max_attempts = 2"))
-    assert run_push(settings, engine).counts.failed == 1
-    assert run_push(settings, engine).counts.failed == 1
+    extra = 'max_attempts = 2\nretry_delays = ["30m"]'
+    settings = settings_for(tmp_path, mailchimp_mapping(sandbox, extra=extra))
+    now = datetime.now(UTC)
+    first = run_push(settings, engine, clock=lambda: now)
+    assert (first.counts.failed, first.counts.given_up) == (1, 0)
+    second = run_push(settings, engine, clock=lambda: now + timedelta(minutes=30))
+    assert (second.counts.failed, second.counts.given_up) == (1, 1)
     sandbox.reset_logs()
-    third = run_push(settings, engine)
+    third = run_push(settings, engine, clock=lambda: now + timedelta(days=30))
     assert third.counts.requests == 0 and third.counts.failed == 0
-    assert third.counts.skipped_reasons == {"gave up after 2 failed attempts": 1}
+    assert (third.counts.given_up, third.counts.skipped) == (1, 0)
+    assert records(engine, "mc-vip")["2"].retry_after is None
     # A change of the row's content is a new chance.
     with engine.begin() as conn:
         conn.execute(
             update(PROFILES).where(PROFILES.c.customer_id == 2).values(email="ab@example.com")
         )
-    assert run_push(settings, engine).counts.added == 1
+    assert run_push(settings, engine, clock=lambda: now + timedelta(days=30)).counts.added == 1
 
 
 def test_nothing_changed_sends_nothing_and_one_percent_sends_one_batch(
@@ -429,7 +439,7 @@ def test_status_json_reports_each_sync(
     run_push(settings, engine)
     data = collect_status(engine, settings)
     dest = data["destinations"]["mc-vip"]
-    assert dest["records"] == {"in_destination": 1, "failed": 1, "skipped": 0}
+    assert dest["records"] == {"in_destination": 1, "failed": 1, "given_up": 0, "skipped": 0}
     assert dest["last_run"]["status"] == "partial"
     assert dest["last_run"]["counts"]["added"] == 1
     json.dumps(data)  # the document is plain JSON
@@ -597,3 +607,176 @@ def test_a_sql_model_is_pushed_by_its_key_column_and_diffed(
     again = run_push(settings, engine)
     assert (again.counts.updated, again.counts.unchanged) == (1, 2)
     assert receiver.records[-1]["data"]["name"] == "Fourth Last4"
+
+
+def _refusing_receiver(sandbox: DestinationSandbox) -> tuple[Any, dict[str, bool]]:
+    """A receiver that refuses every record, one by one, while ``state["down"]``."""
+    state = {"down": True}
+    receiver = sandbox.webhooks.add(
+        "crm", SECRET, reject=lambda record: state["down"] and "account suspended"
+    )
+    return receiver, state
+
+
+def test_rows_refused_three_runs_then_accepted_are_all_delivered_on_the_schedule(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    add_people(engine, range(1, 41))
+    receiver, state = _refusing_receiver(sandbox)
+    settings = settings_for(tmp_path, webhook_mapping(sandbox))
+    t0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    hour = timedelta(hours=1)
+
+    def at(when: datetime) -> PushResult:
+        return run_push(settings, engine, clock=lambda: when)
+
+    # Default schedule: the 2nd try 1 h after the 1st refusal, the 3rd 6 h after the 2nd,
+    # the 4th 24 h after the 3rd; before each is due, nothing is sent.
+    tries = [t0, t0 + hour, t0 + 7 * hour, t0 + 31 * hour]
+    for n, when in enumerate(tries[:3], start=1):
+        refused = at(when)
+        assert refused.status == "failed"  # every row sent was refused
+        assert (refused.counts.failed, refused.counts.given_up) == (40, 0)
+        assert {r.attempts for r in records(engine, "hook").values()} == {n}
+        early = at(tries[n] - timedelta(seconds=1))
+        assert (early.counts.retrying, early.counts.requests) == (40, 0)
+    assert receiver.records == []
+    state["down"] = False
+    recovered = at(tries[3])
+    assert recovered.status == "success"
+    assert (recovered.counts.added, recovered.counts.failed) == (40, 0)
+    assert sorted((r["key"] for r in receiver.records), key=int) == [str(c) for c in range(1, 41)]
+    held = records(engine, "hook")
+    assert {(r.status, r.attempts, r.retry_after) for r in held.values()} == {("sent", 0, None)}
+
+
+def test_given_up_rows_are_counted_alerted_and_sent_again_by_retry_failed(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    from syncd.alerts import Alerts
+    from syncd.config import AlertSettings
+    from syncd.metrics import Metrics
+    from syncd.status import collect_status
+
+    add_people(engine, range(1, 11))
+    receiver, state = _refusing_receiver(sandbox)
+    # The mapping's schedule, for all its syncs: one retry, 2 h after the first refusal.
+    mapping = webhook_mapping(sandbox).replace(
+        "[credentials]", 'retry_delays = ["2h"]\n[credentials]'
+    )
+    settings = settings_for(tmp_path, mapping)
+    t0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    run_push(settings, engine, clock=lambda: t0)
+    last = run_push(settings, engine, clock=lambda: t0 + timedelta(hours=2))
+    assert (last.status, last.counts.failed, last.counts.given_up) == ("failed", 10, 10)
+    alerts = Alerts(AlertSettings())
+    alerts.run_finished(
+        "destination", "hook", last.status, last.counts.as_json(), failures_in_a_row=1
+    )
+    assert "10 rows given up" in alerts.incidents["given_up:hook"]
+    records_now = collect_status(engine, settings)["destinations"]["hook"]["records"]
+    assert records_now == {"in_destination": 0, "failed": 10, "given_up": 10, "skipped": 0}
+    metric = 'syncd_destination_given_up_rows{sync="hook"} 10.0'
+    assert metric in Metrics(engine, settings).render()[0].decode()
+
+    state["down"] = False
+    sandbox.reset_logs()
+    later = run_push(settings, engine, clock=lambda: t0 + timedelta(days=60))
+    assert (later.counts.given_up, later.counts.requests) == (10, 0)  # never again alone
+    retried = run_push(settings, engine, retry_failed=True, clock=lambda: t0 + timedelta(days=60))
+    assert (retried.status, retried.counts.added, retried.counts.given_up) == ("success", 10, 0)
+    assert len(receiver.records) == 10
+    records_now = collect_status(engine, settings)["destinations"]["hook"]["records"]
+    assert records_now == {"in_destination": 10, "failed": 0, "given_up": 0, "skipped": 0}
+    assert "syncd_destination_given_up_rows{" not in Metrics(engine, settings).render()[0].decode()
+    alerts.run_finished(
+        "destination", "hook", retried.status, retried.counts.as_json(), failures_in_a_row=0
+    )
+    assert "given_up:hook" not in alerts.incidents
+
+
+def test_a_batch_refused_whole_for_one_reason_fails_the_sync_without_bisecting(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    add_people(engine, range(1, 519))
+    sandbox.webhooks.add(
+        "crm",
+        SECRET,
+        reject=lambda record: "field 'name' is not in the schema",  # a mapping error
+        reject_mode="batch",
+    )
+    result = run_push(settings_for(tmp_path, webhook_mapping(sandbox)), engine)
+    assert result.status == "failed"
+    assert result.error is not None and "field 'name' is not in the schema" in result.error
+    # The batch, its two halves and one row alone: not 1,035 requests for 518 rows.
+    assert result.counts.requests == 4
+    assert (result.counts.added, result.counts.failed) == (0, 518)
+    held = records(engine, "hook")
+    assert len(held) == 518 and {r.status for r in held.values()} == {"failed"}
+    assert {r.error for r in held.values()} == {
+        "1 record(s) refused: field 'name' is not in the schema"
+    }
+
+
+def test_a_retry_delay_that_is_no_duration_is_refused_naming_the_key(
+    sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    from syncd.config import ConfigError
+
+    mapping = webhook_mapping(sandbox).replace(
+        "batch_size", 'retry_delays = ["1h", "soon"]\nbatch_size'
+    )
+    with pytest.raises(ConfigError, match=r"sync\[hook\]\.retry_delays.*'soon'"):
+        load_mappings(settings_for(tmp_path, mapping))
+
+
+def test_a_probe_row_refused_for_its_own_reason_leaves_the_rest_of_its_half_to_be_sent(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Rows 1 and 4 bad; the receiver names no row when a batch holds several
+    ("batch contains invalid records"), only when one is sent alone. The batch and both
+    halves are refused alike, so row 1 goes alone: refused for its own reason, which
+    is not the batch's, so row 2 is sent, not recorded refused unsent."""
+    import respx
+
+    url = "https://hooks.example.com/catch"
+    add_people(engine, [1, 2, 3, 4])
+    mapping = f"""
+destination = "webhook"
+base_url = "{url}"
+[credentials]
+secret = "{SECRET}"
+
+[[sync]]
+name = "hook"
+segment = "vip"
+mode = "upsert"
+[sync.fields]
+email = "email"
+"""
+    bad = {"1": "invalid phone", "4": "invalid email"}
+    sent: list[list[str]] = []
+
+    def answer(request: Any) -> Any:
+        import httpx
+
+        keys = [r["key"] for r in json.loads(request.content)["records"]]
+        sent.append(keys)
+        refused = [k for k in keys if k in bad]
+        if not refused:
+            return httpx.Response(200, json={})
+        message = bad[keys[0]] if len(keys) == 1 else "batch contains invalid records"
+        return httpx.Response(422, json={"message": message})
+
+    with respx.mock(assert_all_called=False) as mock:
+        mock.post(url).mock(side_effect=answer)
+        result = run_push(settings_for(tmp_path, mapping), engine)
+    assert sent == [["1", "2", "3", "4"], ["1", "2"], ["3", "4"], ["1"], ["2"], ["3"], ["4"]]
+    assert (result.status, result.counts.added, result.counts.failed) == ("partial", 2, 2)
+    held = records(engine, "hook")
+    assert {k: (r.status, r.error) for k, r in held.items()} == {
+        "1": ("failed", "invalid phone"),
+        "2": ("sent", None),
+        "3": ("sent", None),
+        "4": ("failed", "invalid email"),
+    }

@@ -230,3 +230,46 @@ def test_validate_reports_a_sql_model_that_cannot_run(
         f"{mapping}: sync[hook].sql: the query has no column 'first_name' "
         "(it returns customer_id, email)"
     ]
+
+
+def test_a_push_whose_every_row_is_refused_exits_1_and_retry_failed_sends_the_given_up(
+    sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{tmp_path}/store.db"
+    engine = open_store(store_url)
+    add_people(engine, range(1, 6))
+    engine.dispose()
+    config = write_config(tmp_path, store_url, sandbox, 100)
+    mapping = tmp_path / "dest.toml"
+    # One try: a refused row is given up at once (what a fourth refusal does by default).
+    mapping.write_text(
+        mapping.read_text().replace("batch_size = 100", "batch_size = 100\nmax_attempts = 1", 1)
+    )
+    receiver = sandbox.webhooks["crm"]
+    receiver.reject = lambda record: "account suspended"
+    env = env_for(sandbox)
+
+    refused = syncd("--config", str(config), "push", "hook", "--json", env=env)
+    assert refused.returncode == 1, refused.output
+    (result,) = json.loads(refused.stdout)
+    assert result["status"] == "failed"
+    assert result["error"] == "the destination refused every row sent (5): account suspended"
+    assert (result["counts"]["failed"], result["counts"]["given_up"]) == (5, 5)
+    status = syncd("--config", str(config), "status", env=env)
+    assert any(
+        line.startswith(
+            "push hook: 0 in destination, 5 failed, 0 skipped, 5 given up "
+            "(syncd push --retry-failed hook)"
+        )
+        for line in status.stdout_lines()
+    ), status.stdout
+
+    receiver.reject = None  # the destination recovers
+    again = syncd("--config", str(config), "push", "hook", "--json", env=env)
+    assert again.returncode == 0, again.output
+    (result,) = json.loads(again.stdout)
+    assert (result["counts"]["given_up"], result["counts"]["requests"]) == (5, 0)
+    assert receiver.records == []
+    retried = syncd("--config", str(config), "push", "hook", "--retry-failed", env=env)
+    assert retried.returncode == 0, retried.output
+    assert sorted(int(r["key"]) for r in receiver.records) == [1, 2, 3, 4, 5]

@@ -383,6 +383,9 @@ class SyncRecord(SQLModel, table=True):
     error: str | None = Field(default=None, sa_type=Text)  # the vendor's reason, or why skipped
     sent_at: datetime | None = _utc()  # last accepted by the destination
     updated_at: datetime | None = _utc()
+    # A refused record: when its next try is due; NULL once it is given up (until its
+    # content changes or ``syncd push --retry-failed``).
+    retry_after: datetime | None = _utc()
 
 
 class Event(SQLModel, table=True):
