@@ -15,17 +15,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine, func, select
 
+from syncd.sandbox.deliveries import delivery, new_order
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.store.engine import open_store
 from syncd.store.models import MEMBERSHIPS, ORDERS
 from syncd.store.models import SYNC_RUNS as RUNS
+from tests.conftest import fixture
 from tests.test_cli import base_env
-from tests.test_service import HOOK_SECRET, free_port, wait_for, write_config
+from tests.test_service import HOOK_SECRET, WEBHOOK_SECRET, free_port, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -238,14 +241,23 @@ def test_sigterm_while_stuck_on_a_store_that_never_answers_exits_0_within_10s(
     shop_store = SandboxStore(seed=8, customers=5, guests=2, orders=20)
     with HungStore() as hung, SandboxServer(shop_store) as shop, DestinationSandbox() as box:
         box.webhooks.add("crm", HOOK_SECRET)
-        config = write_config(tmp_path, store_url, shop, box, free_port())
+        port = free_port()
+        config = write_config(tmp_path, store_url, shop, box, port)
         config.write_text(config.read_text().replace(shop.url, hung.url))
         proc = _start(config)
         stopped.append(proc)
         engine = open_store(store_url)
         try:
             wait_for(lambda: hung.accepted, 30, "a request to the hung store")
-            time.sleep(0.3)
+            # A webhook delivery meanwhile: applying it waits for the stuck run's turn at
+            # the SQLite writer, and the process used to wait for that at exit (minutes).
+            order = new_order(fixture("order_single.json"), 990001, "stuck.buyer@example.com")
+            body, headers = delivery(WEBHOOK_SECRET, order, "order.created", "delivery-990001")
+            answer = httpx.post(
+                f"http://127.0.0.1:{port}/webhooks/shop", content=body, headers=headers, timeout=5
+            )
+            assert answer.status_code == 200
+            time.sleep(0.5)
             code, took = _terminate(proc)
             assert code == 0 and took < STOP_BUDGET, (code, took)
             assert _statuses(engine, "source") == ["abandoned"]
