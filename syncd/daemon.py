@@ -734,7 +734,7 @@ class Daemon:
                 return
         if slot is not None:
             try:
-                claimed = await asyncio.to_thread(self._claim, job.id, slot)
+                claimed = await self._claim(job.id, slot)
             except BaseException:
                 if held is not None:
                     await asyncio.to_thread(self._release, held)
@@ -1058,7 +1058,8 @@ class Daemon:
             self.alerts.sources_stale(stale)
         if time.monotonic() - self._last_prune > 3600:
             self._last_prune = time.monotonic()
-            await asyncio.to_thread(self._prune_leases, now)
+            async with self._store_writer.held():
+                await asyncio.to_thread(self._prune_leases, now)
         return {"overdue_jobs": overdue, "stale_sources": stale}
 
     def stale_sources(self, now: datetime | None = None) -> dict[str, str]:
@@ -1091,14 +1092,17 @@ class Daemon:
                 )
         return stale
 
-    def _claim(self, job_id: str, slot: datetime) -> bool:
+    async def _claim(self, job_id: str, slot: datetime) -> bool:
         # In turn with the other writers (see WriterLock): a write committed in the middle
         # of a running job's read-then-write transaction makes SQLite refuse its write.
-        with self._store_writer:
-            return claim_slot(self.engine, job_id, slot, self.owner)
+        # Waited for on the loop: a worker thread blocked on the lock would hold up the
+        # loop's shutdown until the job lets go.
+        async with self._store_writer.held():
+            return await asyncio.to_thread(claim_slot, self.engine, job_id, slot, self.owner)
 
     def _prune_leases(self, now: datetime) -> None:
-        with self._store_writer, self.engine.begin() as conn:
+        """Drop old lease rows (the caller holds the writer lock)."""
+        with self.engine.begin() as conn:
             conn.execute(delete(JOB_LEASES).where(JOB_LEASES.c.claimed_at < now - LEASE_RETENTION))
 
 
