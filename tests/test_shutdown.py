@@ -6,6 +6,8 @@ every order once, the destination with exactly the segment."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import signal
 import socket
 import subprocess
@@ -23,7 +25,7 @@ from syncd.sandbox.deliveries import delivery, new_order
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
-from syncd.store.engine import open_store
+from syncd.store.engine import WriterLock, open_store
 from syncd.store.models import MEMBERSHIPS, ORDERS
 from syncd.store.models import SYNC_RUNS as RUNS
 from tests.conftest import fixture
@@ -271,3 +273,33 @@ def test_sigterm_while_stuck_on_a_store_that_never_answers_exits_0_within_10s(
             assert _orders(engine) == (live, live)
         finally:
             engine.dispose()
+
+
+def test_a_cancelled_wait_for_the_writer_lock_neither_holds_up_shutdown_nor_leaks_it() -> None:
+    lock = WriterLock(exclusive=True)
+    lock.__enter__()  # a job holds the store's writer turn
+
+    async def waiting_apply() -> None:
+        waiter = asyncio.create_task(_take_turn(lock))
+        await asyncio.sleep(0.3)
+        waiter.cancel()
+
+    # The loop of the service: its shutdown waits for its worker threads.
+    stopped = threading.Event()
+    loop_thread = threading.Thread(
+        target=lambda: (asyncio.run(waiting_apply()), stopped.set()), daemon=True
+    )
+    loop_thread.start()
+    loop_thread.join(timeout=3)
+    assert stopped.is_set(), "the event loop did not stop while the lock was held"
+
+    lock.__exit__()  # the job lets go: nobody may be left holding the turn
+    time.sleep(0.6)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        taken = pool.submit(lambda: lock._lock is not None and lock._lock.acquire(timeout=1))
+        assert taken.result(timeout=5), "a cancelled waiter kept the writer lock"
+
+
+async def _take_turn(lock: WriterLock) -> None:
+    async with lock.held():
+        pass
