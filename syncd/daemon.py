@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -102,7 +102,15 @@ ANCHOR: Final = datetime(2000, 1, 1, tzinfo=UTC)
 RECOMPUTE_EVERY: Final = 86_400.0
 LEASE_RETENTION: Final = timedelta(days=2)
 SCOPE_RETRY_SECONDS: Final = 60.0  # a failed scoped run's customers are tried again after
-_STATUS_LEVELS: Final = {"success": logging.INFO, "partial": logging.WARNING}
+_STATUS_LEVELS: Final = {
+    "success": logging.INFO,
+    "partial": logging.WARNING,
+    "abandoned": logging.WARNING,
+}
+# At stop, how long a run in flight may take to finish on its own before it is cancelled
+# (a run waiting on a store that never answers would otherwise hold the stop for minutes).
+FINISH_GRACE: Final = 2.0
+ABANDONED: Final = "syncd was stopping: the run was cancelled; what it committed stands"
 
 
 class DaemonError(Exception):
@@ -271,6 +279,8 @@ class _Job:
     claimed: int = 0  # scheduled slots this daemon won
     lost: int = 0  # scheduled slots another replica (or an earlier life) had claimed
     coalesced: int = 0  # scheduled slots dropped here for a newer one queued behind them
+    # Cancels the run in flight on its own thread's loop (set while an async run is on).
+    cancel: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -444,12 +454,16 @@ class Daemon:
             jobs=[j.as_dict() for j in self.job_infos()],
         )
 
-    async def stop(self, timeout: float = 8.0) -> None:
-        """Take no new work; wait up to ``timeout`` s for runs in flight, then abandon them.
+    async def stop(self, timeout: float = 8.0, finish_within: float = FINISH_GRACE) -> None:
+        """Take no new work; let runs in flight finish for up to ``finish_within`` s, then
+        cancel them, and give up waiting after ``timeout`` s in all.
 
-        An abandoned run's thread is left to finish or to die with the process; its
-        ``sync_runs`` row stays "running" and the job's next run marks it abandoned, and
-        everything it committed stands.
+        A cancelled source or destination run stops where it waits (an HTTP request, a
+        retry's pause), rolls back its uncommitted pages and records itself "abandoned":
+        rows and cursors commit together, so its next run resumes from the last commit.
+        A run still going at ``timeout`` (a recompute, which cannot be cancelled) is left to
+        its thread, to finish or to die with the process; its ``sync_runs`` row stays
+        "running" and the job's next run marks it abandoned.
         """
         if not self._started or self._stopping:
             return
@@ -463,7 +477,17 @@ class Daemon:
         tasks = {job.task: job for job in self._jobs.values() if job.task is not None}
         abandoned: list[str] = []
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            grace = min(max(0.0, finish_within), max(0.0, deadline - time.monotonic()))
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                cancel = tasks[task].cancel
+                if cancel is not None:
+                    with contextlib.suppress(RuntimeError):  # its loop just closed
+                        cancel()
+            if pending:
+                _, pending = await asyncio.wait(
+                    pending, timeout=max(0.0, deadline - time.monotonic())
+                )
             for task in pending:
                 abandoned.append(tasks[task].id)
                 task.cancel()
@@ -710,7 +734,7 @@ class Daemon:
                 return
         if slot is not None:
             try:
-                claimed = await asyncio.to_thread(self._claim, job.id, slot)
+                claimed = await self._claim(job.id, slot)
             except BaseException:
                 if held is not None:
                     await asyncio.to_thread(self._release, held)
@@ -790,8 +814,11 @@ class Daemon:
         def body() -> None:
             try:
                 with self._store_writer:
-                    job.began_at = _utcnow()
-                    outcome = self._execute(job)
+                    if self._stopping:  # waited for the store while the daemon stopped
+                        outcome = _Outcome("abandoned", {}, "syncd stopped before the run began")
+                    else:
+                        job.began_at = _utcnow()
+                        outcome = self._execute(job)
                 outcome.ended_at = _utcnow()
             except BaseException as exc:  # SystemExit in a job, say: still the run's failure
                 outcome = _Outcome("failed", {}, f"{type(exc).__name__}: {exc}")
@@ -827,12 +854,17 @@ class Daemon:
         """One run of ``job``, blocking (on the job's thread)."""
         try:
             if job.kind == "source":
-                outcome = asyncio.run(self._source(job.name))
+                outcome = asyncio.run(self._cancellable(job, self._source(job.name)))
             elif job.kind == "segments":
                 outcome = self._recompute(job.scope)
             else:
                 assert job.mapping is not None and job.sync is not None
-                outcome = asyncio.run(self._push(job.mapping, job.sync, job.scope))
+                pushing = self._push(job.mapping, job.sync, job.scope)
+                outcome = asyncio.run(self._cancellable(job, pushing))
+        except asyncio.CancelledError:
+            # stop() cancelled it; the run recorded itself "abandoned" on the way out.
+            log.warning("job.abandoned", job=job.id)
+            outcome = _Outcome("abandoned", {}, ABANDONED)
         except Exception as exc:
             log.exception("job.failed", job=job.id)
             outcome = _Outcome("failed", {}, f"{type(exc).__name__}: {exc}")
@@ -845,6 +877,25 @@ class Daemon:
                 log.warning("job.history_unreadable", job=job.id, error=str(exc))
                 outcome.failures_in_a_row = 1 if outcome.status == "failed" else 0
         return outcome
+
+    async def _cancellable(self, job: _Job, run: Coroutine[Any, Any, _Outcome]) -> _Outcome:
+        """Await ``run`` on this (the job thread's) loop, cancellable from the service's loop
+        through ``job.cancel``: stop() must not wait for a store that never answers."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def cancel() -> None:
+            loop.call_soon_threadsafe(task.cancel)
+
+        job.cancel = cancel
+        try:
+            if self._stopping:  # stop() may have looked for job.cancel before it was set
+                run.close()
+                raise asyncio.CancelledError
+            return await run
+        finally:
+            job.cancel = None
 
     async def _source(self, name: str) -> _Outcome:
         runner = SourceSync(self.engine, name, self.settings.sources[name])
@@ -1007,7 +1058,8 @@ class Daemon:
             self.alerts.sources_stale(stale)
         if time.monotonic() - self._last_prune > 3600:
             self._last_prune = time.monotonic()
-            await asyncio.to_thread(self._prune_leases, now)
+            async with self._store_writer.held():
+                await asyncio.to_thread(self._prune_leases, now)
         return {"overdue_jobs": overdue, "stale_sources": stale}
 
     def stale_sources(self, now: datetime | None = None) -> dict[str, str]:
@@ -1040,14 +1092,17 @@ class Daemon:
                 )
         return stale
 
-    def _claim(self, job_id: str, slot: datetime) -> bool:
+    async def _claim(self, job_id: str, slot: datetime) -> bool:
         # In turn with the other writers (see WriterLock): a write committed in the middle
         # of a running job's read-then-write transaction makes SQLite refuse its write.
-        with self._store_writer:
-            return claim_slot(self.engine, job_id, slot, self.owner)
+        # Waited for on the loop: a worker thread blocked on the lock would hold up the
+        # loop's shutdown until the job lets go.
+        async with self._store_writer.held():
+            return await asyncio.to_thread(claim_slot, self.engine, job_id, slot, self.owner)
 
     def _prune_leases(self, now: datetime) -> None:
-        with self._store_writer, self.engine.begin() as conn:
+        """Drop old lease rows (the caller holds the writer lock)."""
+        with self.engine.begin() as conn:
             conn.execute(delete(JOB_LEASES).where(JOB_LEASES.c.claimed_at < now - LEASE_RETENTION))
 
 

@@ -281,6 +281,12 @@ class SourceSync:
                 await self._sync_stream(STREAMS[name])
             if any(c.quarantined for c in self.counts.values()):
                 result.status = "partial"
+        except asyncio.CancelledError:
+            # The service is stopping (SIGTERM): the page in flight is rolled back (see
+            # _PageWriter) and the cursor stays at the last committed page, where the
+            # next run resumes.
+            result.status, result.error = "abandoned", "syncd stopped during the run"
+            raise
         except AuthError as exc:
             result.status, result.error = "failed", f"authentication failed: {exc}"
         except ApiError as exc:

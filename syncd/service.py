@@ -24,9 +24,10 @@ from syncd.mapping import LoadedMapping
 
 log = structlog.get_logger("syncd.service")
 
-# SIGTERM to exit 0 must fit in 10 s (the and systemd's TimeoutStopSec budget):
-# jobs get most of it, the webhook worker and the HTTP side the rest.
-JOB_GRACE: Final = 7.0
+# SIGTERM to exit 0 must fit in 10 s (Docker's default stop timeout; the shipped systemd
+# unit allows 15): jobs get 5 s (2 to finish, then cancelled: see Daemon.stop), the webhook
+# worker and the HTTP side 1 s each, which leaves room for a loaded host.
+JOB_GRACE: Final = 5.0
 WORKER_GRACE: Final = 1.0
 
 

@@ -1003,6 +1003,14 @@ async def push_sync(
     error: str | None = None
     try:
         await state.run()
+    except asyncio.CancelledError:
+        # The service is stopping: batches not acknowledged stay unsent in sync_records
+        # and go out on the next run.
+        if run_id is not None:
+            recorded = state.counts.as_json()
+            recorded["requests"] = adapter.request_count() - before
+            finish_run(engine, run_id, "abandoned", recorded, "syncd stopped during the run")
+        raise
     except PushError as exc:
         error = str(exc)
     except Exception as exc:  # recorded and reported; the service keeps running

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +96,30 @@ class WriterLock:
         if self._lock is None:
             yield
             return
-        await asyncio.to_thread(self._lock.acquire)
+        lock = self._lock
+        # In short tries: a worker thread blocked on the lock cannot be cancelled, and the
+        # event loop's shutdown waits for its worker threads (a stop behind a long job).
+        # A try cancelled after it took the lock hands it back.
+        while True:
+            attempt = asyncio.ensure_future(asyncio.to_thread(lock.acquire, True, 0.25))
+            try:
+                if await asyncio.shield(attempt):
+                    break
+            except asyncio.CancelledError:
+                attempt.add_done_callback(_release_if_taken(lock))
+                raise
         try:
             yield
         finally:
             self._lock.release()
+
+
+def _release_if_taken(lock: threading.Lock) -> Callable[[asyncio.Future[bool]], None]:
+    def release(attempt: asyncio.Future[bool]) -> None:
+        if not attempt.cancelled() and attempt.exception() is None and attempt.result():
+            lock.release()
+
+    return release
 
 
 _WRITERS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
