@@ -782,7 +782,7 @@ def _hole_config(directory: Path, case: str) -> tuple[Path, str]:
     source = 'url = "http://127.0.0.1:1"\nconsumer_key = "k"\nconsumer_secret = "s"\n'
     config = directory / "config.toml"
     mapping = directory / "hook.toml"
-    sources = f"[sources.shop]\ntype = \"woocommerce\"\n{source}"
+    sources = f'[sources.shop]\ntype = "woocommerce"\n{source}'
     hook = (
         'destination = "webhook"\nbase_url = "https://hooks.example.com/in"\n'
         '[credentials]\nsecret = "s"\n'

@@ -602,7 +602,8 @@ def test_a_sql_model_is_pushed_by_its_key_column_and_diffed(
 def test_a_sql_model_that_writes_is_refused_and_writes_nothing(
     engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
 ) -> None:
-    # Run bare, SQLite executed this DELETE and pushed the rows it deleted.
+    # Run bare, SQLite executed this DELETE and pushed the rows it deleted as records
+    # (the read connection's rollback then put them back).
     add_people(engine, range(1, 4))
     receiver = sandbox.webhooks.add("crm", SECRET)
     query = "DELETE FROM customer_profiles RETURNING customer_id, email, first_name, last_name"
