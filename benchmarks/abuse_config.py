@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import create_engine, func, insert, inspect, select, text
 
-from benchmarks._common import heading, print_table, verdict
+from benchmarks._common import heading, verdict
 from syncd.store.engine import open_store
-from syncd.store.models import PROFILES
+from syncd.store.models import PROFILES, SYNC_RECORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # a hole that hangs (an unbounded secret read) counts as lost after this
@@ -44,6 +44,10 @@ CTE_WRITE = (
     "WITH d AS (DELETE FROM customer_profiles RETURNING customer_id) SELECT customer_id FROM d"
 )
 MODEL_DELETE = "DELETE FROM customer_profiles RETURNING customer_id, email"
+MODEL_STACKED = (
+    "SELECT customer_id, email FROM customer_profiles) AS m LIMIT 0; COMMIT; "
+    "DROP TABLE orders CASCADE; SELECT * FROM (SELECT 1 AS customer_id, 'x' AS email"
+)
 PEOPLE = 3
 
 
@@ -70,28 +74,29 @@ def _syncd(args: list[str], config: Path, cwd: Path) -> tuple[int | None, str, f
 
 
 def _last_line(stderr: str) -> str:
+    """The error line: the last one naming a key (a database error may add LINE/caret lines)."""
     lines = [line for line in stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    named = [line for line in lines if "sql" in line or "expected" in line]
+    return (named or lines or [""])[-1]
 
 
 @contextmanager
-def _stores(work: Path) -> Iterator[list[tuple[str, str]]]:
-    """(label, url) of a fresh SQLite store and, when configured, a Postgres one."""
-    stores = [("sqlite", f"sqlite:///{work}/store.db")]
-    admin_url = os.environ.get("SYNCD_TEST_POSTGRES_URL")
+def _fresh_store(work: Path, label: str) -> Iterator[str]:
+    """The URL of a new, empty store: a SQLite file, or a throwaway Postgres database."""
     name = f"syncd_abuse_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT") if admin_url else None
-    if admin is not None and admin_url:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        stores.append(("postgres", admin_url.rsplit("/", 1)[0] + "/" + name))
+    if label == "sqlite":
+        yield f"sqlite:///{work}/{name}.db"
+        return
+    admin_url = os.environ["SYNCD_TEST_POSTGRES_URL"]
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield stores
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
     finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _seed(url: str) -> None:
@@ -109,19 +114,21 @@ def _seed(url: str) -> None:
     engine.dispose()
 
 
-def _intact(url: str) -> tuple[bool, int]:
-    """Whether the orders table exists, and how many profiles are left."""
+def _intact(url: str) -> tuple[bool, int, int]:
+    """Whether the orders table exists, how many profiles are left, and how many records
+    a push planned (a model that ran: rows sent or tried)."""
     engine = create_engine(url)
     try:
         has_orders = "orders" in inspect(engine).get_table_names()
         with engine.connect() as conn:
             profiles = conn.execute(select(func.count()).select_from(PROFILES)).scalar_one()
-        return has_orders, int(profiles)
+            records = conn.execute(select(func.count()).select_from(SYNC_RECORDS)).scalar_one()
+        return has_orders, int(profiles), int(records)
     finally:
         engine.dispose()
 
 
-def _sql_scenarios(work: Path, label: str, url: str) -> list[dict[str, object]]:
+def _sql_scenarios(work: Path, label: str) -> list[dict[str, object]]:
     results: list[dict[str, object]] = []
     config = work / f"sql-{label}.toml"
     cases = [
@@ -131,10 +138,11 @@ def _sql_scenarios(work: Path, label: str, url: str) -> list[dict[str, object]]:
     ]
     for what, sql, commands in cases:
         for command in commands:
-            _seed(url)
-            config.write_text(f'[store]\nurl = "{url}"\n[segments.sneaky]\nsql = "{sql}"\n')
-            code, stderr, seconds = _syncd([command], config, work)
-            has_orders, profiles = _intact(url)
+            with _fresh_store(work, label) as url:
+                _seed(url)
+                config.write_text(f'[store]\nurl = "{url}"\n[segments.sneaky]\nsql = "{sql}"\n')
+                code, stderr, seconds = _syncd([command], config, work)
+                has_orders, profiles, _ = _intact(url)
             traceback = "Traceback" in stderr
             ok = code == 2 and not traceback and has_orders and profiles == PEOPLE
             results.append(
@@ -151,32 +159,45 @@ def _sql_scenarios(work: Path, label: str, url: str) -> list[dict[str, object]]:
                     "ok": ok,
                 }
             )
-    # A SQL model in a mapping: `push` runs it (validate wraps it; push ran it bare).
-    _seed(url)
-    mapping = work / f"model-{label}.toml"
-    mapping.write_text(
-        'destination = "webhook"\nbase_url = "http://127.0.0.1:9/hook"\n'
-        '[credentials]\nsecret = "s"\n'
-        f'[[sync]]\nname = "model"\nsql = "{MODEL_DELETE}"\nmode = "upsert"\n'
-        '[sync.fields]\nemail = "email"\n'
-    )
-    config.write_text(f'[store]\nurl = "{url}"\n[destinations]\nmappings = ["{mapping}"]\n')
-    code, stderr, seconds = _syncd(["push"], config, work)
-    _, profiles = _intact(url)
-    traceback = "Traceback" in stderr
-    results.append(
-        {
-            "item": f"5 a SQL model that deletes: syncd push ({label})",
-            "tried": f"mapping sql = {MODEL_DELETE}",
-            "survived": (
-                f"exit {code}, traceback {'yes' if traceback else 'no'}, "
-                f"{profiles}/{PEOPLE} profiles, {seconds:.1f} s"
-            ),
-            "lost": f"{PEOPLE - profiles} profiles",
-            "target": "push fails, no traceback, no profile deleted",
-            "ok": code not in (0, None) and not traceback and profiles == PEOPLE,
-        }
-    )
+    # A SQL model in a mapping: `validate` runs it wrapped, `push` ran it bare.
+    for what, sql in (("deletes", MODEL_DELETE), ("stacks statements", MODEL_STACKED)):
+        for command in ("validate", "push"):
+            with _fresh_store(work, label) as url:
+                _seed(url)
+                mapping = work / f"model-{label}.toml"
+                mapping.write_text(
+                    'destination = "webhook"\nbase_url = "http://127.0.0.1:9/hook"\n'
+                    '[credentials]\nsecret = "s"\n'
+                    f'[[sync]]\nname = "model"\nsql = "{sql}"\nmode = "upsert"\n'
+                    '[sync.fields]\nemail = "email"\n'
+                )
+                config.write_text(
+                    f'[store]\nurl = "{url}"\n[destinations]\nmappings = ["{mapping}"]\n'
+                )
+                code, stderr, seconds = _syncd([command], config, work)
+                has_orders, profiles, records = _intact(url)
+            traceback = "Traceback" in stderr
+            results.append(
+                {
+                    "item": f"5 a SQL model that {what}: syncd {command} ({label})",
+                    "tried": f"mapping sql = {sql[:60]}",
+                    "survived": (
+                        f"exit {'timeout' if code is None else code}, traceback "
+                        f"{'yes' if traceback else 'no'}, orders table "
+                        f"{'intact' if has_orders else 'GONE'}, {profiles}/{PEOPLE} profiles, "
+                        f"{records} rows of the query pushed or tried, {seconds:.1f} s: "
+                        f"{_last_line(stderr)[-80:]}"
+                    ),
+                    "lost": (0 if has_orders else 1) + (PEOPLE - profiles),
+                    "target": "refused (exit 2 validate, 1 push), no traceback, store unchanged, "
+                    "nothing pushed",
+                    "ok": code == (2 if command == "validate" else 1)
+                    and not traceback
+                    and has_orders
+                    and profiles == PEOPLE
+                    and records == 0,
+                }
+            )
     return results
 
 
@@ -272,9 +293,9 @@ def run(quick: bool = False) -> list[dict[str, object]]:
     results: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="syncd-abuse-config-") as tmp:
         work = Path(tmp)
-        with _stores(work) as stores:
-            for label, url in stores:
-                results += _sql_scenarios(work, label, url)
+        for label in ("sqlite", "postgres"):
+            if label == "sqlite" or os.environ.get("SYNCD_TEST_POSTGRES_URL"):
+                results += _sql_scenarios(work, label)
         results += _config_scenarios(work)
     return results
 
@@ -285,13 +306,10 @@ def main() -> None:
     args = parser.parse_args()
     heading("Abuse: user SQL and config holes (issue 19 items 5, 6)")
     results = run(args.quick)
-    print_table(
-        ["item", "survived", "lost", "verdict"],
-        [
-            [str(r["item"]), str(r["survived"]), str(r["lost"]), verdict(bool(r["ok"]))]
-            for r in results
-        ],
-    )
+    for r in results:
+        print(f"{verdict(bool(r['ok']))}  {r['item']}")
+        for key in ("tried", "survived", "lost", "target"):
+            print(f"      {key}: {r[key]}")
     failed = [r for r in results if not r["ok"]]
     print(f"\n{len(results) - len(failed)}/{len(results)} scenarios met their target")
 
