@@ -22,7 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from syncd import __version__
-from syncd.config import ConfigError, Settings, load_settings, resolve_config_path
+from syncd.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    nothing_to_do,
+    resolve_config_path,
+)
 from syncd.log import configure_logging
 
 app = typer.Typer(
@@ -108,6 +114,8 @@ def validate() -> None:
     and SQL models against the store."""
     settings = load()
     path = settings.config_path or "config"
+    if (empty := nothing_to_do(settings)) is not None:
+        raise fail_config(ConfigError([(str(path), *empty)]))
     if any(seg.sql is not None for seg in settings.segments.values()):
         # SQL segments can only be checked by running them (with LIMIT 0) on the store.
         from syncd.segments.memberships import SegmentError, check_sql_segments

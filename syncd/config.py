@@ -16,9 +16,11 @@ from log lines even where no pattern would recognise them.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import ssl
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -69,6 +71,8 @@ __all__ = [
     "StoreSettings",
     "WooCommerceSourceSettings",
     "load_settings",
+    "nothing_to_do",
+    "refused_host",
     "resolve_config_path",
     "resolve_secret_reference",
     "sqlite_path",
@@ -152,6 +156,10 @@ def _context_base_dir() -> Path:
 # ---------------------------------------------------------------------------
 
 
+# A secret (an API key, a PEM private key) is a few KiB at most; reading more is a mistake.
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
 def resolve_secret_reference(value: str, *, env: Mapping[str, str], base_dir: Path) -> str:
     """The secret ``value`` stands for: ``env:NAME``, ``file:PATH``, or ``value`` itself.
 
@@ -173,7 +181,18 @@ def resolve_secret_reference(value: str, *, env: Mapping[str, str], base_dir: Pa
         if not path.is_absolute():
             path = base_dir / path
         try:
-            text = path.read_text(encoding="utf-8")
+            # A regular file only, checked before opening it: /dev/zero or /dev/urandom
+            # would be read without end, and opening a FIFO blocks until a writer comes.
+            if not stat.S_ISREG(path.stat().st_mode):
+                raise SecretReferenceError(f"expected a regular file: {path} is not one")
+            with path.open("rb") as handle:
+                data = handle.read(MAX_SECRET_FILE_BYTES + 1)
+            if len(data) > MAX_SECRET_FILE_BYTES:
+                raise SecretReferenceError(
+                    f"expected a secret file of at most {MAX_SECRET_FILE_BYTES // 1024} KiB: "
+                    f"{path} is larger"
+                )
+            text = data.decode("utf-8")
         except FileNotFoundError:
             raise SecretReferenceError(f"secret file {path} not found") from None
         except UnicodeDecodeError:
@@ -253,7 +272,31 @@ Name = Annotated[str, AfterValidator(_check_name)]
 # Every model rejects unknown keys (a typo must not silently fall back to a default)
 # and keeps inputs out of pydantic's own error text, which could otherwise print a
 # secret if a ValidationError escaped somewhere.
-_MODEL_CONFIG = ConfigDict(extra="forbid", hide_input_in_errors=True)
+# allow_inf_nan=False: TOML has inf and nan, and no rate, interval or timeout is either.
+_MODEL_CONFIG = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
+
+
+def refused_host(host: str) -> str | None:
+    """Why syncd refuses to send requests to ``host`` (a URL's hostname), or None.
+
+    Link-local addresses (169.254.0.0/16, fe80::/10) hold cloud metadata services
+    (169.254.169.254 on AWS, GCP and Azure), which hand out the machine's credentials to
+    any request: no store or destination API lives there. Also 0.0.0.0 and ::, which
+    reach the local host. Loopback (127.0.0.0/8, ::1) stays allowed: a store, relay or
+    test server on the same host is a normal setup. Only literal addresses are checked;
+    a name is resolved when a request is made.
+    """
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_link_local:
+        return f"expected a host that is not link-local (cloud metadata), got {host}"
+    if address.is_unspecified:
+        return f"expected a host address, got {host} (any address)"
+    return None
 
 
 class StoreSettings(BaseModel):
@@ -433,6 +476,8 @@ class WooCommerceSourceSettings(BaseModel):
                 "expected the store's base URL without ?query or #fragment, got {url}",
                 {"url": _shown(url)},
             )
+        if reason := refused_host(parts.hostname):
+            raise PydanticCustomError("source_url", "{reason}", {"reason": reason})
         # Endpoint paths are appended to this URL, so no trailing slash is kept.
         return urlunsplit(
             (parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", "")
@@ -1051,6 +1096,18 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
     if db_password:
         register_secret(unquote(db_password))
     return settings
+
+
+def nothing_to_do(settings: Settings) -> tuple[str, str] | None:
+    """``(key, expected)`` when the settings name no source, segment or mapping file: an
+    empty or mistyped config (its sections under the wrong names) that would run idle."""
+    if settings.sources or settings.segments or settings.destinations.mappings:
+        return None
+    return (
+        "sources",
+        "expected at least one of [sources.NAME], [segments.NAME] or destinations.mappings "
+        "(the config has nothing to do)",
+    )
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -23,12 +23,19 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 
 import orjson
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from syncd.config import ConfigError, SecretReferenceError, Settings, resolve_secret_reference
+from syncd.config import (
+    ConfigError,
+    SecretReferenceError,
+    Settings,
+    refused_host,
+    resolve_secret_reference,
+)
 from syncd.destinations import DESTINATION_TYPES, destination_class
 from syncd.destinations.base import Destination, Mode, SyncTarget
 from syncd.http import ServiceLimits
@@ -287,7 +294,14 @@ def nest(flat: Iterable[tuple[str, Any]]) -> dict[str, Any]:
 # The file's models
 # ---------------------------------------------------------------------------
 
-_MODEL_CONFIG = ConfigDict(extra="forbid", hide_input_in_errors=True)
+# allow_inf_nan=False: TOML has inf and nan; a rate of inf would never pace anything.
+_MODEL_CONFIG = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
+
+# The shortest ``every N`` schedule. Each push reads its whole segment or model and diffs
+# it against what was sent: every second (what "every 0 s" did) a large sync would run
+# back to back and load the store and the destination for nothing. 10 s is still far
+# below any destination's need; a cron expression fires once a minute at most.
+MIN_INTERVAL_SECONDS: Final = 10
 
 
 def _check_schedule(value: str | None) -> str | None:
@@ -295,6 +309,11 @@ def _check_schedule(value: str | None) -> str | None:
         return None
     text = value.strip()
     if _INTERVAL_RE.fullmatch(text):
+        seconds = schedule_seconds(text)
+        if seconds is not None and seconds < MIN_INTERVAL_SECONDS:
+            raise ValueError(
+                f"expected an interval of at least {MIN_INTERVAL_SECONDS} s, got {value!r}"
+            )
         return text
     try:
         CronTrigger.from_crontab(text, timezone="UTC")
@@ -397,6 +416,24 @@ class MappingSpec(BaseModel):
     @classmethod
     def _retry_delays(cls, value: list[str] | None) -> list[str] | None:
         return _check_delays(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        # Every adapter sends through syncd.http (httpx), which only speaks http(s): a
+        # file: URL used to pass here and crash the push with a traceback.
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value.strip())
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {value[:80]!r}")
+        if reason := refused_host(parts.hostname):
+            raise ValueError(reason)
+        return value
 
     @field_validator("destination")
     @classmethod

@@ -405,6 +405,22 @@ def _run_model(conn: Connection, sync: LoadedSync, sql: str) -> Any:
     return result
 
 
+def _model_query(sql: str) -> str:
+    """The user's SQL model as a subquery: it can then only be one SELECT (SQLite and
+    Postgres refuse a write, even a ``WITH … DELETE``, in a subquery; run bare on SQLite,
+    ``delete from orders returning id as customer_id`` deleted the orders)."""
+    return f"SELECT * FROM ({sql.strip().rstrip(';').strip()}) AS m"
+
+
+def _read_only(conn: Connection) -> None:
+    """Make ``conn``'s transaction read-only (Postgres; the first statement it runs): a
+    function that writes (``setval``, ``lo_unlink``) is refused too. The model is read
+    through a server-side cursor, which psycopg declares with the extended protocol, so
+    ``…; COMMIT; DROP TABLE …`` cannot ride along (it takes one statement only)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET TRANSACTION READ ONLY"))
+
+
 class _ModelSource:
     """A SQL model's rows (user SQL: read through SQLAlchemy, keyed by its ``key``)."""
 
@@ -412,11 +428,13 @@ class _ModelSource:
         self.conn = conn
         self.sync = sync
         self.columns: list[str] = []
+        # The push reads on this connection only (it writes on connections of its own).
+        _read_only(conn)
 
     def plan(self, fingerprint: bytes) -> Iterator[tuple[Any, int, Any]]:
         spec = self.sync.spec
         assert spec.sql is not None
-        result = _run_model(self.conn, self.sync, spec.sql)
+        result = _run_model(self.conn, self.sync, _model_query(spec.sql))
         self.columns = list(result.keys())
         at = self.columns.index(spec.key)
         for row in result:
@@ -432,7 +450,8 @@ def check_model(engine: Engine, sync: LoadedSync) -> None:
     if sync.spec.sql is None:
         return
     with engine.connect() as conn:
-        _run_model(conn, sync, f"SELECT * FROM ({sync.spec.sql}) AS m LIMIT 0").close()
+        _read_only(conn)
+        _run_model(conn, sync, f"{_model_query(sync.spec.sql)} LIMIT 0").close()
 
 
 def _iso(value: Any) -> str:

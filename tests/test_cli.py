@@ -735,3 +735,156 @@ def test_validate_runs_sql_segments_against_the_store(tmp_path: Path) -> None:
         f"{config}: segments.typo.sql: the query failed (it must select customer_id): "
         "no such table: customer_profile"
     ]
+
+
+# ---------------------------------------------------------------------------
+# Hostile or broken configs (issue 19, items 5 and 6): exit 2, `file: key: expected`
+# ---------------------------------------------------------------------------
+
+# Closes the subquery validate wraps the segment in, then stacks statements after it: run
+# as one simple-protocol query on Postgres, the COMMIT ended the transaction and the DROP
+# TABLE ran (validate exited 0 with the table gone).
+STACKED_SQL = (
+    "SELECT customer_id FROM customer_profiles) AS s LIMIT 0; COMMIT; DROP TABLE orders CASCADE; "
+    "SELECT 1 AS customer_id FROM (SELECT 1 AS customer_id"
+)
+
+
+def store_tables(store_url: str) -> set[str]:
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(store_url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("command", ["validate", "segments"])
+def test_stacked_sql_in_a_segment_is_refused_and_the_table_survives(
+    tmp_path: Path, store_url: str, command: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\nurl = "{store_url}"\n[segments.sneaky]\nsql = "{STACKED_SQL}"\n')
+    run = syncd(command, env=base_env(SYNCD_CONFIG=str(config)))
+    assert run.returncode == 2, run.output
+    assert "Traceback" not in run.stderr
+    line = run.stderr_lines()[-1]  # `segments` logs its run before it
+    assert line.startswith(
+        f"{config}: segments.sneaky.sql: the query failed (it must select customer_id): "
+        "it must be a single SELECT statement ("
+    ), line
+    assert "orders" in store_tables(store_url)
+
+
+def _hole_config(directory: Path, case: str) -> tuple[Path, str]:
+    """A config with one of item 6's holes, and the one stderr line validate must print."""
+    source = 'url = "http://127.0.0.1:1"\nconsumer_key = "k"\nconsumer_secret = "s"\n'
+    config = directory / "config.toml"
+    mapping = directory / "hook.toml"
+    sources = f'[sources.shop]\ntype = "woocommerce"\n{source}'
+    hook = (
+        'destination = "webhook"\nbase_url = "https://hooks.example.com/in"\n'
+        '[credentials]\nsecret = "s"\n'
+        '[[sync]]\nname = "hook"\nsegment = "vip"\nmode = "upsert"\n'
+        '[sync.fields]\nemail = "email"\n'
+    )
+    with_mapping = (
+        f'{sources}[segments.vip]\nrule = "orders_count >= 1"\n'
+        f'[destinations]\nmappings = ["{mapping}"]\n'
+    )
+    body, expected = {
+        "empty": (
+            "",
+            f"{config}: sources: expected at least one of [sources.NAME], [segments.NAME] or "
+            "destinations.mappings (the config has nothing to do)",
+        ),
+        "source_rate_inf": (
+            f"{sources}requests_per_second = inf\n",
+            f"{config}: sources.shop.requests_per_second: expected a finite number, got inf",
+        ),
+        "secret_dev_zero": (
+            sources.replace('consumer_key = "k"', 'consumer_key = "file:/dev/zero"'),
+            f"{config}: sources.shop.consumer_key: expected a regular file: /dev/zero is not one",
+        ),
+        "secret_too_big": (
+            sources.replace('consumer_key = "k"', 'consumer_key = "file:big.txt"'),
+            f"{config}: sources.shop.consumer_key: expected a secret file of at most 64 KiB: "
+            f"{directory / 'big.txt'} is larger",
+        ),
+        "source_link_local": (
+            sources.replace("127.0.0.1:1", "169.254.169.254"),
+            f"{config}: sources.shop.url: expected a host that is not link-local "
+            "(cloud metadata), got 169.254.169.254",
+        ),
+        "file_base_url": (
+            with_mapping,
+            f"{mapping}: base_url: expected an http:// or https:// URL, got 'file:///etc/passwd'",
+        ),
+        "destination_link_local": (
+            with_mapping,
+            f"{mapping}: base_url: expected a host that is not link-local (cloud metadata), "
+            "got fe80::1",
+        ),
+        "every_0_s": (
+            with_mapping,
+            f"{mapping}: sync[hook].schedule: expected an interval of at least 10 s, "
+            "got 'every 0 s'",
+        ),
+        "destination_rate_inf": (
+            with_mapping,
+            f"{mapping}: limits.requests_per_second: Input should be a finite number",
+        ),
+    }[case]
+    (directory / "big.txt").write_text("k" * (64 * 1024 + 1))
+    hook = {
+        "file_base_url": hook.replace("https://hooks.example.com/in", "file:///etc/passwd"),
+        "destination_link_local": hook.replace("hooks.example.com", "[fe80::1]"),
+        "every_0_s": hook.replace('mode = "upsert"', 'mode = "upsert"\nschedule = "every 0 s"'),
+        "destination_rate_inf": hook + "[limits]\nrequests_per_second = inf\n",
+    }.get(case, hook)
+    mapping.write_text(hook)
+    config.write_text(body)
+    return config, expected
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "source_rate_inf",
+        "secret_dev_zero",
+        "secret_too_big",
+        "source_link_local",
+        "file_base_url",
+        "destination_link_local",
+        "every_0_s",
+        "destination_rate_inf",
+    ],
+)
+def test_validate_refuses_each_config_hole_with_exit_2(tmp_path: Path, case: str) -> None:
+    config, expected = _hole_config(tmp_path, case)
+    run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)))
+    assert run.returncode == 2, run.output
+    assert "Traceback" not in run.stderr
+    assert run.stderr_lines() == [expected]
+
+
+def test_push_with_a_file_base_url_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    config, expected = _hole_config(tmp_path, "file_base_url")
+    run = syncd("push", env=base_env(SYNCD_CONFIG=str(config)))
+    assert run.returncode == 2, run.output
+    assert "Traceback" not in run.stderr
+    assert run.stderr_lines() == [expected]
+
+
+def test_a_loopback_destination_and_a_10_s_schedule_stay_valid(tmp_path: Path) -> None:
+    config, _ = _hole_config(tmp_path, "every_0_s")
+    mapping = tmp_path / "hook.toml"
+    mapping.write_text(
+        mapping.read_text()
+        .replace("https://hooks.example.com/in", "http://127.0.0.1:9/in")
+        .replace("every 0 s", "every 10 s")
+    )
+    run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)))
+    assert run.returncode == 0, run.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
@@ -777,3 +778,56 @@ def test_verify_tls_file_missing_or_not_a_certificate(in_tmp: Path) -> None:
     ((_, key, expected),) = load_error(Path("config.toml")).problems
     assert key == "sources.woocommerce.verify_tls"
     assert expected.startswith(f"expected a PEM file of CA certificates: {in_tmp / 'notes.txt'}: ")
+
+
+# --- hostile or broken values (issue 19, item 6) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "refused"),
+    [
+        ("169.254.169.254", True),  # AWS, GCP and Azure metadata
+        ("169.254.0.1", True),
+        ("[fe80::1]", True),
+        ("[::ffff:169.254.169.254]", True),  # the same address, IPv4-mapped
+        ("0.0.0.0", True),
+        ("[::]", True),
+        ("127.0.0.1", False),  # a store or test server on the same host
+        ("[::1]", False),
+        ("10.0.0.5", False),  # a store in the same private network
+        ("shop.example.com", False),  # names are not resolved
+    ],
+)
+def test_source_urls_at_link_local_or_unspecified_addresses_are_refused(
+    tmp_path: Path, host: str, refused: bool
+) -> None:
+    path = write(tmp_path / "config.toml", MINIMAL_SOURCE.replace("shop.example.com", host))
+    if not refused:
+        assert load_settings(path, {}).sources["woocommerce"].url == f"https://{host}"
+        return
+    (problem,) = load_error(path).problems
+    assert problem[:2] == (str(path), "sources.woocommerce.url")
+    assert problem[2].startswith("expected a host")
+
+
+def test_a_fifo_secret_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    # Opening a FIFO for reading blocks until a writer comes: it is refused before that.
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo)
+    config = MINIMAL_SOURCE.replace('"cs_literal_secret"', f'"file:{fifo}"')
+    (problem,) = load_error(write(tmp_path / "config.toml", config)).problems
+    assert problem[1:] == (
+        "sources.woocommerce.consumer_secret",
+        f"expected a regular file: {fifo} is not one",
+    )
+
+
+def test_a_secret_file_of_exactly_64_kib_is_read_whole(tmp_path: Path) -> None:
+    config = MINIMAL_SOURCE.replace('"cs_literal_secret"', '"file:secret"')
+    path = write(tmp_path / "config.toml", config)
+    (tmp_path / "secret").write_text("s" * 65535 + "\n")  # 65,536 bytes; the newline is dropped
+    secret = load_settings(path, {}).sources["woocommerce"].consumer_secret
+    assert secret.get_secret_value() == "s" * 65535
+    (tmp_path / "secret").write_text("s" * 65536 + "\n")  # one byte more
+    (problem,) = load_error(path).problems
+    assert problem[2].startswith("expected a secret file of at most 64 KiB")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 
 from syncd.config import Settings
 from syncd.mapping import load_mappings
@@ -780,3 +780,19 @@ email = "email"
         "3": ("sent", None),
         "4": ("failed", "invalid email"),
     }
+
+
+def test_a_sql_model_that_writes_is_refused_and_writes_nothing(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    # Run bare, SQLite executed this DELETE and pushed the rows it deleted as records
+    # (the read connection's rollback then put them back).
+    add_people(engine, range(1, 4))
+    receiver = sandbox.webhooks.add("crm", SECRET)
+    query = "DELETE FROM customer_profiles RETURNING customer_id, email, first_name, last_name"
+    model = webhook_mapping(sandbox).replace('segment = "vip"', f'sql = "{query}"')
+    result = run_push(settings_for(tmp_path, model), engine)
+    assert result.error is not None and result.error.startswith("sync[hook].sql: the query failed")
+    assert receiver.records == []
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(PROFILES)).scalar() == 3

@@ -227,6 +227,28 @@ def test_a_failing_sql_segment_names_the_segment(engine: Engine, shop: Shop) -> 
     assert run.error.startswith("segments.broken.sql:")
 
 
+def test_a_sql_segment_cannot_write_through_a_function(engine: Engine, shop: Shop) -> None:
+    # A subquery cannot hold a DELETE, but a function called from a SELECT can write:
+    # the recompute runs segment SQL in a read-only savepoint (Postgres).
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no SQL function that writes")
+    shop.customer(1)
+    shop.order(1, T0 - timedelta(days=5))
+    with engine.begin() as conn:
+        conn.execute(text("CREATE SEQUENCE probe"))
+    sneaky = "SELECT customer_id FROM customer_profiles WHERE nextval('probe') > 0"
+    with pytest.raises(
+        SegmentError, match=r"^segments\.sneaky\.sql: the query failed.*read-only transaction"
+    ):
+        recompute(engine, settings(sneaky={"sql": sneaky}), now=T0)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT is_called FROM probe")).scalar() is False
+    # The same recompute with a plain SQL segment writes its memberships as before.
+    plain = "SELECT customer_id FROM customer_profiles"
+    assert recompute(engine, settings(plain={"sql": plain}), now=T0).segments["plain"].size == 1
+    assert {(s, c) for s, c, _, _ in memberships(engine)} == {("plain", 1)}
+
+
 def test_sql_without_customer_id_is_refused(engine: Engine) -> None:
     config = settings(nocol={"sql": "SELECT email FROM customer_profiles"})
     with pytest.raises(SegmentError, match=r"^segments\.nocol\.sql: .*customer_id"):

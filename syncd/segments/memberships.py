@@ -4,7 +4,7 @@ and the entered/exited history in `segment_memberships`, all set-based."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -74,23 +74,60 @@ def evaluation_order(segments: Mapping[str, SegmentSettings]) -> list[str]:
 def _user_sql(sql: str) -> str:
     # The user's own query, wrapped as a subquery: a trailing ';' would end the statement,
     # and ':' must be escaped so text() does not take ':name' inside it for a parameter.
+    # Wrapped, it can only be one SELECT: SQLite and Postgres refuse a write (even a
+    # ``WITH … DELETE``) in a subquery.
     return sql.strip().rstrip(";").strip().replace(":", "\\:")
 
 
 def _failure(exc: DBAPIError) -> str:
     """The database's own message, first line: what a user needs to fix their query."""
-    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    if "multiple commands" in message or "one statement at a time" in message:
+        # Postgres ("cannot insert multiple commands into a prepared statement") and
+        # Python's sqlite3 ("You can only execute one statement at a time.").
+        return f"it must be a single SELECT statement ({message})"
+    return message
+
+
+@contextlib.contextmanager
+def read_only(conn: Connection) -> Iterator[None]:
+    """Run user SQL on ``conn`` read-only for the duration of the block.
+
+    Postgres: a savepoint in which the transaction is read-only (``SET LOCAL
+    transaction_read_only``); releasing or rolling back the savepoint makes it read-write
+    again, so the recompute goes on writing afterwards. A read-only transaction refuses
+    every write to a store table, also through a function (``nextval``, ``setval``,
+    ``lo_unlink``), and still lets the block fill temporary work tables (PostgreSQL manual,
+    SET TRANSACTION). SQLite has no such mode that spares its temp tables (``PRAGMA
+    query_only`` also refuses them); there the subquery wrapping (see ``_user_sql``) is
+    what keeps user SQL to reads: SQLite has no function that writes.
+    """
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    with conn.begin_nested():
+        conn.execute(text("SET LOCAL transaction_read_only = on"))
+        yield
 
 
 def check_sql_segments(engine: Engine, segments: Mapping[str, SegmentSettings]) -> None:
-    """Run every SQL segment with LIMIT 0: a query that fails, or has no ``customer_id``
-    column, is a SegmentError naming the segment."""
+    """Run every SQL segment with LIMIT 0, read-only and as one statement: a query that
+    fails, writes, or has no ``customer_id`` column, is a SegmentError naming the segment."""
     for name, seg in segments.items():
         if seg.sql is None:
             continue
         with engine.connect() as conn:
             try:
-                conn.execute(text(f"SELECT s.customer_id FROM ({_user_sql(seg.sql)}) AS s LIMIT 0"))
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SET TRANSACTION READ ONLY"))
+                # A bound parameter makes psycopg use the extended protocol, which takes
+                # one statement only: without one, ``…) AS s; COMMIT; DROP TABLE orders; …``
+                # ran all three (psycopg 3 docs, "Multiple statements in the same query").
+                # sqlite3's execute() runs one statement at most.
+                conn.execute(
+                    text(f"SELECT s.customer_id FROM ({_user_sql(seg.sql)}) AS s LIMIT :none"),
+                    {"none": 0},
+                )
             except DBAPIError as exc:
                 raise SegmentError(
                     f"segments.{name}.sql: the query failed (it must select customer_id): "
@@ -152,7 +189,9 @@ def select_members(
                 statement = statement.bindparams(bindparam("higher", expanding=True))
                 params["higher"] = higher
             try:
-                conn.execute(statement, params)
+                # One statement (it has bound parameters) and read-only, but for t_members.
+                with read_only(conn):
+                    conn.execute(statement, params)
             except DBAPIError as exc:
                 raise SegmentError(
                     f"segments.{name}.sql: the query failed: {_failure(exc)}"
