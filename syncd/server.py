@@ -381,25 +381,27 @@ class _GuardedHttp(HttpToolsProtocol):
     body_timeout: float = 30.0
     max_connections: int = 1000
     counters: dict[str, int]  # timed_out, evicted, refused: for tests and the benchmark
+    # Connections waiting on their client (for a request, its headers or its body), the
+    # longest-waiting first: those a new connection may push out.
+    waiting: dict[_GuardedHttp, None]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
-        self._waiting_since: float | None = time.monotonic()
         super().connection_made(transport)
         if len(self.connections) > self.max_connections and not self._evict_one():
             self.counters["refused"] += 1
             transport.close()
             return
+        self._wait_for_client()
         self._arm(self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._waiting_since = None
+        self.waiting.pop(self, None)
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._waiting_since = self._waiting_since or time.monotonic()
         if self._deadline is None:  # the first byte of a keep-alive connection's next request
             self._arm(self.header_timeout)
 
@@ -410,13 +412,18 @@ class _GuardedHttp(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         # The request is in: what follows is the app's time, not the client's.
         self._disarm()
-        self._waiting_since = None
+        self.waiting.pop(self, None)
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():
-            self._waiting_since = time.monotonic()  # idle keep-alive: the client's turn
+            self._wait_for_client()  # idle keep-alive: the client's turn
+
+    def _wait_for_client(self) -> None:
+        # Insertion order is waiting order: the first is the one waiting longest.
+        self.waiting.pop(self, None)
+        self.waiting[self] = None
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -429,22 +436,16 @@ class _GuardedHttp(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self._deadline = None
+        self.waiting.pop(self, None)
         if not self.transport.is_closing():
             self.counters["timed_out"] += 1
             self.transport.close()
 
     def _evict_one(self) -> bool:
-        oldest: _GuardedHttp | None = None
-        for conn in self.connections:
-            if not isinstance(conn, _GuardedHttp) or conn is self:
-                continue
-            since = conn._waiting_since
-            if since is None or conn.transport.is_closing():
-                continue
-            if oldest is None or since < (oldest._waiting_since or 0.0):
-                oldest = conn
+        oldest = next(iter(self.waiting), None)
         if oldest is None:
             return False
+        del self.waiting[oldest]
         self.counters["evicted"] += 1
         oldest._disarm()
         oldest.transport.close()
@@ -462,6 +463,7 @@ def guarded_protocol(settings: Settings) -> type[_GuardedHttp]:
             "body_timeout": server.body_timeout_seconds,
             "max_connections": connection_cap(server.max_connections),
             "counters": {"timed_out": 0, "evicted": 0, "refused": 0},
+            "waiting": {},
         },
     )
 
