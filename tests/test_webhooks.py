@@ -898,3 +898,25 @@ def test_bodies_held_across_requests_are_capped_and_a_bad_signature_keeps_nothin
     assert intake.buffered.held == 0  # nothing of either body is kept
     assert intake.stats.rejected == {"busy": 1, "bad_signature": 1}
     assert stored(engine) == 0
+
+
+def test_a_flood_of_forged_requests_logs_one_line_per_reason(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    import structlog
+
+    order = fixture("order_single.json")
+    body, headers = delivery("order.updated", order)
+    unsigned = {k: v for k, v in headers.items() if k != "X-WC-Webhook-Signature"}
+    forged = {**headers, "X-WC-Webhook-Signature": sign(body, "a guess")}
+
+    async def go() -> None:
+        async with harness(engine, sandbox.url) as h:
+            for _ in range(50):
+                assert (await h.post(body, unsigned)).status_code == 401
+                assert (await h.post(body, forged)).status_code == 401
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(go())
+    rejected = [e for e in logs if e["event"] == "webhook delivery rejected"]
+    assert sorted(e["reason"] for e in rejected) == ["bad_signature", "unsigned"]

@@ -41,6 +41,7 @@ import hmac
 import itertools
 import re
 import sqlite3
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
@@ -84,6 +85,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024  # an order with hundreds of lines is a few hun
 # process hold. A request that would go over it gets 503 and the store's poll covers it.
 MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 PING_MAX_BYTES = 64  # the creation ping's body is "webhook_id=N"
+REJECT_LOG_EVERY = 10.0  # seconds between two log lines of one kind of rejection
 MAX_DELIVERY_ID = 128  # WooCommerce's is 32 hex characters (an MD5 HMAC)
 BATCH_EVENTS = 200  # deliveries applied per transaction when they arrive faster than applied
 MAX_ATTEMPTS = 8  # a delivery failing this often is marked failed (polling still covers it)
@@ -205,6 +207,8 @@ class WebhookIntake:
         self.buffered = _Budget(MAX_BUFFERED_BYTES)
         self.max_requests = settings.server.max_webhook_requests
         self.in_flight = 0  # signed requests being read or answered
+        self._reject_logged: dict[tuple[str | None, str], float] = {}
+        self._reject_skipped: Counter[tuple[str | None, str]] = Counter()
 
     @property
     def backlog(self) -> int:
@@ -328,7 +332,21 @@ class WebhookIntake:
         self.stats.rejected[reason] += 1
         if source is not None:
             self.stats.by_source[(source, "rejected")] += 1
-        log.warning("webhook delivery rejected", source=source, reason=reason, status=status)
+        # One line per (source, reason) per REJECT_LOG_EVERY seconds, with how many were
+        # left out: a flood of forged requests must not become a flood of log lines.
+        now = time.monotonic()
+        key = (source, reason)
+        if now - self._reject_logged.get(key, float("-inf")) >= REJECT_LOG_EVERY:
+            self._reject_logged[key] = now
+            log.warning(
+                "webhook delivery rejected",
+                source=source,
+                reason=reason,
+                status=status,
+                not_logged=self._reject_skipped.pop(key, 0),
+            )
+        else:
+            self._reject_skipped[key] += 1
         # Close the connection: the rest of an unread body is not worth reading.
         headers = {"Connection": "close"}
         if status == 401:
