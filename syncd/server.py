@@ -353,18 +353,43 @@ def create_app(
 # Files the process keeps for itself beside its connections: the store, its journal and
 # pool, logs, the outgoing HTTP clients.
 _RESERVED_FILES: Final = 128
-# Connections waiting in the kernel beyond those accepted (uvicorn's default).
-_BACKLOG: Final = 2048
+# Connections waiting in the kernel to be accepted: a quarter of the open-files limit,
+# within these bounds. A full queue drops new connections' SYNs, which clients resend only
+# after 1 s; but asyncio also accepts up to this many in one go, each a file, before any
+# is counted against the cap, so the cap leaves room for one such burst (else an accept
+# fails with EMFILE and accepting pauses for 1 s).
+_BACKLOG_MIN: Final = 128
+_BACKLOG_MAX: Final = 2048
 # How often one kind of event-loop error (an accept failing, say) is logged at most.
 _LOOP_ERROR_EVERY: Final = 10.0
 
 
-def connection_cap(wanted: int) -> int:
-    """``wanted``, lowered to fit under the process's open-files limit (ulimit -n)."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+def _backlog(soft: int) -> int:
+    return max(_BACKLOG_MIN, min(_BACKLOG_MAX, soft // 4))
+
+
+def connection_limits(wanted: int) -> tuple[int, int]:
+    """(connection cap, listen backlog): ``wanted`` lowered to fit under the process's
+    open-files limit (ulimit -n) with room for the process's own files and one accept
+    burst. The soft limit is raised towards the hard one first when that makes room (as
+    servers usually do)."""
+    needed = wanted + _RESERVED_FILES + _BACKLOG_MAX
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if (
+        soft != resource.RLIM_INFINITY
+        and soft < needed
+        and (hard == resource.RLIM_INFINITY or hard > soft)
+    ):
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
     if soft == resource.RLIM_INFINITY:
-        return wanted
-    return max(1, min(wanted, soft - _RESERVED_FILES))
+        return wanted, _BACKLOG_MAX
+    backlog = _backlog(soft)
+    return max(1, min(wanted, soft - _RESERVED_FILES - backlog)), backlog
 
 
 class _GuardedHttp(HttpToolsProtocol):
@@ -461,7 +486,7 @@ def guarded_protocol(settings: Settings) -> type[_GuardedHttp]:
         {
             "header_timeout": server.header_timeout_seconds,
             "body_timeout": server.body_timeout_seconds,
-            "max_connections": connection_cap(server.max_connections),
+            "max_connections": connection_limits(server.max_connections)[0],
             "counters": {"timed_out": 0, "evicted": 0, "refused": 0},
             "waiting": {},
         },
@@ -486,7 +511,7 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         host=settings.server.host,
         port=settings.server.port,
         http=protocol,
-        backlog=_BACKLOG,
+        backlog=connection_limits(settings.server.max_connections)[1],
         log_config=None,  # structlog owns logging
         access_log=False,
         lifespan="off",

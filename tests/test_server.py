@@ -966,9 +966,17 @@ def test_at_the_connection_cap_the_longest_waiting_connection_makes_room(
 def test_the_connection_cap_stays_under_the_open_files_limit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(server_module.resource, "getrlimit", lambda what: (1024, 4096))
-    assert server_module.connection_cap(5000) == 1024 - 128
-    assert server_module.connection_cap(100) == 100
+    limits = [1024, 1024]
+    monkeypatch.setattr(server_module.resource, "getrlimit", lambda what: tuple(limits))
+    monkeypatch.setattr(
+        server_module.resource, "setrlimit", lambda what, new: limits.__setitem__(0, new[0])
+    )
+    # Room for the process's own files (128) and one accept burst (the backlog: 1024 / 4).
+    assert server_module.connection_limits(5000) == (1024 - 128 - 256, 256)
+    assert server_module.connection_limits(100) == (100, 256)
+    limits[1] = 8192  # the hard limit leaves room: the soft one is raised to fit
+    assert server_module.connection_limits(1000) == (1000, (1000 + 128 + 2048) // 4)
+    assert limits == [1000 + 128 + 2048, 8192]
 
 
 def test_status_is_computed_once_per_cache_window(
@@ -1008,3 +1016,23 @@ def test_the_deployment_files_recommend_a_token() -> None:
     root = Path(__file__).resolve().parent.parent
     for name in ("Dockerfile", "deploy/syncd.service"):
         assert "SYNCD_SERVER__TOKEN" in (root / name).read_text(), name
+
+
+def test_repeated_event_loop_errors_are_logged_once_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        server_module.quiet_loop_errors(loop, every=60)
+        error = OSError(24, "Too many open files")
+        with caplog.at_level("ERROR", logger="asyncio"):
+            for _ in range(500):
+                loop.call_exception_handler(
+                    {"message": "socket.accept() out of system resource", "exception": error}
+                )
+            loop.call_exception_handler({"message": "something else"})
+    finally:
+        loop.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(lines) == 2
+    assert lines[0].startswith("socket.accept() out of system resource")
