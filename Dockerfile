@@ -19,6 +19,10 @@ RUN mkdir -p /app/state && chown syncd /app/state
 USER syncd
 VOLUME ["/app/state"]
 EXPOSE 8787
+# The port is reachable beyond loopback here: give /status, /metrics and /readyz a token,
+#   docker run -e SYNCD_SERVER__TOKEN="$(openssl rand -hex 32)" …
+# (scrapers then send "Authorization: Bearer <token>"; /healthz and webhooks need none).
+# Without it anyone who reaches the port can make the service read its store on demand.
 # /healthz answers while the process serves; the slim image has no curl, Python does it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SYNCD_SERVER__PORT', '8787'), timeout=4)"

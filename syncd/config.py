@@ -524,8 +524,19 @@ class ServerSettings(BaseModel):
     # 0 asks the OS for a free port (tests, the sandbox).
     port: Annotated[int, Field(ge=0, le=65535)] = 8787
     # When set, every endpoint but /healthz and the store webhooks (which carry their own
-    # signature) requires "Authorization: Bearer <token>".
+    # signature) requires "Authorization: Bearer <token>". Recommended whenever the port is
+    # reachable by anything but the local prober: /status and /metrics read the store.
     token: SecretRef | None = None
+    # Open connections served at once (kept below the process's open-files limit). At the
+    # cap a new connection pushes out the one that has waited longest on its client.
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    # Webhook requests being read or answered at once; beyond it a delivery gets 503.
+    max_webhook_requests: Annotated[int, Field(ge=1)] = 64
+    # A client must send a request's headers, then its body, within these many seconds.
+    header_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # /status answers from a copy at most this old (0: query the store every time).
+    status_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
 
 
 class AlertSettings(BaseModel):

@@ -25,7 +25,8 @@ Endpoints:
 ``GET /metrics``
     Prometheus text format (OpenMetrics when the scraper asks); see `syncd.metrics`.
 ``GET /status``
-    The JSON of ``syncd status --json`` (`syncd.status.collect_status`).
+    The JSON of ``syncd status --json`` (`syncd.status.collect_status`), from a copy at
+    most ``[server] status_cache_seconds`` old: a client polling it cannot load the store.
 ``POST /webhooks/{source}``
     The WooCommerce webhook intake. No token: deliveries are signed and the intake
     checks the signature.
@@ -33,11 +34,21 @@ Endpoints:
 When ``[server] token`` is set, every endpoint but ``/healthz`` and the webhooks needs
 ``Authorization: Bearer <token>``; a missing or wrong token gets 401 with a
 ``WWW-Authenticate: Bearer`` header.
+
+`uvicorn_config` serves the app so that slow or hostile clients cannot stop it: a
+client has ``header_timeout_seconds`` for a request's headers and ``body_timeout_seconds``
+for its body, and at most ``max_connections`` connections are open (below the open-files
+limit, so accepting never fails with EMFILE); at the cap a new connection pushes out the
+one that has waited longest on its client, so /healthz and the store's deliveries, which
+send their request at once, are served while idle or dribbling connections are dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import resource
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -45,12 +56,14 @@ from typing import Any, Final
 
 import anyio
 import anyio.to_thread
+import uvicorn
 from sqlalchemy import Engine, func, select, text
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from syncd.config import Settings
 from syncd.log import get_logger, redact_processor
@@ -58,7 +71,13 @@ from syncd.metrics import Metrics
 from syncd.status import collect_status, iso
 from syncd.store.models import SYNC_RUNS as RUNS
 
-__all__ = ["STORE_CHECK_TIMEOUT", "Readiness", "create_app"]
+__all__ = [
+    "STORE_CHECK_TIMEOUT",
+    "Readiness",
+    "create_app",
+    "quiet_loop_errors",
+    "uvicorn_config",
+]
 
 log = get_logger("syncd.server")
 
@@ -191,6 +210,29 @@ def _source_check(
     return check
 
 
+class _TimedCache:
+    """One value, computed at most once per ``ttl`` seconds; callers arriving while it is
+    being computed wait for that computation instead of starting their own. Failures are
+    not kept: the next call tries again."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._value: Any = None
+        self._at = float("-inf")
+        self._lock: asyncio.Lock | None = None
+
+    async def get(self, compute: Callable[[], Awaitable[Any]]) -> Any:
+        if self.ttl <= 0:
+            return await compute()
+        if self._lock is None:  # made on the serving loop, not at import or in a test's
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if time.monotonic() - self._at >= self.ttl:
+                self._value = await compute()
+                self._at = time.monotonic()
+            return self._value
+
+
 def create_app(
     engine: Engine,
     settings: Settings,
@@ -281,9 +323,13 @@ def create_app(
         body, content_type = await run_in_threadpool(metrics.render, request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
+    status_cache = _TimedCache(settings.server.status_cache_seconds)
+
     async def status(request: Request) -> Response:
         try:
-            data = await run_in_threadpool(collect_status, engine, settings)
+            data = await status_cache.get(
+                lambda: run_in_threadpool(collect_status, engine, settings)
+            )
         except Exception as exc:
             log.warning("status.failed", error=_first_line(exc))
             return JSONResponse(
@@ -300,3 +346,199 @@ def create_app(
     if webhook is not None:
         routes.append(Route("/webhooks/{source}", webhook, methods=["POST"]))
     return Starlette(routes=routes)
+
+
+# -- serving -------------------------------------------------------------------------
+
+# Files the process keeps for itself beside its connections: the store, its journal and
+# pool, logs, the outgoing HTTP clients.
+_RESERVED_FILES: Final = 128
+# Connections waiting in the kernel to be accepted: a quarter of the open-files limit,
+# within these bounds. A full queue drops new connections' SYNs, which clients resend only
+# after 1 s; but asyncio also accepts up to this many in one go, each a file, before any
+# is counted against the cap, so the cap leaves room for one such burst (else an accept
+# fails with EMFILE and accepting pauses for 1 s).
+_BACKLOG_MIN: Final = 128
+_BACKLOG_MAX: Final = 2048
+# How often one kind of event-loop error (an accept failing, say) is logged at most.
+_LOOP_ERROR_EVERY: Final = 10.0
+
+
+def _backlog(soft: int) -> int:
+    return max(_BACKLOG_MIN, min(_BACKLOG_MAX, soft // 4))
+
+
+def connection_limits(wanted: int) -> tuple[int, int]:
+    """(connection cap, listen backlog): ``wanted`` lowered to fit under the process's
+    open-files limit (ulimit -n) with room for the process's own files and one accept
+    burst. The soft limit is raised towards the hard one first when that makes room (as
+    servers usually do)."""
+    needed = wanted + _RESERVED_FILES + _BACKLOG_MAX
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if (
+        soft != resource.RLIM_INFINITY
+        and soft < needed
+        and (hard == resource.RLIM_INFINITY or hard > soft)
+    ):
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted, _BACKLOG_MAX
+    backlog = _backlog(soft)
+    return max(1, min(wanted, soft - _RESERVED_FILES - backlog)), backlog
+
+
+class _GuardedHttp(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline on the client and a cap on connections.
+
+    uvicorn times out idle keep-alive connections only: a client that opens a connection
+    and sends nothing, or a byte every few seconds, holds it (and a file) forever. Here
+    the client has ``header_timeout`` seconds for a request's headers and ``body_timeout``
+    for its body, else the connection is closed. A connection over ``max_connections``
+    pushes out the one that has waited longest on its client (not one whose request is
+    being answered); when there is none, the new one is closed at once."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1000
+    counters: dict[str, int]  # timed_out, evicted, refused: for tests and the benchmark
+    # Connections waiting on their client (for a request, its headers or its body), the
+    # longest-waiting first: those a new connection may push out.
+    waiting: dict[_GuardedHttp, None]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections and not self._evict_one():
+            self.counters["refused"] += 1
+            transport.close()
+            return
+        self._wait_for_client()
+        self._arm(self.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.waiting.pop(self, None)
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:  # the first byte of a keep-alive connection's next request
+            self._arm(self.header_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._arm(self.body_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        # The request is in: what follows is the app's time, not the client's.
+        self._disarm()
+        self.waiting.pop(self, None)
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._wait_for_client()  # idle keep-alive: the client's turn
+
+    def _wait_for_client(self) -> None:
+        # Insertion order is waiting order: the first is the one waiting longest.
+        self.waiting.pop(self, None)
+        self.waiting[self] = None
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        self.waiting.pop(self, None)
+        if not self.transport.is_closing():
+            self.counters["timed_out"] += 1
+            self.transport.close()
+
+    def _evict_one(self) -> bool:
+        oldest = next(iter(self.waiting), None)
+        if oldest is None:
+            return False
+        del self.waiting[oldest]
+        self.counters["evicted"] += 1
+        oldest._disarm()
+        oldest.transport.close()
+        return True
+
+
+def guarded_protocol(settings: Settings) -> type[_GuardedHttp]:
+    """The protocol class `uvicorn_config` serves with, its limits taken from ``settings``."""
+    server = settings.server
+    return type(
+        "GuardedHttp",
+        (_GuardedHttp,),
+        {
+            "header_timeout": server.header_timeout_seconds,
+            "body_timeout": server.body_timeout_seconds,
+            "max_connections": connection_limits(server.max_connections)[0],
+            "counters": {"timed_out": 0, "evicted": 0, "refused": 0},
+            "waiting": {},
+        },
+    )
+
+
+def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
+    """How ``syncd run`` serves ``app``: every uvicorn setting is chosen here."""
+    protocol = guarded_protocol(settings)
+    if settings.server.token is None and settings.server.host not in (
+        "127.0.0.1",
+        "::1",
+        "localhost",
+    ):
+        log.warning(
+            "server.no_token",
+            detail="/status and /metrics are open to anyone who reaches the port: "
+            "set [server] token",
+        )
+    return uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        http=protocol,
+        backlog=connection_limits(settings.server.max_connections)[1],
+        log_config=None,  # structlog owns logging
+        access_log=False,
+        lifespan="off",
+    )
+
+
+def quiet_loop_errors(loop: asyncio.AbstractEventLoop, every: float = _LOOP_ERROR_EVERY) -> None:
+    """Log each kind of event-loop error (an accept failing with EMFILE, a connection reset
+    mid-write) at most once per ``every`` seconds, with how many were left out: a flood of
+    broken connections must not turn into a flood of log lines."""
+    last: dict[str, float] = {}
+    skipped: dict[str, int] = {}
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        kind = f"{context.get('message', '')}|{type(exc).__name__ if exc else ''}"
+        now = time.monotonic()
+        if now - last.get(kind, float("-inf")) < every:
+            skipped[kind] = skipped.get(kind, 0) + 1
+            return
+        last[kind] = now
+        left_out = skipped.pop(kind, 0)
+        logging.getLogger("asyncio").error(
+            "%s%s (%s)",
+            context.get("message", "event loop error"),
+            f"; {left_out} more like it in the last {every:g} s" if left_out else "",
+            f"{type(exc).__name__}: {exc}" if exc else "no exception",
+        )
+
+    loop.set_exception_handler(handle)

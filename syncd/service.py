@@ -45,7 +45,7 @@ async def serve(engine: Engine, settings: Settings, mappings: Sequence[LoadedMap
     from syncd.alerts import Alerts
     from syncd.daemon import Daemon, DaemonError
     from syncd.metrics import Metrics
-    from syncd.server import create_app
+    from syncd.server import create_app, quiet_loop_errors, uvicorn_config
     from syncd.sources.webhooks import WebhookIntake
 
     metrics = Metrics(engine, settings)
@@ -53,19 +53,11 @@ async def serve(engine: Engine, settings: Settings, mappings: Sequence[LoadedMap
     daemon = Daemon(engine, settings, list(mappings), metrics=metrics, alerts=alerts)
     intake = WebhookIntake(engine, settings, on_applied=daemon.customers_changed)
     app = create_app(engine, settings, metrics, readiness=daemon.readiness, webhook=intake.endpoint)
-    server = _Server(
-        uvicorn.Config(
-            app,
-            host=settings.server.host,
-            port=settings.server.port,
-            log_config=None,  # structlog owns logging
-            access_log=False,
-            lifespan="off",
-        )
-    )
+    server = _Server(uvicorn_config(app, settings))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    quiet_loop_errors(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:

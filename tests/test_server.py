@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -790,3 +791,248 @@ def test_webhook_backlog_gauge(engine: Engine, settings: Settings) -> None:
         s = parse_metrics(metrics.render()[0].decode())
         assert sample(s, "syncd_webhook_events_pending", source="shop") == 0
         assert sample(s, "syncd_webhook_events_pending", source="eu") == 0
+
+
+# -- hostile clients: timeouts, caps, the /status cache (issue 19) ----------------------
+
+
+class LiveServer:
+    """The app served by uvicorn as ``syncd run`` serves it (`uvicorn_config`), on a
+    thread, on 127.0.0.1 and a free port."""
+
+    def __init__(self, app: Starlette, settings: Settings) -> None:
+        import threading
+
+        import uvicorn
+
+        self.config = server_module.uvicorn_config(app, settings)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.config.http.counters  # type: ignore[no-any-return, union-attr]
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        return sock
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bytes | None:
+    """What the server sent before closing the connection, or None if it stayed open."""
+    sock.settimeout(within)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def live_settings(**server: Any) -> Settings:
+    return Settings(
+        sources={"shop": source(webhook_secret="hook-secret")},
+        server=ServerSettings(**server),
+    )
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    from syncd.store.engine import open_store
+
+    eng = open_store(f"sqlite:///{tmp_path}/store.db")
+    yield eng
+    eng.dispose()
+
+
+def signed_headers(body: bytes, length: int | None = None) -> bytes:
+    import base64
+    import hashlib
+
+    signature = base64.b64encode(hmac.new(b"hook-secret", body, hashlib.sha256).digest())
+    return (
+        b"POST /webhooks/shop HTTP/1.1\r\nHost: syncd\r\nContent-Type: application/json\r\n"
+        b"X-WC-Webhook-Topic: order.updated\r\nX-WC-Webhook-Signature: " + signature + b"\r\n"
+        b"Content-Length: " + str(len(body) if length is None else length).encode() + b"\r\n\r\n"
+    )
+
+
+def live_app(engine: Engine, settings: Settings) -> tuple[Starlette, Any]:
+    from syncd.sources.webhooks import WebhookIntake
+
+    intake = WebhookIntake(engine, settings)
+    app = create_app(engine, settings, Metrics(engine, settings), webhook=intake.endpoint)
+    return app, intake
+
+
+def test_a_client_slow_to_send_its_headers_is_disconnected(sqlite_engine: Engine) -> None:
+    settings = live_settings(header_timeout_seconds=0.3)
+    app, _ = live_app(sqlite_engine, settings)
+    with LiveServer(app, settings) as live:
+        idle = live.connect()  # sends nothing at all
+        dribbling = live.connect()
+        dribbling.sendall(b"GET /healthz HTTP/1.1\r\nHost: syncd\r\n")  # never ends its headers
+        assert closed_by_server(idle, within=3) == b""
+        assert closed_by_server(dribbling, within=3) == b""
+        assert live.counters["timed_out"] == 2
+        assert live.get("/healthz").status_code == 200
+
+
+def test_a_client_slow_to_send_its_body_is_disconnected(sqlite_engine: Engine) -> None:
+    settings = live_settings(body_timeout_seconds=0.3)
+    app, intake = live_app(sqlite_engine, settings)
+    with LiveServer(app, settings) as live:
+        sock = live.connect()
+        body = b'{"id": 1}' * 100
+        sock.sendall(signed_headers(body) + body[:10])  # the rest never comes
+        received = closed_by_server(sock, within=3)
+        assert received is not None, "the connection was left open"
+        assert b"200 OK" not in received
+        assert live.counters["timed_out"] == 1
+    assert intake.stats.received == 0
+
+
+def test_an_over_cap_body_is_refused_and_its_connection_closed(sqlite_engine: Engine) -> None:
+    settings = live_settings()
+    app, intake = live_app(sqlite_engine, settings)
+    with LiveServer(app, settings) as live:
+        sock = live.connect()
+        sock.sendall(signed_headers(b"{}", length=100 * 1024 * 1024) + b"{" * 65536)
+        received = closed_by_server(sock, within=3)
+        # Refused from its declared length, and the connection closed rather than the
+        # remaining 100 MB read and thrown away.
+        assert received is not None, "the connection was kept open for the rest of the body"
+        assert received.startswith(b"HTTP/1.1 413 ")
+    assert intake.stats.rejected["too_large"] == 1
+
+
+def test_healthz_answers_while_the_webhook_cap_is_reached(sqlite_engine: Engine) -> None:
+    settings = live_settings(max_webhook_requests=2)
+    app, intake = live_app(sqlite_engine, settings)
+    with LiveServer(app, settings) as live:
+        body = b'{"id": 1}' * 1000
+        stuck = [live.connect() for _ in range(2)]
+        for sock in stuck:
+            sock.sendall(signed_headers(body) + body[:100])  # reading: in the cap
+        deadline = time.monotonic() + 3
+        while intake.in_flight < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert live.get("/healthz").status_code == 200
+        third = live.connect()
+        third.sendall(signed_headers(body) + body)
+        received = closed_by_server(third, within=3)
+        assert received is not None and received.startswith(b"HTTP/1.1 503 "), received
+        assert b"retry-after: 5" in received.lower()
+        for sock in stuck:
+            sock.close()
+
+
+def test_at_the_connection_cap_the_longest_waiting_connection_makes_room(
+    sqlite_engine: Engine,
+) -> None:
+    settings = live_settings(max_connections=5)
+    app, _ = live_app(sqlite_engine, settings)
+    with LiveServer(app, settings) as live:
+        idle = [live.connect() for _ in range(5)]
+        time.sleep(0.2)  # all five accepted, waiting on their clients
+        # The sixth (a prober) is served; the oldest idle one is closed to make room.
+        assert live.get("/healthz").status_code == 200
+        assert closed_by_server(idle[0], within=3) == b""
+        assert live.counters["evicted"] >= 1
+        for sock in idle:
+            sock.close()
+
+
+def test_the_connection_cap_stays_under_the_open_files_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limits = [1024, 1024]
+    monkeypatch.setattr(server_module.resource, "getrlimit", lambda what: tuple(limits))
+    monkeypatch.setattr(
+        server_module.resource, "setrlimit", lambda what, new: limits.__setitem__(0, new[0])
+    )
+    # Room for the process's own files (128) and one accept burst (the backlog: 1024 / 4).
+    assert server_module.connection_limits(5000) == (1024 - 128 - 256, 256)
+    assert server_module.connection_limits(100) == (100, 256)
+    limits[1] = 8192  # the hard limit leaves room: the soft one is raised to fit
+    assert server_module.connection_limits(1000) == (1000, (1000 + 128 + 2048) // 4)
+    assert limits == [1000 + 128 + 2048, 8192]
+
+
+def test_status_is_computed_once_per_cache_window(
+    monkeypatch: pytest.MonkeyPatch, engine: Engine
+) -> None:
+    calls: list[int] = []
+
+    def counted(*args: Any) -> dict[str, Any]:
+        calls.append(1)
+        return {"calls": len(calls)}
+
+    monkeypatch.setattr(server_module, "collect_status", counted)
+
+    async def burst(app: Starlette, n: int) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://syncd") as client:
+            return await asyncio.gather(*(client.get("/status", headers=AUTH) for _ in range(n)))
+
+    settings = make_settings()  # the default window: 5 s
+    app = create_app(engine, settings, Metrics(engine, settings))
+    first = asyncio.run(burst(app, 5)) + asyncio.run(burst(app, 1))
+    assert [r.json() for r in first] == [{"calls": 1}] * 6
+    assert len(calls) == 1
+    # Without a token the answer is 401 and the store is not read.
+    assert TestClient(app).request("GET", "/status").status_code == 401
+    assert len(calls) == 1
+
+    short = make_settings()
+    short.server.status_cache_seconds = 0.3
+    app = create_app(engine, short, Metrics(engine, short))
+    assert asyncio.run(burst(app, 2))[1].json() == {"calls": 2}
+    time.sleep(0.4)  # the copy is too old: computed again
+    assert asyncio.run(burst(app, 1))[0].json() == {"calls": 3}
+
+
+def test_the_deployment_files_recommend_a_token() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for name in ("Dockerfile", "deploy/syncd.service"):
+        assert "SYNCD_SERVER__TOKEN" in (root / name).read_text(), name
+
+
+def test_repeated_event_loop_errors_are_logged_once_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        server_module.quiet_loop_errors(loop, every=60)
+        error = OSError(24, "Too many open files")
+        with caplog.at_level("ERROR", logger="asyncio"):
+            for _ in range(500):
+                loop.call_exception_handler(
+                    {"message": "socket.accept() out of system resource", "exception": error}
+                )
+            loop.call_exception_handler({"message": "something else"})
+    finally:
+        loop.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(lines) == 2
+    assert lines[0].startswith("socket.accept() out of system resource")

@@ -907,3 +907,112 @@ def test_fuzzed_deliveries_never_get_a_server_error(
     if response.status_code != 200 or signing != "good":
         assert after == before
     assert after - before in (0, 1)
+
+
+# -- hostile senders: bodies read only when signed, bounded in memory (issue 19) ---------
+
+
+def counting_reads(app: Any, read: list[int]) -> Any:
+    """``app`` with every body byte it takes from the client added to ``read``."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        async def counted() -> Any:
+            message = await receive()
+            read.append(len(message.get("body", b"")))
+            return message
+
+        await app(scope, counted, send)
+
+    return wrapped
+
+
+async def chunks(body: bytes, size: int = 65536, wait: asyncio.Event | None = None) -> Any:
+    for start in range(0, len(body), size):
+        if wait is not None and start >= len(body) // 2:
+            await wait.wait()
+        yield body[start : start + size]
+
+
+def test_an_unsigned_large_body_is_refused_before_it_is_read(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    order = fixture("order_single.json")
+    big = orjson.dumps({**order, "note": "x" * 7_900_000})
+    _, headers = delivery("order.updated", order)
+    del headers["X-WC-Webhook-Signature"]
+
+    async def go() -> tuple[list[httpx.Response], list[int]]:
+        intake = WebhookIntake(engine, make_settings(sandbox.url))
+        read: list[int] = []
+        app = Starlette(routes=[Route("/webhooks/{source}", intake.endpoint, methods=["POST"])])
+        transport = httpx.ASGITransport(app=counting_reads(app, read))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                answers = [
+                    await client.post("/webhooks/shop", content=chunks(big), headers=headers),
+                    # Without X-WC headers it could be the creation ping: a few bytes only.
+                    await client.post(
+                        "/webhooks/shop", content=chunks(big), headers={"User-Agent": UA}
+                    ),
+                ]
+        finally:
+            intake.close()
+        return answers, read
+
+    answers, read = asyncio.run(go())
+    # Not a byte of the first; one 64 KiB chunk of the second (over the ping's 64 bytes).
+    assert sum(read) <= 65536
+    assert [a.status_code for a in answers] == [401, 401]
+    assert all(a.headers["connection"] == "close" for a in answers)
+    assert stored(engine) == 0
+
+
+def test_bodies_held_across_requests_are_capped_and_a_bad_signature_keeps_nothing(
+    monkeypatch: pytest.MonkeyPatch, engine: Engine, sandbox: SandboxServer
+) -> None:
+    monkeypatch.setattr(webhooks_module, "MAX_BUFFERED_BYTES", 1_000_000)
+    order = fixture("order_single.json")
+    body = orjson.dumps({**order, "note": "x" * 700_000})
+    _, forged = delivery("order.updated", order, secret="a guess")  # wrong signature
+
+    async def go() -> tuple[int, int, WebhookIntake]:
+        async with harness(engine, sandbox.url) as h:
+            release = asyncio.Event()
+            first = asyncio.create_task(
+                h.client.post("/webhooks/shop", content=chunks(body, wait=release), headers=forged)
+            )
+            while h.intake.buffered.held < 350_000:  # the first has half its body in
+                await asyncio.sleep(0.005)
+            second = await h.client.post("/webhooks/shop", content=body, headers=forged)
+            release.set()
+            return (await first).status_code, second.status_code, h.intake
+
+    first, second, intake = asyncio.run(go())
+    assert second == 503  # its 700 kB would have made over 1 MB held at once
+    assert first == 401  # read in full, then refused for its signature
+    assert intake.buffered.peak <= 1_000_000
+    assert intake.buffered.held == 0  # nothing of either body is kept
+    assert intake.stats.rejected == {"busy": 1, "bad_signature": 1}
+    assert stored(engine) == 0
+
+
+def test_a_flood_of_forged_requests_logs_one_line_per_reason(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    import structlog
+
+    order = fixture("order_single.json")
+    body, headers = delivery("order.updated", order)
+    unsigned = {k: v for k, v in headers.items() if k != "X-WC-Webhook-Signature"}
+    forged = {**headers, "X-WC-Webhook-Signature": sign(body, "a guess")}
+
+    async def go() -> None:
+        async with harness(engine, sandbox.url) as h:
+            for _ in range(50):
+                assert (await h.post(body, unsigned)).status_code == 401
+                assert (await h.post(body, forged)).status_code == 401
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(go())
+    rejected = [e for e in logs if e["event"] == "webhook delivery rejected"]
+    assert sorted(e["reason"] for e in rejected) == ["bad_signature", "unsigned"]

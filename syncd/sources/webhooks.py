@@ -41,6 +41,7 @@ import hmac
 import itertools
 import re
 import sqlite3
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
@@ -80,6 +81,12 @@ RESOURCE_STREAMS = {
 }
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # an order with hundreds of lines is a few hundred KB
+# Bytes of webhook bodies held at once across all requests in flight: a body is kept until
+# its signature is known (at its end), so this bounds what unsigned senders can make the
+# process hold. A request that would go over it gets 503 and the store's poll covers it.
+MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+PING_MAX_BYTES = 64  # the creation ping's body is "webhook_id=N"
+REJECT_LOG_EVERY = 10.0  # seconds between two log lines of one kind of rejection
 MAX_DELIVERY_ID = 128  # WooCommerce's is 32 hex characters (an MD5 HMAC)
 BATCH_EVENTS = 200  # deliveries applied per transaction when they arrive faster than applied
 MAX_ATTEMPTS = 8  # a delivery failing this often is marked failed (polling still covers it)
@@ -155,6 +162,31 @@ class _TooLarge(Exception):
     pass
 
 
+class _Busy(Exception):
+    """The bytes buffered across requests would exceed MAX_BUFFERED_BYTES."""
+
+
+class _Budget:
+    """Bytes of request bodies held across requests (event loop only)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0  # the most ever held at once: for tests and the benchmark
+        self.total = 0  # every byte ever taken (read from a client)
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        self.total += size
+        self.peak = max(self.peak, self.held)
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
 class WebhookIntake:
     """``POST /webhooks/{source}``: the WooCommerce webhook receiver and its apply worker."""
 
@@ -182,6 +214,11 @@ class WebhookIntake:
         self._retries: dict[int, asyncio.TimerHandle] = {}  # event id -> its retry timer
         self._accepting = False  # the worker runs: new deliveries are queued at once
         self._stopping = False
+        self.buffered = _Budget(MAX_BUFFERED_BYTES)
+        self.max_requests = settings.server.max_webhook_requests
+        self.in_flight = 0  # signed requests being read or answered
+        self._reject_logged: dict[tuple[str | None, str], float] = {}
+        self._reject_skipped: Counter[tuple[str | None, str]] = Counter()
 
     @property
     def backlog(self) -> int:
@@ -199,30 +236,55 @@ class WebhookIntake:
             return self._reject(
                 None, "unknown_source", 404, "no source with this name takes webhooks"
             )
-        try:
-            body = await _read_body(request, MAX_BODY_BYTES)
-        except _TooLarge:
-            return self._reject(source, "too_large", 413, f"body over {MAX_BODY_BYTES} bytes")
-        except ClientDisconnect:
-            return self._reject(source, "disconnected", 400, "the client went away")
         headers = request.headers
         signature = headers.get("x-wc-webhook-signature")
-        if (
-            signature is None
-            and headers.get("x-wc-webhook-topic") is None
-            and _PING.fullmatch(body.strip())
-        ):
-            # The creation ping: WooCommerce needs exactly 200 here. Nothing is stored.
-            self.stats.pings += 1
-            self.stats.by_source[(source, "ping")] += 1
-            log.info("webhook ping", source=source, webhook=body.strip().decode())
-            return JSONResponse({"status": "ok"}, status_code=200)
         if signature is None:
+            # Only the creation ping comes unsigned: no X-WC headers and the form body
+            # "webhook_id=N"; anything else is refused before its body is read.
+            if headers.get("x-wc-webhook-topic") is None:
+                try:
+                    ping = await _read_body(request, PING_MAX_BYTES, mac=None, budget=self.buffered)
+                except (_TooLarge, ClientDisconnect):
+                    ping = b""
+                self.buffered.give(len(ping))
+                if _PING.fullmatch(ping.strip()):
+                    # WooCommerce needs exactly 200 here. Nothing is stored.
+                    self.stats.pings += 1
+                    self.stats.by_source[(source, "ping")] += 1
+                    log.info("webhook ping", source=source, webhook=ping.strip().decode())
+                    return JSONResponse({"status": "ok"}, status_code=200)
             return self._reject(source, "unsigned", 401, "X-WC-Webhook-Signature is missing")
-        expected = base64.b64encode(hmac.new(secret, body, hashlib.sha256).digest())
-        # Starlette decodes header values as latin-1: encoding back gives the bytes sent.
-        if not hmac.compare_digest(expected, signature.strip().encode("latin-1")):
-            return self._reject(source, "bad_signature", 401, "the signature does not match")
+        if self.in_flight >= self.max_requests:
+            return self._reject(
+                source, "busy", 503, f"{self.max_requests} deliveries are being read already"
+            )
+        self.in_flight += 1
+        body = b""
+        try:
+            # The signature is checked as the body streams in (it covers the raw body).
+            mac = hmac.new(secret, digestmod=hashlib.sha256)
+            try:
+                body = await _read_body(request, MAX_BODY_BYTES, mac=mac, budget=self.buffered)
+            except _TooLarge:
+                return self._reject(source, "too_large", 413, f"body over {MAX_BODY_BYTES} bytes")
+            except _Busy:
+                return self._reject(source, "busy", 503, "too many bodies are being read")
+            except ClientDisconnect:
+                return self._reject(source, "disconnected", 400, "the client went away")
+            expected = base64.b64encode(mac.digest())
+            # Starlette decodes header values as latin-1: encoding back gives the bytes sent.
+            if not hmac.compare_digest(expected, signature.strip().encode("latin-1")):
+                return self._reject(source, "bad_signature", 401, "the signature does not match")
+            return await self._signed(request, source, body, received_at)
+        finally:
+            self.buffered.give(len(body))
+            self.in_flight -= 1
+
+    async def _signed(
+        self, request: Request, source: str, body: bytes, received_at: datetime
+    ) -> Response:
+        """A delivery whose signature matched: validate it, store it, answer."""
+        headers = request.headers
         # Signed by the store from here on; headers are not signed, so they are checked too.
         resource, event = _topic(headers)
         if resource is None or event is None:
@@ -304,12 +366,29 @@ class WebhookIntake:
         self.stats.rejected[reason] += 1
         if source is not None:
             self.stats.by_source[(source, "rejected")] += 1
-        log.warning("webhook delivery rejected", source=source, reason=reason, status=status)
-        headers = {"WWW-Authenticate": 'HMAC-SHA256 header="X-WC-Webhook-Signature"'}
+        # One line per (source, reason) per REJECT_LOG_EVERY seconds, with how many were
+        # left out: a flood of forged requests must not become a flood of log lines.
+        now = time.monotonic()
+        key = (source, reason)
+        if now - self._reject_logged.get(key, float("-inf")) >= REJECT_LOG_EVERY:
+            self._reject_logged[key] = now
+            log.warning(
+                "webhook delivery rejected",
+                source=source,
+                reason=reason,
+                status=status,
+                not_logged=self._reject_skipped.pop(key, 0),
+            )
+        else:
+            self._reject_skipped[key] += 1
+        # Close the connection: the rest of an unread body is not worth reading.
+        headers = {"Connection": "close"}
+        if status == 401:
+            headers["WWW-Authenticate"] = 'HMAC-SHA256 header="X-WC-Webhook-Signature"'
+        if status == 503:
+            headers["Retry-After"] = "5"
         return JSONResponse(
-            {"error": reason, "message": message},
-            status_code=status,
-            headers=headers if status == 401 else None,
+            {"error": reason, "message": message}, status_code=status, headers=headers
         )
 
     # -- the worker ---------------------------------------------------------------------
@@ -529,18 +608,29 @@ class WebhookIntake:
 # -- request helpers ------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, *, mac: Any, budget: _Budget) -> bytes:
+    """At most ``limit`` bytes of body, each chunk fed to ``mac`` (when given) and counted
+    against ``budget``; on success the caller gives ``len(body)`` back to the budget."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
+        raise _TooLarge  # refused before a byte of it is read
     chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+    held = 0
+    try:
+        async for chunk in request.stream():
+            if held + len(chunk) > limit:
+                raise _TooLarge
+            if not budget.take(len(chunk)):
+                raise _Busy
+            held += len(chunk)
+            if mac is not None:
+                mac.update(chunk)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    except BaseException:
+        budget.give(held)
+        raise
+    return body
 
 
 def _topic(headers: Any) -> tuple[str | None, str | None]:
