@@ -1187,6 +1187,7 @@ class SourceSync:
         self.counts = {stream: StreamCounts()}
         await asyncio.to_thread(self._load_bookkeeping)
         items, stale = await asyncio.to_thread(self._newest_payloads, stream, list(payloads))
+        newest = list(items)
         batch = AppliedBatch(stream=stream, counts=self.counts[stream], stale=stale)
         if not items:
             return batch
@@ -1215,13 +1216,21 @@ class SourceSync:
         now = utcnow()
 
         def work() -> set[int]:
+            # Read again in turn: the fetches above hold no lock, so a poll may have stored
+            # a newer version meanwhile. Then this batch is applied again later, where that
+            # payload counts as stale (never a roll-back).
+            if self._newest_payloads(stream, newest)[1]:
+                raise StaleMeanwhile("a newer version was stored while the delivery was read")
             with self.engine.begin() as conn:
                 commit(conn, prepared)
                 if refunds or refunds_gone:
                     self._store_order_refunds(conn, refunds, refunds_gone, now)
                 return self._people_of(conn, stream, ids)
 
-        batch.people = await asyncio.to_thread(work)
+        # In turn with the other writers (see WriterLock), for the write alone: what a
+        # delivery needs from the store's API is fetched before, without the lock.
+        async with self._writer.held():
+            batch.people = await asyncio.to_thread(work)
         return batch
 
     async def _changed_order_refunds(self, batch: _OrderBatch) -> tuple[list[Any], list[int]]:
@@ -1323,7 +1332,8 @@ class SourceSync:
             with self.engine.begin() as conn:
                 return self._mark_deleted(conn, stream, gone, now)
 
-        marked, people = await asyncio.to_thread(work)
+        async with self._writer.held():  # for the write alone (see apply_payloads)
+            marked, people = await asyncio.to_thread(work)
         batch.counts.deleted += marked
         batch.people |= people
         return batch
@@ -1464,6 +1474,10 @@ class SourceSync:
                 )
             ).scalars()
         }
+
+
+class StaleMeanwhile(Exception):
+    """A webhook batch read while a poll stored a newer version of one of its records."""
 
 
 class _PageWriter:

@@ -278,3 +278,23 @@ def _write(engine: Engine) -> bool:
             .values(updated_at=datetime.now(UTC))
         )
     return True
+
+
+def test_a_delivery_waiting_on_the_store_api_does_not_hold_up_the_other_writers(
+    sqlite_engine: Engine,
+) -> None:
+    engine = sqlite_engine
+    order = fixture("order_single.json")
+    order["customer_id"] = 4242  # an account the store has not seen: fetched before storing
+    with HungStore() as hung:
+
+        async def main() -> None:
+            async with harness(engine, hung.url) as h:
+                await h.send("order.created", order)
+                await _wait(lambda: bool(hung.accepted), 10, "the apply to ask the store")
+                started = time.monotonic()
+                wrote = await asyncio.wait_for(asyncio.to_thread(_write, engine), APPLY_WITHIN)
+                assert wrote and time.monotonic() - started < APPLY_WITHIN
+                assert h.intake.stats.applied == 0  # still waiting on the store
+
+        asyncio.run(main())
