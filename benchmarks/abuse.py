@@ -7,7 +7,8 @@ for each scenario what was tried, what held, what was lost, the target and PASS/
 
     python benchmarks/abuse.py                 # everything
     python benchmarks/abuse.py --quick         # smaller sizes
-    python benchmarks/abuse.py --only poison   # one part: poison, server, shutdown, refused, config
+    python benchmarks/abuse.py --only poison   # one part: poison, server, shutdown, locks,
+                                               # refused, config
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import heading, print_table, verdict
 
-PARTS = ("poison", "server", "shutdown", "refused", "config")
+PARTS = ("poison", "server", "shutdown", "locks", "refused", "config")
 
 
 def main(argv: list[str] | None = None) -> int:

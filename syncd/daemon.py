@@ -813,7 +813,11 @@ class Daemon:
 
         def body() -> None:
             try:
-                with self._store_writer:
+                # The recompute is store work only: it holds the writer lock for the run. A
+                # source or push run waits on the network, so it takes the lock for each of
+                # its write transactions instead (see SourceSync, _Run): a webhook apply
+                # never waits behind a store or a destination that does not answer.
+                with self._store_writer if job.kind == "segments" else contextlib.nullcontext():
                     if self._stopping:  # waited for the store while the daemon stopped
                         outcome = _Outcome("abandoned", {}, "syncd stopped before the run began")
                     else:

@@ -64,6 +64,7 @@ from syncd.sources.woocommerce import (
     record_key,
     variations_path,
 )
+from syncd.store.engine import writer_lock
 from syncd.store.models import (
     COUPONS,
     IDENTITIES,
@@ -256,6 +257,13 @@ class SourceSync:
         self._unlinked_refunds = True
         self._known: set[int] | None = None
         self._db: ThreadPoolExecutor | None = None
+        # On SQLite the run's write transactions take turns with the other writers (see
+        # WriterLock) one transaction at a time, never across a wait on the network: a
+        # webhook apply then waits for a write, not for a store that does not answer.
+        self._writer = writer_lock(engine)
+        # Commits the page transaction open in _read_window (None outside one): awaited
+        # before a prepare step waits on the network.
+        self._settle: Callable[[], Awaitable[None]] | None = None
 
     # -- the run ----------------------------------------------------------------------
 
@@ -269,7 +277,8 @@ class SourceSync:
         self.counts = {}  # this run's: each result keeps its own
         started = time.monotonic()
         wanted = [s for s in STREAM_ORDER if s in (streams or self.settings.streams)]
-        run_id = start_run(self.engine, "source", self.name)
+        with self._writer:
+            run_id = start_run(self.engine, "source", self.name)
         self._load_bookkeeping()
         self._known = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-store-{self.name}")
@@ -329,7 +338,8 @@ class SourceSync:
     def _finish_run(self, run_id: int, result: SyncResult) -> None:
         counts: dict[str, Any] = {s: c.as_dict() for s, c in result.counts.items()}
         counts["requests"] = result.requests
-        finish_run(self.engine, run_id, result.status, counts, result.error)
+        with self._writer:
+            finish_run(self.engine, run_id, result.status, counts, result.error)
 
     async def _sync_stream(self, stream: Stream) -> None:
         if stream.name == "customers":
@@ -476,6 +486,17 @@ class SourceSync:
         next_fetch = 2
         writer = _PageWriter(self.engine)
         writing: asyncio.Future[None] | None = None  # the page in the store thread
+
+        async def settle() -> None:
+            """Commit the pages written so far (and let go of the writer lock): the next
+            wait is on the network, which may never answer."""
+            nonlocal writing
+            if writing is not None:
+                await writing
+                writing = None
+            await self._in_db_thread(writer.flush)
+
+        self._settle = settle
         try:
             for number in range(1, total_pages + 1):
                 while next_fetch <= total_pages and next_fetch <= number + self.lookahead:
@@ -483,7 +504,15 @@ class SourceSync:
                         self.client.page(stream.path, params, next_fetch)
                     )
                     next_fetch += 1
-                page = first if number == 1 else await pending.pop(number)
+                if number == 1:
+                    page = first
+                else:
+                    fetch = pending.pop(number)
+                    if not fetch.done():
+                        # Pages that arrive faster than they are written share a
+                        # transaction; a page still on its way does not hold one open.
+                        await settle()
+                    page = await fetch
                 if page.total != initial_total and outcome == "complete":
                     outcome = "moved"
                 repeated = _take_ids(page.items, seen)
@@ -523,6 +552,7 @@ class SourceSync:
                 writing = None
             await self._in_db_thread(writer.flush)
         finally:
+            self._settle = None
             if writing is not None:
                 # Something else failed: that error is the one raised, this write is undone.
                 with contextlib.suppress(Exception):
@@ -599,6 +629,11 @@ class SourceSync:
 
         writer.rows += len(items)
         return self._db_job(work)
+
+    async def _before_network(self) -> None:
+        """Commit an open page transaction before a prepare step waits on the network."""
+        if self._settle is not None:
+            await self._settle()
 
     def _db_job(self, fn: Callable[..., None], *args: Any) -> asyncio.Future[None]:
         """Store work off the event loop, so responses keep arriving while pages are written;
@@ -777,7 +812,7 @@ class SourceSync:
         return out, bad, stable, first.date
 
     def _commit_in_tx(self, commit: Commit, prepared: Any) -> None:
-        with self.engine.begin() as conn:
+        with self._writer, self.engine.begin() as conn:
             commit(conn, prepared)
 
     def _commit_customers(self, conn: Connection, payloads: list[Any]) -> None:
@@ -805,7 +840,7 @@ class SourceSync:
         self._save_cursor(conn, "customers", when)
 
     def _mark_customers_deleted(self, ids: list[int]) -> None:
-        with self.engine.begin() as conn:
+        with self._writer, self.engine.begin() as conn:
             conn.execute(
                 update(RECORDS)
                 .where(RECORDS.c.source == self.name, RECORDS.c.source_id.in_(ids))
@@ -839,6 +874,7 @@ class SourceSync:
         known = self._known_customers()
         unknown = sorted(cids - known)
         if unknown:
+            await self._before_network()
             customers = await self.client.by_ids("customers", unknown, {"role": "all"})
             # Asked once per run: an id the store does not serve goes by email (see commit).
             known.update(unknown)
@@ -990,6 +1026,7 @@ class SourceSync:
         for item in items:
             if isinstance(item, Mapping) and isinstance(item.get("id"), int) and is_variable(item):
                 path = variations_path(item["id"])
+                await self._before_network()
                 first = await self.client.page(path, {}, 1)
                 found = list(first.items)
                 for n in range(2, (first.total_pages or 1) + 1):
@@ -1069,7 +1106,7 @@ class SourceSync:
         if conn is not None:
             write(conn)
             return
-        with self.engine.begin() as own:
+        with self._writer, self.engine.begin() as own:
             write(own)
 
     def _reconcile_due(self, stream: str) -> bool:
@@ -1104,7 +1141,7 @@ class SourceSync:
         now = utcnow()
 
         def work() -> None:
-            with self.engine.begin() as conn:
+            with self._writer, self.engine.begin() as conn:
                 live = conn.execute(
                     select(table.c.source_id).where(
                         table.c.source == self.name, table.c.deleted_at.is_(None)
@@ -1150,6 +1187,7 @@ class SourceSync:
         self.counts = {stream: StreamCounts()}
         await asyncio.to_thread(self._load_bookkeeping)
         items, stale = await asyncio.to_thread(self._newest_payloads, stream, list(payloads))
+        newest = list(items)
         batch = AppliedBatch(stream=stream, counts=self.counts[stream], stale=stale)
         if not items:
             return batch
@@ -1178,13 +1216,21 @@ class SourceSync:
         now = utcnow()
 
         def work() -> set[int]:
+            # Read again in turn: the fetches above hold no lock, so a poll may have stored
+            # a newer version meanwhile. Then this batch is applied again later, where that
+            # payload counts as stale (never a roll-back).
+            if self._newest_payloads(stream, newest)[1]:
+                raise StaleMeanwhile("a newer version was stored while the delivery was read")
             with self.engine.begin() as conn:
                 commit(conn, prepared)
                 if refunds or refunds_gone:
                     self._store_order_refunds(conn, refunds, refunds_gone, now)
                 return self._people_of(conn, stream, ids)
 
-        batch.people = await asyncio.to_thread(work)
+        # In turn with the other writers (see WriterLock), for the write alone: what a
+        # delivery needs from the store's API is fetched before, without the lock.
+        async with self._writer.held():
+            batch.people = await asyncio.to_thread(work)
         return batch
 
     async def _changed_order_refunds(self, batch: _OrderBatch) -> tuple[list[Any], list[int]]:
@@ -1286,7 +1332,8 @@ class SourceSync:
             with self.engine.begin() as conn:
                 return self._mark_deleted(conn, stream, gone, now)
 
-        marked, people = await asyncio.to_thread(work)
+        async with self._writer.held():  # for the write alone (see apply_payloads)
+            marked, people = await asyncio.to_thread(work)
         batch.counts.deleted += marked
         batch.people |= people
         return batch
@@ -1429,6 +1476,10 @@ class SourceSync:
         }
 
 
+class StaleMeanwhile(Exception):
+    """A webhook batch read while a poll stored a newer version of one of its records."""
+
+
 class _PageWriter:
     """Pages written in one transaction until flushed: rows and their cursor commit together,
     so a crash loses only uncommitted pages, which the next run reads again."""
@@ -1436,14 +1487,26 @@ class _PageWriter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.rows = 0
+        self._writer = writer_lock(engine)
         self._conn: Connection | None = None
         self._trans: Any = None
         self._opened = 0.0
 
     def connection(self) -> Connection:
+        """The open transaction, begun in turn with the other writers (see WriterLock): the
+        lock is held until flush() or abort(), so the caller commits before it waits on the
+        network."""
         if self._conn is None:
-            self._conn = self.engine.connect()
-            self._trans = self._conn.begin()
+            self._writer.__enter__()
+            try:
+                self._conn = self.engine.connect()
+                self._trans = self._conn.begin()
+            except BaseException:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                self._writer.__exit__()
+                raise
             self._opened = time.monotonic()
         return self._conn
 
@@ -1462,12 +1525,15 @@ class _PageWriter:
 
     def _end(self, commit: bool) -> None:
         if self._conn is not None:
-            if commit:
-                self._trans.commit()
-            else:
-                self._trans.rollback()
-            self._conn.close()
-            self._conn = self._trans = None
+            try:
+                if commit:
+                    self._trans.commit()
+                else:
+                    self._trans.rollback()
+            finally:
+                self._conn.close()
+                self._conn = self._trans = None
+                self._writer.__exit__()
         self.rows = 0
 
 

@@ -48,6 +48,7 @@ from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcom
 from syncd.mapping import PERSON_COLUMNS, PII_COLUMNS, LoadedMapping, LoadedSync, nest
 from syncd.runs import finish_run, start_run, utc_now
 from syncd.status import iso
+from syncd.store.engine import writer_lock
 from syncd.store.models import CUSTOMER_RECORDS, CUSTOMERS, MEMBERSHIPS, PROFILES, SYNC_RECORDS
 from syncd.store.upsert import upsert
 
@@ -554,6 +555,10 @@ class _Run:
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.engine = engine
+        # On SQLite each write transaction takes its turn with the other writers (see
+        # WriterLock), never a batch's wait on the destination: a webhook apply does not
+        # wait behind a destination that does not answer.
+        self._writer = writer_lock(engine)
         self.retry_failed = retry_failed  # refused rows go now, waiting or given up
         self.clock = clock
         self.now = clock()  # planning compares every refused row's retry_after with it
@@ -705,7 +710,7 @@ class _Run:
         # or refused): nothing to undo there, so they are forgotten here.
         never_sent = [k for k, v in known.items() if not v.in_destination]
         if never_sent and not self.dry_run:
-            with self.engine.begin() as conn:
+            with self._writer, self.engine.begin() as conn:
                 for chunk in _chunks(never_sent, _KEY_CHUNK):
                     conn.execute(
                         delete(RECORDS).where(
@@ -901,7 +906,7 @@ class _Run:
         if not self._skipped or self.dry_run:
             self._skipped = []
             return
-        with self.engine.begin() as conn:
+        with self._writer, self.engine.begin() as conn:
             upsert(
                 conn,
                 RECORDS,
@@ -959,7 +964,7 @@ class _Run:
                         retry_after=retry_after,
                     )
                 )
-        with self.engine.begin() as conn:
+        with self._writer, self.engine.begin() as conn:
             if accepted:
                 upsert(
                     conn, RECORDS, accepted, keys=("sync", "record_key"), update=_ACCEPTED_UPDATE
@@ -1006,7 +1011,11 @@ async def push_sync(
     ``clock`` is now (a test's or benchmark's simulated time: refused rows' waits)."""
     name = sync.spec.name
     started = utc_now()
-    run_id = None if dry_run else start_run(engine, "destination", name)
+    writer = writer_lock(engine)  # the run records take their turn too (see _Run)
+    run_id: int | None = None
+    if not dry_run:
+        with writer:
+            run_id = start_run(engine, "destination", name)
     before = adapter.request_count()
     state = _Run(
         engine,
@@ -1028,7 +1037,8 @@ async def push_sync(
         if run_id is not None:
             recorded = state.counts.as_json()
             recorded["requests"] = adapter.request_count() - before
-            finish_run(engine, run_id, "abandoned", recorded, "syncd stopped during the run")
+            with writer:
+                finish_run(engine, run_id, "abandoned", recorded, "syncd stopped during the run")
         raise
     except PushError as exc:
         error = str(exc)
@@ -1059,7 +1069,8 @@ async def push_sync(
         recorded = counts.as_json()
         if state.scope is not None:
             recorded["scope"] = len(state.scope)
-        finish_run(engine, run_id, status, recorded, error)
+        with writer:
+            finish_run(engine, run_id, status, recorded, error)
     result = PushResult(
         sync=name,
         destination=mapping.name,

@@ -515,13 +515,13 @@ class WebhookIntake:
         try:
             sync = self._sync_for(source, settings)
             result: AppliedBatch
-            # In turn with the scheduled jobs on SQLite (one writer: see WriterLock).
-            async with writer_lock(self.engine).held():
-                if head.deleted:
-                    ids = [_record_id(p.payload, deleted=True) for p in group]
-                    result = await sync.apply_deletions(stream, [i for i in ids if i is not None])
-                else:
-                    result = await sync.apply_payloads(stream, [p.payload for p in group])
+            # SourceSync takes its turn with the jobs on SQLite (one writer: see WriterLock)
+            # for each write, not while it asks the store's API.
+            if head.deleted:
+                ids = [_record_id(p.payload, deleted=True) for p in group]
+                result = await sync.apply_deletions(stream, [i for i in ids if i is not None])
+            else:
+                result = await sync.apply_payloads(stream, [p.payload for p in group])
             applied_at = datetime.now(UTC)
             await asyncio.to_thread(self._mark, [p.id for p in group], "applied", None, applied_at)
         except Exception as exc:
