@@ -150,10 +150,10 @@ class MailchimpDestination(Destination):
     }
     credential_names: ClassVar[tuple[str, ...]] = ("api_key",)
     # "each user account is permitted up to 10 simultaneous connections" and no
-    # request-rate limit (Mailchimp Marketing API fundamentals, "Throttling"; see
-    # /work/shared/api-notes.md §3). 5 leaves room for the account's other integrations
-    # (Mailchimp for WooCommerce itself, usually). A 500-member batch subscribe can take
-    # tens of seconds, hence the longer per-attempt timeout.
+    # request-rate limit (Mailchimp Marketing API fundamentals, "Throttling"). 5 leaves
+    # room for the account's other integrations (Mailchimp for WooCommerce itself, usually).
+    # A 500-member batch subscribe can take tens of seconds, hence the longer per-attempt
+    # timeout.
     default_limits: ClassVar[ServiceLimits] = ServiceLimits(
         requests_per_second=None, concurrency=5, timeout=120.0
     )

@@ -54,8 +54,7 @@ __all__ = ["MAX_BATCH", "WooCommerceDestination", "meta_value"]
 
 # create + update + delete <= 100 per batch request, else 413
 # woocommerce_rest_request_entity_too_large (WC_REST_Controller::check_batch_limit, filter
-# woocommerce_rest_batch_items_limit; REST docs: "limited to up to 100 objects";
-# shared/api-notes.md §1 "Batch").
+# woocommerce_rest_batch_items_limit; REST docs: "limited to up to 100 objects").
 MAX_BATCH: Final = 100
 
 NOT_REGISTERED: Final = "not a registered customer of the store (no WooCommerce customer id)"
@@ -124,7 +123,7 @@ class WooCommerceDestination(Destination):
     modes: ClassVar[frozenset[str]] = frozenset({"upsert"})
     max_batch: ClassVar[Mapping[str, int]] = {"upsert": MAX_BATCH}
     credential_names: ClassVar[tuple[str, ...]] = ("consumer_key", "consumer_secret")
-    # wc/v3 has no built-in rate limit (api-notes §1 "Rate limits"); hosts and WAFs
+    # wc/v3 has no built-in rate limit (WooCommerce REST docs); hosts and WAFs
     # answer 429/503 when pushed, which syncd.http honours. A batch of 100 customer
     # updates runs 100 saves and their hooks in one PHP request, far heavier than the
     # source's GETs (10/s, 4 in flight), so writes go gently: 2 in flight, 1 per second,

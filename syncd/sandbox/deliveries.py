@@ -1,5 +1,5 @@
 """Signed WooCommerce webhook deliveries, as a store sends them: for tests, the benchmark
-and anyone trying `syncd run` by hand (api-notes §1, "Webhooks")."""
+and anyone trying `syncd run` by hand (WooCommerce REST docs, "Webhooks")."""
 
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ class RateLimit:
 
 
 # Per-operation limits from each operation's `x-klaviyo-ratelimit` in klaviyo/openapi
-# openapi/stable.json (revision 2026-07-15), as summarised in api-notes §2. Klaviyo counts
+# openapi/stable.json (revision 2026-07-15), Klaviyo's "Rate limits" docs. Klaviyo counts
 # them per account in fixed 1-second (burst) and 1-minute (steady) windows
 # (developers.klaviyo.com/en/docs/rate_limits_and_error_handling).
 KLAVIYO_RATE_LIMITS: Final[Mapping[str, RateLimit]] = {
@@ -497,7 +497,8 @@ class KlaviyoSandbox(_Vendor):
         return self._error(404, "not_found", "Not found.", detail)
 
     def _authenticate(self, request: _Request) -> None:
-        # Private keys go in "Authorization: Klaviyo-API-Key <key>" (api-notes §2).
+        # Private keys go in "Authorization: Klaviyo-API-Key <key>" (Klaviyo API docs,
+        # "Authentication").
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme != "Klaviyo-API-Key" or not key.strip():
@@ -611,7 +612,7 @@ class KlaviyoSandbox(_Vendor):
     def _upsert(self, attributes: Json) -> str:
         """Create or merge a profile (call with the lock held): matched by email, then
         phone, then external id; given attributes replace, ``null`` clears, ``properties``
-        merge key by key (profile-import semantics, api-notes §2)."""
+        merge key by key (profile-import semantics, Klaviyo API docs)."""
         email = attributes.get("email")
         phone = attributes.get("phone_number")
         external = attributes.get("external_id")
@@ -1070,7 +1071,7 @@ class KlaviyoSandbox(_Vendor):
             "phone_number": attributes.get("phone_number"),
         }
         given = {k: v for k, v in given.items() if v}
-        # Exactly one identifier (api-notes §2, request_profile_deletion).
+        # Exactly one identifier (Klaviyo API, request_profile_deletion).
         if len(given) != 1:
             raise self._invalid(
                 "Exactly one of id, email or phone_number must be provided.", pointer
@@ -1154,7 +1155,7 @@ class MailchimpSandbox(_Vendor):
 
     name = "mailchimp"
     # "Up to 500 members may be added or updated with each API call" (batch-sub-unsub
-    # members description, Mailchimp's spec via the Ballerina copy; api-notes §3).
+    # members description, Mailchimp's OpenAPI spec).
     MAX_BATCH_MEMBERS: Final = 500
     # members_to_add / members_to_remove: "A maximum of 500 members can be sent."
     MAX_SEGMENT_MEMBERS: Final = 500
@@ -1166,7 +1167,7 @@ class MailchimpSandbox(_Vendor):
         super().__init__(sandbox)
         self.api_key = api_key
         # "Each user account is permitted up to 10 simultaneous connections" and 429 past
-        # that (mailchimp.com/developer/marketing/docs/fundamentals, api-notes §3).
+        # that (mailchimp.com/developer/marketing/docs/fundamentals).
         self.max_connections = 10
         self.lists: dict[str, _McList] = {}
         self._in_flight = 0
@@ -1312,8 +1313,8 @@ class MailchimpSandbox(_Vendor):
         return _Response(200, orjson.dumps(body), _JSON)
 
     def _authenticate(self, request: _Request) -> None:
-        # HTTP Basic with any username and the API key as password (api-notes §3; the SDK
-        # sends ('user', api_key)).
+        # HTTP Basic with any username and the API key as password (Mailchimp API
+        # fundamentals; the SDK sends ('user', api_key)).
         header = request.headers.get("Authorization", "")
         key = ""
         if header[:6].lower() == "basic ":
@@ -1574,7 +1575,7 @@ class MailchimpSandbox(_Vendor):
         status_if_new = document.get("status_if_new")
         status = document.get("status")
         if method == "PUT" and status_if_new is None:
-            # PUT's schema requires status_if_new (api-notes §3).
+            # PUT's schema requires status_if_new (Mailchimp spec).
             errors.append({"field": "status_if_new", "message": "This value should not be blank."})
         for name, value in (("status_if_new", status_if_new), ("status", status)):
             if value is not None and value not in _MEMBER_STATUSES:
@@ -1697,7 +1698,7 @@ class MailchimpSandbox(_Vendor):
                 segment = mc_list.segments.get(segment_id)
                 if segment is not None:
                     segment.members.discard(lower)
-            # A permanently deleted address "cannot be re-imported" (api-notes §3).
+            # A permanently deleted address "cannot be re-imported" (Mailchimp docs).
             mc_list.forgotten.add(lower)
         return _Response(204)
 

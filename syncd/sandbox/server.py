@@ -77,7 +77,7 @@ _MATCH_CACHE_SIZE: Final = 64
 # WP_REST_Server::EDITABLE: the methods an update route answers.
 _WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # WC_REST_Controller::check_batch_limit(): create + update + delete together, filterable
-# through woocommerce_rest_batch_items_limit (api-notes §1).
+# through woocommerce_rest_batch_items_limit.
 BATCH_LIMIT: Final = 100
 # is_email()-like: what the customer schema's "format": "email" lets through.
 _WC_EMAIL: Final = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")

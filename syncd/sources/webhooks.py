@@ -1,6 +1,6 @@
 """WooCommerce webhooks: verify, store and answer at once; apply off the request.
 
-What WooCommerce sends (shared/api-notes.md §1; core ``includes/class-wc-webhook.php``):
+What WooCommerce sends (WooCommerce core ``includes/class-wc-webhook.php``):
 
 * a delivery is a POST, ``Content-Type: application/json``, body ``trim(wp_json_encode(payload))``,
   with headers ``X-WC-Webhook-Source`` (home URL), ``-Topic`` (``order.updated``), ``-Resource``,

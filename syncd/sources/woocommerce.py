@@ -3,7 +3,7 @@
 Thin by design: it knows URLs, query parameters and how a payload maps to store rows.
 Retries and pacing live in :mod:`syncd.http`; windows, cursors and commits in
 :mod:`syncd.ingest`. Facts used here are from WooCommerce's REST API docs and core
-controllers (see ``shared/api-notes.md`` §1): ``per_page`` is capped at 100, money
+controllers: ``per_page`` is capped at 100, money
 fields are decimal strings (``line_items[].price`` is a number), ``*_gmt`` dates are
 UTC without an offset, guests have ``customer_id`` 0, ``status=any`` leaves out trash,
 and customers have no modified-date filter.
