@@ -84,8 +84,8 @@ log = get_logger("syncd.ingest")
 
 MAX_PASSES = 5  # re-reads of a window whose rows moved while it was read
 # How a pass over a window ended: every row read; a row left the window mid-read (X-WP-Total
-# changed); rows came back in another order on another page (an id twice, or fewer ids than
-# X-WP-Total with the total unchanged): ties in the sort.
+# changed); rows came back in another order on another page (an id twice with the total
+# unchanged, or a short page before the last): ties in the sort.
 PassOutcome = Literal["complete", "moved", "reordered"]
 # Stores whose responses carry no usable Date header, already told about (once per process).
 _NO_STORE_CLOCK: set[str] = set()
@@ -547,10 +547,7 @@ class SourceSync:
                     self.progress(key, number, total_pages)
                 if outcome == "reordered":
                     break  # the rest is read by id: these pages would be read for nothing
-            if writing is not None:
-                await writing
-                writing = None
-            await self._in_db_thread(writer.flush)
+            await settle()
         finally:
             self._settle = None
             if writing is not None:

@@ -27,12 +27,12 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 from sqlalchemy import Connection, Engine, select, update
@@ -49,6 +49,7 @@ PRUNE_EVERY_SECONDS: Final = 3600.0
 
 Key = tuple[str, str, str]  # (source, delivery_id, body_sha256): the events table's unique key
 Number = int | None | Exception  # what ``_write`` answers for one row
+_Row = TypeVar("_Row")
 
 
 class Unstorable(Exception):
@@ -143,22 +144,8 @@ class StoreInbox(Inbox):
     def _write(self, rows: list[dict[str, Any]]) -> list[Number]:
         first = _first_of_each(rows)
         events = [_event_row(rows[i]) for i in first.values()]
-        refused: dict[Key, Unstorable] = {}
-        try:
-            stored = self._insert_reconnecting(events)
-        except Exception as exc:
-            if not _refused_row(exc):
-                raise
-            # One row the store refuses fails the statement of the group: each on its own
-            # then, so the one is refused alone and its neighbours are stored.
-            stored = []
-            for event in events:
-                try:
-                    stored += self._insert_reconnecting([event])
-                except Exception as one:
-                    if not _refused_row(one):
-                        raise
-                    refused[delivery_key(event)] = Unstorable(_reason(one))
+        stored, bad = _insert_alone_if_refused(self._insert_reconnecting, events)
+        refused = {delivery_key(event): Unstorable(reason) for event, reason in bad}
         ids = {(r.source, r.delivery_id, r.body_sha256): int(r.id) for r in stored}
         return [
             (refused.get(key) or ids.get(key)) if first[key] == i else None
@@ -331,26 +318,16 @@ class JournalInbox(Inbox):
             else:
                 rows.append(row)
         keys = [delivery_key(r) for r in rows]
-        checked = len(refused)  # refused before the store was asked
         with self.engine.begin() as conn:
-            try:
-                with conn.begin_nested():
-                    stored = _insert_events(conn, [_event_row(r) for r in rows], ("id",))
-            except Exception as exc:
-                if not _refused_row(exc):
-                    raise
-                # One row the store refuses fails the statement: each on its own then.
-                stored = []
-                for r in rows:
-                    try:
-                        with conn.begin_nested():
-                            stored += _insert_events(conn, [_event_row(r)], ("id",))
-                    except Exception as one:
-                        if not _refused_row(one):
-                            raise
-                        refused.append((r, _reason(one)))
+
+            def insert(group: list[dict[str, Any]]) -> list[Any]:
+                with conn.begin_nested():  # a refused group leaves the transaction usable
+                    return _insert_events(conn, [_event_row(r) for r in group], ("id",))
+
+            stored, bad = _insert_alone_if_refused(insert, rows)
+            refused += bad
             ids = [int(r.id) for r in stored]
-            offered = len(rows) - (len(refused) - checked)  # rows the store did not refuse
+            offered = len(rows) - len(bad)  # rows the store did not refuse
             duplicates = offered - len(ids)
             if duplicates:
                 # Already in the store: a delivery sent again after the journal forgot it,
@@ -464,6 +441,29 @@ def _pending_ids(conn: Any, keys: Sequence[Key]) -> list[int]:
         )
     )
     return [int(r.id) for r in rows if (r.source, r.delivery_id, r.body_sha256) in wanted]
+
+
+def _insert_alone_if_refused(
+    insert: Callable[[list[_Row]], list[Any]], rows: list[_Row]
+) -> tuple[list[Any], list[tuple[_Row, str]]]:
+    """``insert(rows)``; when the store refuses one row, that fails the statement of the
+    group, so each row is inserted on its own then: the one is refused alone (returned with
+    the reason) and its neighbours are stored. Errors that are not a row's are raised."""
+    try:
+        return insert(rows), []
+    except Exception as exc:
+        if not _refused_row(exc):
+            raise
+    stored: list[Any] = []
+    refused: list[tuple[_Row, str]] = []
+    for row in rows:
+        try:
+            stored += insert([row])
+        except Exception as one:
+            if not _refused_row(one):
+                raise
+            refused.append((row, _reason(one)))
+    return stored, refused
 
 
 def _refused_row(exc: BaseException) -> bool:
