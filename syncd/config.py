@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -70,6 +70,7 @@ __all__ = [
     "Settings",
     "StoreSettings",
     "WooCommerceSourceSettings",
+    "http_url_parts",
     "load_settings",
     "nothing_to_do",
     "refused_host",
@@ -276,6 +277,19 @@ Name = Annotated[str, AfterValidator(_check_name)]
 _MODEL_CONFIG = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
 
+def http_url_parts(url: str) -> SplitResult | None:
+    """``url`` split, when it is an http:// or https:// URL with a host and a valid port (the
+    only kind syncd.http, httpx underneath, sends to); else None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    return parts
+
+
 def refused_host(host: str) -> str | None:
     """Why syncd refuses to send requests to ``host`` (a URL's hostname), or None.
 
@@ -373,18 +387,15 @@ def _verify_tls_value(value: object) -> object:
         raise PydanticCustomError(
             "verify_tls", "expected true, false or a CA file: {path} not found", {"path": str(path)}
         ) from None
-    except ssl.SSLError as exc:  # (a subclass of OSError)
-        reason = (exc.reason or str(exc)).replace("_", " ").lower()  # NO_CERTIFICATE_OR_CRL_FOUND
+    except OSError as exc:  # ssl.SSLError among them
+        if isinstance(exc, ssl.SSLError):  # NO_CERTIFICATE_OR_CRL_FOUND
+            reason = (exc.reason or str(exc)).replace("_", " ").lower()
+        else:
+            reason = (exc.strerror or str(exc)).lower()
         raise PydanticCustomError(
             "verify_tls",
             "expected a PEM file of CA certificates: {path}: {reason}",
             {"path": str(path), "reason": reason},
-        ) from None
-    except OSError as exc:
-        raise PydanticCustomError(
-            "verify_tls",
-            "expected a PEM file of CA certificates: {path}: {reason}",
-            {"path": str(path), "reason": (exc.strerror or str(exc)).lower()},
         ) from None
     return path
 
@@ -453,12 +464,8 @@ class WooCommerceSourceSettings(BaseModel):
     @classmethod
     def _normalise_url(cls, value: str) -> str:
         url = value.strip()
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        parts = http_url_parts(url)
+        if parts is None:
             raise PydanticCustomError(
                 "source_url",
                 "expected the store's http:// or https:// URL, got {url}",
@@ -476,7 +483,7 @@ class WooCommerceSourceSettings(BaseModel):
                 "expected the store's base URL without ?query or #fragment, got {url}",
                 {"url": _shown(url)},
             )
-        if reason := refused_host(parts.hostname):
+        if reason := refused_host(parts.hostname or ""):
             raise PydanticCustomError("source_url", "{reason}", {"reason": reason})
         # Endpoint paths are appended to this URL, so no trailing slash is kept.
         return urlunsplit(

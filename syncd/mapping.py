@@ -23,7 +23,6 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Final
-from urllib.parse import urlsplit
 
 import orjson
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
@@ -33,6 +32,7 @@ from syncd.config import (
     ConfigError,
     SecretReferenceError,
     Settings,
+    http_url_parts,
     refused_host,
     resolve_secret_reference,
 )
@@ -424,14 +424,10 @@ class MappingSpec(BaseModel):
         # file: URL used to pass here and crash the push with a traceback.
         if value is None:
             return None
-        try:
-            parts = urlsplit(value.strip())
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        parts = http_url_parts(value.strip())
+        if parts is None:
             raise ValueError(f"expected an http:// or https:// URL, got {value[:80]!r}")
-        if reason := refused_host(parts.hostname):
+        if reason := refused_host(parts.hostname or ""):
             raise ValueError(reason)
         return value
 
