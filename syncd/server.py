@@ -477,8 +477,9 @@ class _GuardedHttp(HttpToolsProtocol):
         return True
 
 
-def guarded_protocol(settings: Settings) -> type[_GuardedHttp]:
-    """The protocol class `uvicorn_config` serves with, its limits taken from ``settings``."""
+def guarded_protocol(settings: Settings, max_connections: int) -> type[_GuardedHttp]:
+    """The protocol class `uvicorn_config` serves with: ``settings``' timeouts, and
+    ``max_connections`` as `connection_limits` fits it under the open-files limit."""
     server = settings.server
     return type(
         "GuardedHttp",
@@ -486,7 +487,7 @@ def guarded_protocol(settings: Settings) -> type[_GuardedHttp]:
         {
             "header_timeout": server.header_timeout_seconds,
             "body_timeout": server.body_timeout_seconds,
-            "max_connections": connection_limits(server.max_connections)[0],
+            "max_connections": max_connections,
             "counters": {"timed_out": 0, "evicted": 0, "refused": 0},
             "waiting": {},
         },
@@ -495,7 +496,9 @@ def guarded_protocol(settings: Settings) -> type[_GuardedHttp]:
 
 def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
     """How ``syncd run`` serves ``app``: every uvicorn setting is chosen here."""
-    protocol = guarded_protocol(settings)
+    # Once: it may raise the process's open-files limit.
+    max_connections, backlog = connection_limits(settings.server.max_connections)
+    protocol = guarded_protocol(settings, max_connections)
     if settings.server.token is None and settings.server.host not in (
         "127.0.0.1",
         "::1",
@@ -511,7 +514,7 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         host=settings.server.host,
         port=settings.server.port,
         http=protocol,
-        backlog=connection_limits(settings.server.max_connections)[1],
+        backlog=backlog,
         log_config=None,  # structlog owns logging
         access_log=False,
         lifespan="off",
