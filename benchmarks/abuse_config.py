@@ -167,6 +167,7 @@ def _sql_scenarios(work: Path, label: str) -> list[dict[str, object]]:
                 mapping = work / f"model-{label}.toml"
                 mapping.write_text(
                     'destination = "webhook"\nbase_url = "http://127.0.0.1:9/hook"\n'
+                    "allow_loopback = true\n"
                     '[credentials]\nsecret = "s"\n'
                     f'[[sync]]\nname = "model"\nsql = "{sql}"\nmode = "upsert"\n'
                     '[sync.fields]\nemail = "email"\n'
@@ -234,6 +235,9 @@ def _hole_files(work: Path, case: str) -> Path:
         "file: base_url (push)": hook.replace("https://hooks.example.com/in", "file:///etc/passwd"),
         "destination at 169.254.169.254": hook.replace("hooks.example.com", "169.254.169.254"),
         "destination at [fe80::1]": hook.replace("hooks.example.com", "[fe80::1]"),
+        "destination at 127.0.0.1 (no allow_loopback)": hook.replace(
+            "hooks.example.com", "127.0.0.1:8080"
+        ),
         'schedule = "every 0 s"': hook.replace(
             'mode = "upsert"', 'mode = "upsert"\nschedule = "every 0 s"'
         ),
@@ -255,6 +259,7 @@ HOLES = [
     "file: base_url (push)",
     "destination at 169.254.169.254",
     "destination at [fe80::1]",
+    "destination at 127.0.0.1 (no allow_loopback)",
     'schedule = "every 0 s"',
     "requests_per_second = inf (destination)",
 ]

@@ -195,6 +195,7 @@ def push_stuck(
             mapping = tmp / f"hung-{label}.toml"
             mapping.write_text(
                 f'destination = "webhook"\nbase_url = "{hung.url}/hooks/everyone"\n'
+                "allow_loopback = true\n"
                 f'[credentials]\nsecret = "{HOOK_SECRET}"\n\n[[sync]]\nname = "to-hung"\n'
                 'segment = "everyone"\nmode = "mirror"\n[sync.fields]\nemail = "email"\n'
             )

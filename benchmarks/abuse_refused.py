@@ -80,6 +80,7 @@ def settings_for(folder: Path, box: DestinationSandbox, receiver: str) -> Settin
         f"""
 destination = "webhook"
 base_url = "{box.webhook_url(receiver)}"
+allow_loopback = true
 [credentials]
 secret = "{SECRET}"
 [limits]

@@ -145,6 +145,7 @@ def mappings(folder: Path, box: Sandbox, rate: float) -> Settings:
         f"""
 destination = "mailchimp"
 base_url = "{box.urls["mailchimp_url"]}"
+allow_loopback = true
 [credentials]
 api_key = "{box.urls["mailchimp_key"]}"
 
@@ -165,6 +166,7 @@ marketing_consent = "marketing_consent"
         f"""
 destination = "webhook"
 base_url = "{box.urls["webhook_url"]}"
+allow_loopback = true
 [credentials]
 secret = "{SECRET}"
 [limits]

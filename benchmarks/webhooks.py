@@ -65,6 +65,7 @@ def write_config(
         f"""
 destination = "webhook"
 base_url = "{box.webhook_url("crm")}"
+allow_loopback = true
 [credentials]
 secret = "{HOOK_SECRET}"
 [limits]

@@ -72,6 +72,7 @@ __all__ = [
     "WooCommerceSourceSettings",
     "http_url_parts",
     "load_settings",
+    "loopback_host",
     "nothing_to_do",
     "refused_host",
     "resolve_config_path",
@@ -311,6 +312,21 @@ def refused_host(host: str) -> str | None:
     if address.is_unspecified:
         return f"expected a host address, got {host} (any address)"
     return None
+
+
+def loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine: 127.0.0.0/8, ::1, ``localhost`` or a name
+    under ``.localhost`` (RFC 6761 reserves it for loopback)."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 class StoreSettings(BaseModel):

@@ -26,13 +26,22 @@ from typing import Annotated, Any, Final
 
 import orjson
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from syncd.config import (
     ConfigError,
     SecretReferenceError,
     Settings,
     http_url_parts,
+    loopback_host,
     refused_host,
     resolve_secret_reference,
 )
@@ -405,6 +414,8 @@ class MappingSpec(BaseModel):
 
     destination: str
     name: str | None = None
+    # Declared before base_url: its validator reads this value.
+    allow_loopback: bool = False
     base_url: str | None = None
     credentials: dict[str, str] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -419,7 +430,7 @@ class MappingSpec(BaseModel):
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
+    def _http_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Every adapter sends through syncd.http (httpx), which only speaks http(s): a
         # file: URL used to pass here and crash the push with a traceback.
         if value is None:
@@ -427,8 +438,18 @@ class MappingSpec(BaseModel):
         parts = http_url_parts(value.strip())
         if parts is None:
             raise ValueError(f"expected an http:// or https:// URL, got {value[:80]!r}")
-        if reason := refused_host(parts.hostname or ""):
+        host = parts.hostname or ""
+        if reason := refused_host(host):
             raise ValueError(reason)
+        # A destination on this machine is a relay or a test server, or a URL that a
+        # template or a typo left pointing at localhost: personal data would go to
+        # whatever listens there. It takes a line in the file saying it is meant.
+        if loopback_host(host) and not info.data.get("allow_loopback"):
+            raise ValueError(
+                f"expected a host that is not this machine, got {host}; "
+                "add allow_loopback = true to the mapping if a relay or test server "
+                "on this host is meant"
+            )
         return value
 
     @field_validator("destination")

@@ -185,6 +185,7 @@ def push_settings(tmp_path: Path, sandbox: DestinationSandbox) -> Settings:
         f"""
 destination = "webhook"
 base_url = "{sandbox.webhook_url("crm")}"
+allow_loopback = true
 [credentials]
 secret = "{SECRET}"
 [limits]

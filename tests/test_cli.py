@@ -826,6 +826,12 @@ def _hole_config(directory: Path, case: str) -> tuple[Path, str]:
             f"{mapping}: base_url: expected a host that is not link-local (cloud metadata), "
             "got fe80::1",
         ),
+        "destination_loopback": (
+            with_mapping,
+            f"{mapping}: base_url: expected a host that is not this machine, got localhost; "
+            "add allow_loopback = true to the mapping if a relay or test server on this host "
+            "is meant",
+        ),
         "every_0_s": (
             with_mapping,
             f"{mapping}: sync[hook].schedule: expected an interval of at least 10 s, "
@@ -840,6 +846,7 @@ def _hole_config(directory: Path, case: str) -> tuple[Path, str]:
     hook = {
         "file_base_url": hook.replace("https://hooks.example.com/in", "file:///etc/passwd"),
         "destination_link_local": hook.replace("hooks.example.com", "[fe80::1]"),
+        "destination_loopback": hook.replace("hooks.example.com", "localhost:8080"),
         "every_0_s": hook.replace('mode = "upsert"', 'mode = "upsert"\nschedule = "every 0 s"'),
         "destination_rate_inf": hook + "[limits]\nrequests_per_second = inf\n",
     }.get(case, hook)
@@ -858,6 +865,7 @@ def _hole_config(directory: Path, case: str) -> tuple[Path, str]:
         "source_link_local",
         "file_base_url",
         "destination_link_local",
+        "destination_loopback",
         "every_0_s",
         "destination_rate_inf",
     ],
@@ -878,12 +886,13 @@ def test_push_with_a_file_base_url_exits_2_without_a_traceback(tmp_path: Path) -
     assert run.stderr_lines() == [expected]
 
 
-def test_a_loopback_destination_and_a_10_s_schedule_stay_valid(tmp_path: Path) -> None:
+def test_an_allowed_loopback_destination_and_a_10_s_schedule_stay_valid(tmp_path: Path) -> None:
     config, _ = _hole_config(tmp_path, "every_0_s")
     mapping = tmp_path / "hook.toml"
     mapping.write_text(
         mapping.read_text()
         .replace("https://hooks.example.com/in", "http://127.0.0.1:9/in")
+        .replace('/in"\n', '/in"\nallow_loopback = true\n')
         .replace("every 0 s", "every 10 s")
     )
     run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)))

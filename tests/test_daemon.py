@@ -121,6 +121,7 @@ def hook_mapping(tmp_path: Path, dest: DestinationSandbox, receiver: str, segmen
             f"""
             destination = "webhook"
             base_url = "{dest.webhook_url(receiver)}"
+            allow_loopback = true
             [credentials]
             secret = "{HOOK_SECRET}"
 

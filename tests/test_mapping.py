@@ -103,6 +103,7 @@ SETTINGS = Settings.model_validate({"segments": {"vip": {"rule": "orders_count >
 GOOD = """
 destination = "webhook"
 base_url = "http://127.0.0.1:9/hook"
+allow_loopback = true
 [credentials]
 secret = "env:HOOK_SECRET"
 
@@ -241,3 +242,33 @@ def test_the_shipped_example_mappings_load(name: str) -> None:
     assert mapping.syncs and all(s.fields for s in mapping.syncs)
     # Shipped examples never inline a secret.
     assert all(ref.startswith("env:") for ref in mapping.spec.credentials.values())
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed", "refused"),
+    [
+        ("127.0.0.1:9", False, "not this machine"),
+        ("127.3.4.5", False, "not this machine"),  # all of 127.0.0.0/8 is loopback
+        ("[::1]:9", False, "not this machine"),
+        ("[::ffff:127.0.0.1]", False, "not this machine"),
+        ("localhost:9", False, "not this machine"),
+        ("api.localhost", False, "not this machine"),  # RFC 6761
+        ("127.0.0.1:9", True, None),
+        ("localhost:9", True, None),
+        ("169.254.169.254", True, "link-local"),  # never, allowed or not
+        ("10.0.0.5", False, None),  # a relay in the same private network
+        ("hooks.example.com", False, None),
+    ],
+)
+def test_loopback_destinations_need_allow_loopback(
+    tmp_path: Path, host: str, allowed: bool, refused: str | None
+) -> None:
+    text = GOOD.replace("allow_loopback = true\n", "" if not allowed else "allow_loopback = true\n")
+    text = text.replace("127.0.0.1:9", host)
+    if refused is None:
+        mapping = load_mapping(write(tmp_path, text), SETTINGS, env={"HOOK_SECRET": "s"})
+        assert mapping.name == "hook"
+        return
+    (found,) = problems(tmp_path, text, env={"HOOK_SECRET": "s"})
+    assert found.startswith("base_url: expected a host that is not ")
+    assert refused in found

@@ -98,6 +98,7 @@ def mailchimp_mapping(sandbox: DestinationSandbox, mode: str = "upsert", extra: 
     return f"""
 destination = "mailchimp"
 base_url = "{sandbox.mailchimp_url}"
+allow_loopback = true
 [credentials]
 api_key = "{sandbox.mailchimp.api_key}"
 
@@ -284,6 +285,7 @@ def webhook_mapping(sandbox: DestinationSandbox, mode: str = "upsert", batch: in
     return f"""
 destination = "webhook"
 base_url = "{sandbox.webhook_url("crm")}"
+allow_loopback = true
 [credentials]
 secret = "{SECRET}"
 [limits]
@@ -365,6 +367,7 @@ def klaviyo_mapping(sandbox: DestinationSandbox, list_id: str) -> str:
     return f"""
 destination = "klaviyo"
 base_url = "{sandbox.klaviyo_url}"
+allow_loopback = true
 [credentials]
 api_key = "{sandbox.klaviyo.api_key}"
 
@@ -463,6 +466,7 @@ def test_woocommerce_write_back_puts_segments_and_counts_on_registered_customers
             f"""
 destination = "woocommerce"
 base_url = "{server.url}"
+allow_loopback = true
 [credentials]
 consumer_key = "{server.consumer_key}"
 consumer_secret = "{server.consumer_secret}"
@@ -744,6 +748,7 @@ def test_a_probe_row_refused_for_its_own_reason_leaves_the_rest_of_its_half_to_b
     mapping = f"""
 destination = "webhook"
 base_url = "{url}"
+allow_loopback = true
 [credentials]
 secret = "{SECRET}"
 

@@ -32,6 +32,7 @@ def write_config(tmp_path: Path, store_url: str, sandbox: DestinationSandbox, ba
 destination = "webhook"
 name = "crm"
 base_url = "{sandbox.webhook_url("crm")}"
+allow_loopback = true
 [credentials]
 secret = "env:HOOK_SECRET"
 [limits]
@@ -53,6 +54,7 @@ email = "email"
         f"""
 destination = "klaviyo"
 base_url = "{sandbox.klaviyo_url}"
+allow_loopback = true
 [credentials]
 api_key = "env:KLAVIYO_KEY"
 [limits]

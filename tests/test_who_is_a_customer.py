@@ -235,6 +235,7 @@ def mirror(sandbox: DestinationSandbox, tmp_path: Path) -> list[str]:
         f"""
 destination = "mailchimp"
 base_url = "{sandbox.mailchimp_url}"
+allow_loopback = true
 [credentials]
 api_key = "{sandbox.mailchimp.api_key}"
 

@@ -23,6 +23,7 @@ _MAPPINGS = {
     "klaviyo.toml": """
 destination = "klaviyo"
 base_url = "{klaviyo_url}"
+allow_loopback = true
 [credentials]
 api_key = "{klaviyo_key}"
 
@@ -53,6 +54,7 @@ time = "entered_at | date:%Y-%m-%dT%H:%M:%S+00:00"
     "mailchimp.toml": """
 destination = "mailchimp"
 base_url = "{mailchimp_url}"
+allow_loopback = true
 [credentials]
 api_key = "{mailchimp_key}"
 
@@ -72,6 +74,7 @@ marketing_consent = "marketing_consent"
     "woocommerce.toml": """
 destination = "woocommerce"
 base_url = "{shop_url}"
+allow_loopback = true
 [credentials]
 consumer_key = "{shop_key}"
 consumer_secret = "{shop_secret}"
@@ -91,6 +94,7 @@ id = "woocommerce_id"
     "webhook.toml": """
 destination = "webhook"
 base_url = "{webhook_url}"
+allow_loopback = true
 [credentials]
 secret = "demo-webhook-secret"
 
