@@ -401,12 +401,14 @@ class Destination(ABC):
         what: str,
         state: Callable[[T], str],
         url: str,
+        setting: str = "timeout",
         client: ServiceClient | None = None,
     ) -> T:
         """Poll ``fetch`` until ``done`` (``first`` is the job as submitted), waiting
         :attr:`poll_interval` growing by :attr:`poll_backoff` up to
         :attr:`poll_interval_max`; :class:`JobTimeout` once ``timeout`` seconds of waiting
-        have passed, naming ``what`` and its last ``state``."""
+        have passed, naming ``what``, its last ``state`` and the ``setting`` that sets
+        the timeout."""
         current, interval, waited = first, self.poll_interval, 0.0
         while not done(current):
             if waited >= timeout:
@@ -416,7 +418,7 @@ class Destination(ABC):
                     "GET",
                     url,
                     f"{what} still {state(current)} after {waited:.0f}s of polling "
-                    f"(timeout {timeout:g}s)",
+                    f"({setting} {timeout:g}s)",
                     attempts=0,
                     elapsed=waited,
                 )

@@ -400,6 +400,7 @@ class KlaviyoDestination(Destination):
             what=f"bulk import job {job_id}",
             state=lambda job: repr(job.get("status")),
             url=path,
+            setting="job_timeout",
         )
 
     async def _import_errors(
