@@ -5,12 +5,15 @@ chunking and the per-adapter client class. Runs a minimal adapter against respx.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
 import pytest
 import respx
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from syncd.destinations.base import (
@@ -29,7 +32,7 @@ from syncd.destinations.base import (
     next_link_pages,
     offset_pages,
 )
-from syncd.http import ApiError, AuthError, ServiceClient, ServiceLimits
+from syncd.http import ApiError, AuthError, OAuth2RefreshAuth, ServiceClient, ServiceLimits
 
 API = "https://api.example.com"
 FAST = ServiceLimits(requests_per_second=None, max_attempts=2, backoff_base=0.001)
@@ -73,6 +76,23 @@ class Strict(Tiny):
 
 class Pacing(Tiny):
     client_class = PausingClient
+
+
+class TwoClasses(Tiny):
+    """An OAuth account with a second rate class, as Google Ads and HubSpot will be."""
+
+    @classmethod
+    def auth(cls, credentials: Mapping[str, SecretStr]) -> httpx.Auth | None:
+        return OAuth2RefreshAuth(
+            "two",
+            f"{API}/token",
+            client_id="c",
+            client_secret=SecretStr("cs"),
+            refresh_token=SecretStr("rt"),
+        )
+
+    def setup(self) -> None:
+        self.events_client = self.make_client("events", FAST)
 
 
 def run(dest: Destination, coro: Awaitable[Any]) -> Any:
@@ -176,6 +196,26 @@ def test_the_client_class_reads_the_vendors_rate_limit_header() -> None:
         router.post("/records").respond(200, headers={"X-Vendor-Wait": "30"})
         held = run(dest, scenario())
     assert 29 < held <= 30
+
+
+def test_every_client_of_an_account_shares_one_auth_and_is_counted_and_closed() -> None:
+    dest = tiny(TwoClasses)
+
+    async def scenario() -> int:
+        await asyncio.gather(
+            dest.client.request("GET", "/a"), dest.events_client.request("GET", "/b")
+        )
+        return dest.request_count()
+
+    with respx.mock(base_url=API) as router:
+        token = router.post("/token").respond(
+            200, json={"access_token": "at", "token_type": "bearer", "expires_in": 3600}
+        )
+        router.get("/a").respond(200)
+        router.get("/b").respond(200)
+        assert run(dest, scenario()) == 2
+    assert token.call_count == 1  # one refresh for both rate classes
+    assert dest.client._client.is_closed and dest.events_client._client.is_closed
 
 
 # --- paginators ----------------------------------------------------------------------------
@@ -362,6 +402,29 @@ def test_byte_chunks_respect_the_byte_cap_with_envelope_and_commas() -> None:
     assert [[n for n, _ in chunk] for chunk in chunks] == [[0, 1], [2, 3], [4]]
     chunks = list(byte_chunks(rows, envelope=5, max_bytes=25, max_rows=100))
     assert [len(chunk) for chunk in chunks] == [1, 1, 1, 1, 1]
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=50), max_size=40),
+    envelope=st.integers(min_value=0, max_value=20),
+    max_bytes=st.integers(min_value=1, max_value=200),
+    max_rows=st.integers(min_value=1, max_value=10),
+)
+def test_byte_chunks_keep_order_and_both_caps(
+    sizes: list[int], envelope: int, max_bytes: int, max_rows: int
+) -> None:
+    rows = [(n, b"x" * size) for n, size in enumerate(sizes)]
+    chunks = list(byte_chunks(rows, envelope, max_bytes, max_rows))
+    assert [n for chunk in chunks for n, _ in chunk] == list(range(len(rows)))
+    for chunk in chunks:
+        assert 1 <= len(chunk) <= max_rows
+        body = envelope + sum(len(raw) for _, raw in chunk) + len(chunk) - 1
+        # Only a row too big on its own may pass the byte cap, alone.
+        assert body <= max_bytes or len(chunk) == 1
+    for first, second in itertools.pairwise(chunks):
+        # A chunk is cut only when the next row would not fit.
+        joined = envelope + sum(len(raw) for _, raw in first) + len(first) + len(second[0][1])
+        assert joined > max_bytes or len(first) == max_rows
 
 
 def test_byte_chunks_respect_the_count_cap() -> None:

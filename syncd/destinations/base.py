@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from syncd.http import (
     ApiError,
     AuthError,
+    OAuth2RefreshAuth,
     Params,
     RetryExhausted,
     ServiceClient,
@@ -235,6 +236,10 @@ class Destination(ABC):
         self.limits_override = limits
         self._transport = transport
         self.poll_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        # One auth for every client of the account: an OAuth token is refreshed once for
+        # all of them, not once per rate class.
+        self._auth = self.auth(credentials)
+        self._clients: list[ServiceClient] = []
         self.client = self.make_client("", self.default_limits)
         self.setup()
         self._handlers = self.handlers()
@@ -243,14 +248,16 @@ class Destination(ABC):
         """A client of this destination (``kind`` names an extra rate class, e.g. Klaviyo's
         events); a mapping's [limits] replaces ``default``."""
         client_class = self.client_class or ServiceClient
-        return client_class(
+        client = client_class(
             f"{self.type}:{self.name}" + (f":{kind}" if kind else ""),
             self.base_url,
             limits=self.limits_override or default,
             headers=self.headers(self.credentials),
-            auth=self.auth(self.credentials),
+            auth=self._auth,
             transport=self._transport,
         )
+        self._clients.append(client)
+        return client
 
     # -- set-up, overridable ------------------------------------------------------------
 
@@ -300,11 +307,15 @@ class Destination(ABC):
         return None
 
     def request_count(self) -> int:
-        """Requests sent so far (attempts, retries included): the run's ``requests`` count."""
-        return self.client.stats.requests
+        """Requests sent so far by every client (attempts, retries included): the run's
+        ``requests`` count."""
+        return sum(client.stats.requests for client in self._clients)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in self._clients:
+            await client.aclose()
+        if isinstance(self._auth, OAuth2RefreshAuth):
+            await self._auth.aclose()
 
     # -- sending ------------------------------------------------------------------------
 

@@ -246,16 +246,6 @@ class KlaviyoDestination(Destination):
             )
         return None
 
-    def _clients(self) -> tuple[ServiceClient, ...]:
-        return (self.client, self.lists_client, self.events_client, self.deletion_client)
-
-    def request_count(self) -> int:
-        return sum(client.stats.requests for client in self._clients())
-
-    async def aclose(self) -> None:
-        for client in self._clients():
-            await client.aclose()
-
     # -- validation -------------------------------------------------------------------------
 
     def check(self, target: SyncTarget, op: Op, payload: Mapping[str, Any]) -> str | None:
