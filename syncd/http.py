@@ -12,7 +12,9 @@ adds what every source and destination adapter needs but none should implement:
   that pause the whole service, through an overridable hook;
 * errors that carry the vendor's own message and code, with secrets redacted
   from every URL that reaches a log line or an exception;
-* counters per client and per service name for metrics.
+* counters per client and per service name for metrics;
+* :class:`OAuth2RefreshAuth`: bearer tokens from an OAuth 2.0 refresh token, refreshed
+  once on expiry and kept out of every log line and error.
 
 Adapters therefore never sleep, retry or parse error bodies themselves.
 """
@@ -29,17 +31,18 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Final, NoReturn, Self
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlencode, urlsplit, urlunsplit
 
 import httpx
 import orjson
 import structlog
+from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from syncd import __version__
@@ -50,6 +53,8 @@ __all__ = [
     "USER_AGENT",
     "ApiError",
     "AuthError",
+    "OAuth2RefreshAuth",
+    "OAuthError",
     "RateLimiter",
     "RetryExhausted",
     "ServiceClient",
@@ -980,3 +985,162 @@ class ServiceClient:
                 stats.errors += errors
                 if status is not None:
                     stats.by_status[status] = stats.by_status.get(status, 0) + 1
+
+
+# -- OAuth 2.0 refresh tokens ------------------------------------------------------------
+
+
+class OAuthError(AuthError):
+    """The token endpoint refused the refresh token (RFC 6749 §5.2: ``invalid_grant``, a
+    revoked or expired grant; ``invalid_client``...): only new credentials can fix it."""
+
+
+# The token endpoint is retried like any service (429/5xx), but not for long: a run
+# waiting on it holds the request that needed the token.
+_TOKEN_LIMITS: Final = ServiceLimits(max_attempts=4, max_elapsed=60.0, timeout=30.0)
+# A token is refreshed this long before its stated expiry, so one that expires while a
+# request is on its way is not sent (half its lifetime for very short-lived tokens).
+_EXPIRY_MARGIN: Final = 60.0
+
+
+class OAuth2RefreshAuth(httpx.Auth):
+    """Bearer tokens from an OAuth 2.0 refresh token (RFC 6749 §6), for async clients.
+
+    The access token is fetched on first use and again when it expires (``expires_in``
+    of the token response, RFC 6749 §5.1) or when the API answers 401 (a token revoked
+    early, RFC 6750 §3.1): then the request is sent once more with the new token, and a
+    second 401 is the API's answer. Concurrent requests share one refresh: the first
+    refreshes under a lock, the others wait for its token. A refresh token the endpoint
+    rotates (a new ``refresh_token`` in the answer) replaces the old one.
+
+    The tokens and the client secret are :class:`SecretStr`; they never appear in this
+    object's repr, in a log line or in an error (an endpoint echoing one is redacted).
+    The client authenticates with ``client_id``/``client_secret`` in the form body
+    (RFC 6749 §2.3.1), which Google and HubSpot both accept.
+
+    One instance serves one event loop (as a :class:`ServiceClient` does).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        token_url: str,
+        *,
+        client_id: str,
+        client_secret: SecretStr,
+        refresh_token: SecretStr,
+        scope: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limits: ServiceLimits = _TOKEN_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service = f"{service}:oauth"
+        self.token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._refresh_token = refresh_token
+        self._scope = scope
+        self._clock = clock
+        self._client = ServiceClient(self.service, limits=limits, transport=transport)
+        self._lock = asyncio.Lock()
+        self._access: SecretStr | None = None
+        self._expires_at = -math.inf
+        # Bumped at every refresh: a request that got a 401 with token generation n
+        # refreshes only if no one else has since.
+        self._generation = 0
+        self.refreshes = 0
+
+    def __repr__(self) -> str:
+        return f"OAuth2RefreshAuth(service={self.service!r}, token_url={self.token_url!r})"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        # The refresh goes through a ServiceClient, which is async: so is this auth.
+        raise RuntimeError("OAuth2RefreshAuth works with async clients (syncd.http.ServiceClient)")
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        token, generation = await self._valid_token()
+        request.headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+        response = yield request
+        if response.status_code != 401:
+            return
+        token, _ = await self._refreshed_after(generation)
+        request.headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+        yield request
+
+    async def _valid_token(self) -> tuple[SecretStr, int]:
+        async with self._lock:
+            if self._access is None or self._clock() >= self._expires_at:
+                await self._refresh()
+            assert self._access is not None
+            return self._access, self._generation
+
+    async def _refreshed_after(self, generation: int) -> tuple[SecretStr, int]:
+        async with self._lock:
+            if self._generation == generation:
+                await self._refresh()
+            assert self._access is not None
+            return self._access, self._generation
+
+    async def _refresh(self) -> None:
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": self._refresh_token.get_secret_value(),
+            "client_id": self._client_id,
+            "client_secret": self._client_secret.get_secret_value(),
+        }
+        if self._scope:
+            form["scope"] = self._scope
+        try:
+            response = await self._client.request(
+                "POST",
+                self.token_url,
+                content=urlencode(form),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            body = self._client._parse_json(response)
+        except ApiError as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                reason = f"{exc.code}: {exc.message}" if exc.code else exc.message
+                raise self._error(
+                    exc.status,
+                    f"the token endpoint refused the refresh token ({reason}); authorize "
+                    "syncd again and store the new refresh token",
+                    code=exc.code,
+                ) from None
+            raise
+        access = body.get("access_token") if isinstance(body, dict) else None
+        token_type = body.get("token_type", "Bearer") if isinstance(body, dict) else None
+        if not isinstance(access, str) or not access:
+            raise self._error(response.status_code, "the token endpoint answered no access_token")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise self._error(
+                response.status_code, f"expected a Bearer token, got token_type {token_type!r}"
+            )
+        self._access = SecretStr(access)
+        rotated = body.get("refresh_token")
+        if isinstance(rotated, str) and rotated:
+            self._refresh_token = SecretStr(rotated)
+        expires_in = _as_float(str(body.get("expires_in", "")))
+        # Without expires_in the token is used until the API answers 401.
+        self._expires_at = (
+            self._clock() + expires_in - min(_EXPIRY_MARGIN, expires_in / 2)
+            if expires_in is not None and expires_in > 0
+            else math.inf
+        )
+        self._generation += 1
+        self.refreshes += 1
+        log.info("oauth.refreshed", service=self.service, expires_in=expires_in)
+
+    def _error(self, status: int | None, message: str, *, code: str | None = None) -> OAuthError:
+        for secret in (self._refresh_token, self._client_secret, self._access):
+            value = secret.get_secret_value() if secret is not None else ""
+            if value:
+                message = message.replace(value, _REDACTED)
+        return OAuthError(self.service, status, "POST", self.token_url, message, code=code)

@@ -1,32 +1,27 @@
-"""Normalizing identifiers and resolving one customer per person.
+"""Identifiers, normalized and hashed: the one place that knows how.
 
-A person is a row of ``customers``. Source records point at people through
-``customer_identities``: a source's registered customer id, or a normalized
-email. A registered customer is one person; a guest order attaches to the
-person with the same normalized email; when a guest later registers (or a
-customer's email changes to one a guest used), the two people merge into one,
-once, keeping every order.
+Every identifier kind a destination matches people on (email, phone, first and last
+name, city, state/region, postcode, country, external id) is normalized here, and
+hashed here when a platform wants it hashed. A :class:`Profile` holds one platform's
+rules: :data:`PLAIN` (what syncd stores and Klaviyo/Mailchimp are sent), :data:`META`
+and :data:`GOOGLE` (the ad platforms' customer-list rules, each cited below). For an ad
+platform a normalization slip is silent (it shows only as a lower match rate), so the
+rules live in one module with tests pinned to the platforms' own examples.
+
+Nothing here touches the store: resolving people in it is :mod:`syncd.people`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final, Literal
 
 import phonenumbers
-from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
-
-from syncd.store.models import CUSTOMER_RECORDS as RECORDS
-from syncd.store.models import (
-    CUSTOMERS,
-    IDENTITIES,
-    ORDERS,
-)
-from syncd.store.upsert import upsert
 
 # Attribute precedence (customers.attrs_rank): a registered customer's own record beats
 # the billing address of an order.
@@ -35,17 +30,6 @@ RANK_ORDER = 1
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 COUNTRIES = frozenset(phonenumbers.SUPPORTED_REGIONS) | {"XK"}
-
-
-# Run for every page of orders: built once (see syncd.ingest).
-_REGISTERED = select(IDENTITIES.c.value, IDENTITIES.c.customer_id).where(
-    IDENTITIES.c.source == bindparam("source"),
-    IDENTITIES.c.kind == "customer_id",
-    IDENTITIES.c.value.in_(bindparam("values", expanding=True)),
-)
-_PEOPLE_BY_EMAIL = select(CUSTOMERS.c.email, CUSTOMERS.c.id).where(
-    CUSTOMERS.c.email.in_(bindparam("emails", expanding=True))
-)
 
 
 def normalize_email(value: object) -> str | None:
@@ -85,6 +69,193 @@ def clean_text(value: object) -> str | None:
         return None
     text = value.strip()
     return text or None
+
+
+def identifier_text(value: object) -> str | None:
+    """An identifier as trimmed text: a number as its digits (an external id of 42), None
+    for empty text, booleans and anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        value = str(value)
+    return clean_text(value)
+
+
+def email_key(address: str) -> str:
+    """The form two spellings of one address are compared in (and Mailchimp's subscriber
+    hash is taken of): trimmed and lower-cased, not checked."""
+    return address.strip().lower()
+
+
+def e164(value: object, country: str | None = None) -> str | None:
+    """A phone number in E.164 (``+14155550123``); ``country`` (ISO alpha-2) reads a
+    national number. Without it, only a number with its ``+`` country code is valid."""
+    text = identifier_text(value)
+    return normalize_phone(text, country) if text is not None else None
+
+
+def phone_digits(value: object, country: str | None = None) -> str | None:
+    """E.164 without the ``+``: country code and number, digits only (``14155550123``)."""
+    number = e164(value, country)
+    return number[1:] if number is not None else None
+
+
+def hash_hex(algorithm: str, text: str) -> str:
+    """The lower-case hex digest of ``text`` (UTF-8) by ``algorithm`` (sha256, md5)."""
+    return hashlib.new(algorithm, text.encode(), usedforsecurity=False).hexdigest()
+
+
+def sha256_hex(text: str) -> str:
+    return hash_hex("sha256", text)
+
+
+# -- per-platform profiles ---------------------------------------------------------------
+
+Kind = Literal[
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "city",
+    "region",
+    "postcode",
+    "country",
+    "external_id",
+]
+KINDS: Final[tuple[Kind, ...]] = (
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "city",
+    "region",
+    "postcode",
+    "country",
+    "external_id",
+)
+# One rule: (value, the person's country as ISO alpha-2 or None) -> normalized or None.
+Rule = Callable[[object, "str | None"], "str | None"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One platform's normalization per identifier kind, and the kinds it wants hashed."""
+
+    name: str
+    rules: Mapping[Kind, Rule]
+    hashed: frozenset[Kind]
+
+    def normalize(self, kind: Kind, value: object, *, country: str | None = None) -> str | None:
+        """``value`` as this platform wants it before any hashing; None when unusable."""
+        return self.rules[kind](value, normalize_country(country))
+
+    def prepare(self, kind: Kind, value: object, *, country: str | None = None) -> str | None:
+        """``value`` as sent: normalized, then SHA-256 hex when this platform hashes it."""
+        text = self.normalize(kind, value, country=country)
+        if text is None or kind not in self.hashed:
+            return text
+        return sha256_hex(text)
+
+
+def _text_rule(value: object, country: str | None) -> str | None:
+    return clean_text(value)
+
+
+def _lower_rule(value: object, country: str | None) -> str | None:
+    text = clean_text(value)
+    return text.lower() if text is not None else None
+
+
+def _letters_rule(value: object, country: str | None) -> str | None:
+    # Letters only, lower-cased: no spaces, digits or punctuation. str.isalpha keeps
+    # accented and non-Latin letters, which the platform takes as UTF-8.
+    text = clean_text(value)
+    letters = "".join(c for c in text.lower() if c.isalpha()) if text is not None else ""
+    return letters or None
+
+
+def _meta_postcode(value: object, country: str | None) -> str | None:
+    text = identifier_text(value)
+    if text is None:
+        return None
+    if country == "US":
+        # US ZIP codes: the first five digits (a ZIP+4 "94103-1234" matches as "94103").
+        digits = "".join(c for c in text if c.isdigit())[:5]
+        return digits or None
+    return "".join(text.lower().split()) or None
+
+
+def _google_email(value: object, country: str | None) -> str | None:
+    email = normalize_email(value)
+    if email is None:
+        return None
+    local, _, domain = email.partition("@")
+    if domain in ("gmail.com", "googlemail.com"):
+        # Google's formatter drops dots and a +tag from the local part of these domains
+        # only (Data Manager API formatting guide, developers.google.com/data-manager/api).
+        local = local.partition("+")[0].replace(".", "")
+    return f"{local}@{domain}"
+
+
+PLAIN: Final = Profile(
+    name="plain",
+    rules={
+        "email": lambda v, c: normalize_email(v),
+        "phone": lambda v, c: e164(v, c),
+        "first_name": _text_rule,
+        "last_name": _text_rule,
+        "city": _text_rule,
+        "region": _text_rule,
+        "postcode": lambda v, c: identifier_text(v),
+        "country": lambda v, c: normalize_country(v),
+        "external_id": lambda v, c: identifier_text(v),
+    },
+    hashed=frozenset(),
+)
+
+# Meta Marketing API, Custom Audiences, "Hashing and normalization" (developers.facebook.com
+# /docs/marketing-api/audiences/guides/custom-audiences): every key but EXTERN_ID is
+# normalized then SHA-256 hashed; EMAIL trimmed and lower case; PHONE digits only with the
+# country code and no "+"; FN/LN and CT lower-case letters, no punctuation or spaces; ST the
+# 2-letter code in lower case; ZIP lower case without spaces, US ZIPs the first 5 digits;
+# COUNTRY the ISO 3166-1 alpha-2 code in lower case.
+META: Final = Profile(
+    name="meta",
+    rules={
+        "email": lambda v, c: normalize_email(v),
+        "phone": lambda v, c: phone_digits(v, c),
+        "first_name": _letters_rule,
+        "last_name": _letters_rule,
+        "city": _letters_rule,
+        "region": _letters_rule,
+        "postcode": _meta_postcode,
+        "country": lambda v, c: (normalize_country(v) or "").lower() or None,
+        "external_id": lambda v, c: identifier_text(v),
+    },
+    hashed=frozenset(k for k in KINDS if k != "external_id"),
+)
+
+# Google Customer Match (Google Ads API "Customer Match" and the Data Manager API
+# formatting guide, developers.google.com/data-manager/api): email, phone, first and last
+# name are trimmed, lower-cased and SHA-256 hashed, the phone in E.164 with its "+"; the
+# address's country code and postal code go unhashed.
+GOOGLE: Final = Profile(
+    name="google",
+    rules={
+        "email": _google_email,
+        "phone": lambda v, c: e164(v, c),
+        "first_name": _lower_rule,
+        "last_name": _lower_rule,
+        "city": _lower_rule,
+        "region": _lower_rule,
+        "postcode": lambda v, c: identifier_text(v),
+        "country": lambda v, c: normalize_country(v),
+        "external_id": lambda v, c: identifier_text(v),
+    },
+    hashed=frozenset({"email", "phone", "first_name", "last_name"}),
+)
+
+PROFILES: Final[Mapping[str, Profile]] = {p.name: p for p in (PLAIN, META, GOOGLE)}
 
 
 @dataclass(frozen=True)
@@ -139,295 +310,3 @@ class PersonAttrs:
             "updated_at": self.seen_at,
             "attrs_rank": self.rank,
         }
-
-
-_ATTR_COLUMNS = ("first_name", "last_name", "phone", "country", "city", "postcode")
-
-
-def _newer_or_better(new: Any) -> Any:
-    """Guard of an attribute update: a higher rank wins, then the newer record."""
-    return or_(
-        new.attrs_rank > CUSTOMERS.c.attrs_rank,
-        and_(
-            new.attrs_rank == CUSTOMERS.c.attrs_rank,
-            or_(CUSTOMERS.c.updated_at.is_(None), new.updated_at >= CUSTOMERS.c.updated_at),
-        ),
-    )
-
-
-def _earlier(new: Any) -> Any:
-    """Guard of ``created_at``: the earliest record seen dates the person."""
-    return or_(CUSTOMERS.c.created_at.is_(None), new.created_at < CUSTOMERS.c.created_at)
-
-
-def apply_attrs(conn: Connection, customer_id: int, attrs: PersonAttrs) -> None:
-    """Update a person's attributes when ``attrs`` outranks what the row holds."""
-    row = conn.execute(
-        select(CUSTOMERS.c.attrs_rank, CUSTOMERS.c.updated_at, CUSTOMERS.c.created_at).where(
-            CUSTOMERS.c.id == customer_id
-        )
-    ).one()
-    values: dict[str, Any] = {}
-    first_seen = attrs.created_at or attrs.seen_at
-    if first_seen is not None and (row.created_at is None or first_seen < row.created_at):
-        values["created_at"] = first_seen
-    better = attrs.rank > row.attrs_rank or (
-        attrs.rank == row.attrs_rank
-        and (
-            row.updated_at is None
-            or (attrs.seen_at is not None and attrs.seen_at >= row.updated_at)
-        )
-    )
-    if better:
-        values.update({c: getattr(attrs, c) for c in _ATTR_COLUMNS})
-        values["updated_at"] = attrs.seen_at
-        values["attrs_rank"] = attrs.rank
-    if values:
-        conn.execute(update(CUSTOMERS).where(CUSTOMERS.c.id == customer_id).values(**values))
-
-
-def _person_by_email(conn: Connection, email: str) -> int | None:
-    return conn.execute(select(CUSTOMERS.c.id).where(CUSTOMERS.c.email == email)).scalar()
-
-
-def _person_by_identity(conn: Connection, source: str, kind: str, value: str) -> int | None:
-    return conn.execute(
-        select(IDENTITIES.c.customer_id).where(
-            IDENTITIES.c.source == source, IDENTITIES.c.kind == kind, IDENTITIES.c.value == value
-        )
-    ).scalar()
-
-
-def link_identity(conn: Connection, customer_id: int, source: str, kind: str, value: str) -> None:
-    upsert(
-        conn,
-        IDENTITIES,
-        [{"customer_id": customer_id, "source": source, "kind": kind, "value": value}],
-        keys=("source", "kind", "value"),
-        update=("customer_id",),
-    )
-
-
-def merge_people(conn: Connection, keep: int, drop: int) -> None:
-    """Fold person ``drop`` into ``keep``: orders, identities and records move; ``drop`` goes.
-
-    The surviving row keeps the better attributes and the earlier ``created_at``.
-    """
-    if keep == drop:
-        return
-    gone = conn.execute(select(CUSTOMERS).where(CUSTOMERS.c.id == drop)).one()
-    conn.execute(update(ORDERS).where(ORDERS.c.customer_id == drop).values(customer_id=keep))
-    conn.execute(update(RECORDS).where(RECORDS.c.customer_id == drop).values(customer_id=keep))
-    conn.execute(
-        update(IDENTITIES).where(IDENTITIES.c.customer_id == drop).values(customer_id=keep)
-    )
-    conn.execute(delete(CUSTOMERS).where(CUSTOMERS.c.id == drop))
-    attrs = PersonAttrs(
-        email=None,
-        first_name=gone.first_name,
-        last_name=gone.last_name,
-        phone=gone.phone,
-        country=gone.country,
-        city=gone.city,
-        postcode=gone.postcode,
-        seen_at=gone.updated_at,
-        rank=gone.attrs_rank,
-        created_at=gone.created_at,
-    )
-    apply_attrs(conn, keep, attrs)
-
-
-def resolve_registered(
-    conn: Connection, source: str, customer_source_id: int, attrs: PersonAttrs
-) -> int:
-    """The person of a registered customer record (creating, re-keying or merging people).
-
-    The record's email is the person's email: a guest person with that email is the same
-    person and is merged in; an email change moves the person to the new address.
-    """
-    by_id = _person_by_identity(conn, source, "customer_id", str(customer_source_id))
-    old_email = (
-        conn.execute(select(CUSTOMERS.c.email).where(CUSTOMERS.c.id == by_id)).scalar()
-        if by_id
-        else None
-    )
-    by_email = _person_by_email(conn, attrs.email) if attrs.email else None
-    if by_id is None and by_email is None:
-        person = _insert_person(conn, attrs)
-    elif by_id is None:
-        assert by_email is not None
-        person = by_email
-    elif by_email is None or by_email == by_id:
-        person = by_id
-    else:
-        # The account's email belongs to another person (a guest who has now registered,
-        # or the account changed its email to one a guest used): one person from now on.
-        merge_people(conn, keep=by_id, drop=by_email)
-        person = by_id
-    if old_email is not None and old_email != attrs.email:
-        conn.execute(update(CUSTOMERS).where(CUSTOMERS.c.id == person).values(email=None))
-    if attrs.email is not None:
-        conn.execute(update(CUSTOMERS).where(CUSTOMERS.c.id == person).values(email=attrs.email))
-        link_identity(conn, person, source, "email", attrs.email)
-    link_identity(conn, person, source, "customer_id", str(customer_source_id))
-    apply_attrs(conn, person, attrs)
-    if old_email is not None and old_email != attrs.email:
-        split_old_email(conn, source, person, old_email)
-        apply_attrs(conn, person, attrs)
-    return person
-
-
-def _insert_person(conn: Connection, attrs: PersonAttrs) -> int:
-    new_id: int = conn.execute(
-        CUSTOMERS.insert().values(**attrs.row()).returning(CUSTOMERS.c.id)
-    ).scalar_one()
-    return new_id
-
-
-def resolve_guests(conn: Connection, source: str, people: Sequence[PersonAttrs]) -> dict[str, int]:
-    """People for guest buyers by normalized email, in bulk: existing ones found, new ones made.
-
-    ``people`` may hold several records per email (several orders); the attributes kept are
-    those of the best-ranked, newest record, whatever order they come in.
-    """
-    best: dict[str, PersonAttrs] = {}
-    earliest: dict[str, datetime] = {}
-    for p in people:
-        if p.email is None:
-            continue
-        cur = best.get(p.email)
-        if cur is None or _outranks(p, cur):
-            best[p.email] = p
-        first = p.created_at or p.seen_at
-        if first is not None and (p.email not in earliest or first < earliest[p.email]):
-            earliest[p.email] = first
-    if not best:
-        return {}
-    rows = []
-    for email, p in best.items():
-        row = p.row()
-        row["created_at"] = earliest.get(email)
-        rows.append(row)
-    # New people are inserted; existing ones take the attributes when these outrank theirs.
-    upsert(
-        conn,
-        CUSTOMERS,
-        rows,
-        keys=("email",),
-        update=(*_ATTR_COLUMNS, "updated_at", "attrs_rank"),
-        where=_newer_or_better,
-    )
-    # created_at: the earliest record seen for the person.
-    upsert(
-        conn,
-        CUSTOMERS,
-        rows,
-        keys=("email",),
-        update=("created_at",),
-        where=_earlier,
-    )
-    ids: dict[str, int] = dict(conn.execute(_PEOPLE_BY_EMAIL, {"emails": list(best)}).all())
-    upsert(
-        conn,
-        IDENTITIES,
-        [{"customer_id": ids[e], "source": source, "kind": "email", "value": e} for e in best],
-        keys=("source", "kind", "value"),
-        update=("customer_id",),
-    )
-    return ids
-
-
-def _outranks(a: PersonAttrs, b: PersonAttrs) -> bool:
-    if a.rank != b.rank:
-        return a.rank > b.rank
-    if a.seen_at is None:
-        return False
-    return b.seen_at is None or a.seen_at >= b.seen_at
-
-
-def registered_people(
-    conn: Connection, source: str, customer_source_ids: Iterable[int]
-) -> dict[int, int]:
-    """Known people of registered customer ids (source id → customers.id)."""
-    values = sorted({str(i) for i in customer_source_ids})
-    if not values:
-        return {}
-    rows = conn.execute(_REGISTERED, {"source": source, "values": values})
-    return {int(value): person for value, person in rows}
-
-
-def split_old_email(conn: Connection, source: str, person: int, old_email: str) -> None:
-    """An account left ``old_email``: the guest orders bought under it belong to whoever has
-    that email now (a guest person, made if needed), exactly as a fresh sync would see it."""
-    guest_orders = conn.execute(
-        select(ORDERS.c.id, ORDERS.c.raw, ORDERS.c.created_at).where(
-            ORDERS.c.customer_id == person,
-            ORDERS.c.email == old_email,
-            ORDERS.c.customer_source_id == 0,
-        )
-    ).all()
-    conn.execute(
-        delete(IDENTITIES).where(
-            IDENTITIES.c.source == source,
-            IDENTITIES.c.kind == "email",
-            IDENTITIES.c.value == old_email,
-            IDENTITIES.c.customer_id == person,
-        )
-    )
-    if not guest_orders:
-        return
-    attrs = [
-        PersonAttrs.from_address((o.raw or {}).get("billing"), old_email, o.created_at, RANK_ORDER)
-        for o in guest_orders
-    ]
-    ids = resolve_guests(conn, source, attrs)
-    conn.execute(
-        update(ORDERS)
-        .where(ORDERS.c.id.in_([o.id for o in guest_orders]))
-        .values(customer_id=ids[old_email])
-    )
-    refresh_people(conn, [person])
-
-
-def refresh_people(conn: Connection, people: Iterable[int]) -> None:
-    """Recompute people's attributes and ``created_at`` from the live rows that point at them.
-
-    Used where incremental guards cannot know the answer (a split, a deleted order): the
-    account record if there is one, else the newest live order's billing address.
-    """
-    for person in sorted(set(people)):
-        record = conn.execute(
-            select(RECORDS.c.raw, RECORDS.c.email, RECORDS.c.created_at, RECORDS.c.modified_at)
-            .where(RECORDS.c.customer_id == person, RECORDS.c.deleted_at.is_(None))
-            .order_by(RECORDS.c.modified_at.desc(), RECORDS.c.source_id.desc())
-            .limit(1)
-        ).first()
-        orders = conn.execute(
-            select(ORDERS.c.raw, ORDERS.c.created_at)
-            .where(ORDERS.c.customer_id == person, ORDERS.c.deleted_at.is_(None))
-            .order_by(ORDERS.c.created_at.desc(), ORDERS.c.source_id.desc())
-        ).all()
-        firsts = [o.created_at for o in orders if o.created_at is not None]
-        if record is not None and record.created_at is not None:
-            firsts.append(record.created_at)
-        attrs: PersonAttrs | None = None
-        if record is not None:
-            raw = record.raw or {}
-            address = dict(raw.get("billing") or {})
-            for key in ("first_name", "last_name"):
-                if clean_text(raw.get(key)):
-                    address[key] = raw[key]
-            attrs = PersonAttrs.from_address(
-                address, record.email, record.modified_at, RANK_CUSTOMER_RECORD
-            )
-        elif orders:
-            raw = orders[0].raw or {}
-            attrs = PersonAttrs.from_address(
-                raw.get("billing"), None, orders[0].created_at, RANK_ORDER
-            )
-        values: dict[str, Any] = {"created_at": min(firsts) if firsts else None}
-        if attrs is not None:
-            values.update({c: getattr(attrs, c) for c in _ATTR_COLUMNS})
-            values["updated_at"] = attrs.seen_at
-            values["attrs_rank"] = attrs.rank
-        conn.execute(update(CUSTOMERS).where(CUSTOMERS.c.id == person).values(**values))

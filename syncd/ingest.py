@@ -37,14 +37,14 @@ from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, sel
 
 from syncd.config import WooCommerceSourceSettings
 from syncd.http import ApiError, AuthError
-from syncd.identity import (
+from syncd.log import get_logger, log_run
+from syncd.people import (
     link_identity,
     refresh_people,
     registered_people,
     resolve_guests,
     resolve_registered,
 )
-from syncd.log import get_logger, log_run
 from syncd.runs import finish_run, start_run
 from syncd.sources.woocommerce import (
     STREAM_ORDER,

@@ -48,7 +48,7 @@ from syncd.config import (
 from syncd.destinations import DESTINATION_TYPES, destination_class
 from syncd.destinations.base import Destination, Mode, SyncTarget
 from syncd.http import ServiceLimits
-from syncd.identity import normalize_phone
+from syncd.identity import e164, hash_hex
 from syncd.money import exponent
 from syncd.store.models import PROFILES
 
@@ -102,23 +102,19 @@ class TransformError(ValueError):
     pass
 
 
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
 def _hash(algorithm: str) -> Transform:
+    # The value as it is (a mapping normalizes it first with trim | lower): hashing
+    # something else than what the mapping says would surprise whoever compares digests.
     def apply(value: Any, row: Mapping[str, Any]) -> Any:
-        text = _text(value)
-        return None if text is None else hashlib.new(algorithm, text.encode()).hexdigest()
+        return None if value is None else hash_hex(algorithm, str(value))
 
     return apply
 
 
 def _e164(region: str | None) -> Transform:
     def apply(value: Any, row: Mapping[str, Any]) -> Any:
-        text = _text(value)
         hint = region or row.get("country")
-        return normalize_phone(text, hint if isinstance(hint, str) else None)
+        return e164(None if value is None else str(value), hint if isinstance(hint, str) else None)
 
     return apply
 

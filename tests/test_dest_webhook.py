@@ -1,4 +1,5 @@
-"""The webhook adapter against respx: the signed wire format, outcomes, refusals, retries.
+"""The webhook adapter against respx: the signed wire format, outcomes, refusals, retries;
+and through the push engine against the sandbox's receivers, for the refusals that fail a run.
 
 Signatures are recomputed here with hashlib/hmac over the bytes respx received, not
 with the adapter's helper, so a helper and an adapter that agree on a wrong body (or
@@ -13,13 +14,16 @@ import hmac
 import json
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import respx
 from pydantic import SecretStr, ValidationError
+from sqlalchemy import Engine, insert, select
 
+from syncd.config import Settings
 from syncd.destinations import destination_class
 from syncd.destinations.base import BatchRejected, Item, NoOptions, Op, Outcome, SyncTarget
 from syncd.destinations.webhook import (
@@ -29,6 +33,10 @@ from syncd.destinations.webhook import (
     verify_signature,
 )
 from syncd.http import ApiError, AuthError, ServiceLimits
+from syncd.mapping import load_mappings
+from syncd.sandbox.destinations import DestinationSandbox
+from syncd.store.models import MEMBERSHIPS, PROFILES, SYNC_RECORDS
+from syncd.sync import PushResult, push, select_syncs
 
 URL = "https://hooks.example.com/catch/123/abc?source=syncd"
 SECRET = "whsec_test_5f2a"
@@ -200,15 +208,31 @@ def test_any_other_2xx_body_accepts_everything(response: httpx.Response) -> None
         (httpx.Response(422, json={"message": "records[0].data.email missing"}), None),
         (httpx.Response(400, json={"error": "malformed batch"}), "malformed batch"),
         (httpx.Response(413), "HTTP 413 Request Entity Too Large"),
-        (httpx.Response(404, text=""), "HTTP 404 Not Found"),
+        (httpx.Response(409, json={"message": "duplicate key"}), "duplicate key"),
     ],
 )
-def test_a_4xx_refuses_the_whole_batch(response: httpx.Response, message: str | None) -> None:
+def test_a_content_4xx_refuses_the_whole_batch(
+    response: httpx.Response, message: str | None
+) -> None:
     with respx.mock(assert_all_called=False) as router:
         route = router.post(URL).mock(return_value=response)
         with pytest.raises(BatchRejected) as caught:
             run(send(make()))
     assert caught.value.message == (message or "records[0].data.email missing")
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize("status", [404, 405, 410])
+def test_a_wrong_url_fails_the_run_after_one_request_not_the_batch(status: int) -> None:
+    # A 404 is the same for every row: bisecting it would send ~2n requests for nothing.
+    with respx.mock(assert_all_called=False) as router:
+        route = router.post(URL).mock(
+            return_value=httpx.Response(status, json={"message": "no such hook"})
+        )
+        with pytest.raises(ApiError, match="no such hook") as caught:
+            run(send(make()))
+    assert not isinstance(caught.value, BatchRejected)
+    assert caught.value.status == status
     assert route.call_count == 1
 
 
@@ -296,3 +320,79 @@ def test_options_and_base_url_are_checked() -> None:
         make(url="hooks.example.com/catch")
     assert WebhookDestination.check_credentials({"secret": SecretStr(" ")}) is not None
     assert WebhookDestination.check_credentials(CREDENTIALS) is None
+
+
+# --- through the push engine ------------------------------------------------------------------
+
+
+def _push_to(sandbox: DestinationSandbox, engine: Engine, tmp_path: Path, hook: str) -> PushResult:
+    mapping = tmp_path / "hook.toml"
+    mapping.write_text(
+        f"""
+destination = "webhook"
+base_url = "{sandbox.webhook_url(hook)}"
+allow_loopback = true
+[credentials]
+secret = "{SECRET}"
+
+[[sync]]
+name = "hook"
+segment = "vip"
+mode = "upsert"
+[sync.fields]
+email = "email"
+"""
+    )
+    settings = Settings.model_validate(
+        {
+            "segments": {"vip": {"rule": "orders_count >= 1"}},
+            "destinations": {"mappings": [str(mapping)]},
+        }
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            insert(PROFILES),
+            [
+                {"customer_id": cid, "email": f"p{cid}@example.com", "orders_count": 1}
+                for cid in range(1, 41)
+            ],
+        )
+        conn.execute(
+            insert(MEMBERSHIPS),
+            [
+                {
+                    "segment": "vip",
+                    "customer_id": cid,
+                    "entered_at": datetime(2026, 11, 1, tzinfo=UTC),
+                }
+                for cid in range(1, 41)
+            ],
+        )
+    (result,) = asyncio.run(push(engine, select_syncs(load_mappings(settings), None)))
+    return result
+
+
+@pytest.mark.parametrize(
+    ("receiver_secret", "message"),
+    [
+        (None, "no receiver named 'crm'"),  # 404: a mistyped URL
+        ("another-secret", "invalid or missing signature"),  # 401: a wrong secret
+    ],
+)
+def test_a_receiver_answering_404_or_401_fails_the_run_after_one_request(
+    engine: Engine, tmp_path: Path, receiver_secret: str | None, message: str
+) -> None:
+    with DestinationSandbox() as sandbox:
+        if receiver_secret is not None:
+            sandbox.webhooks.add("crm", receiver_secret)
+        result = _push_to(sandbox, engine, tmp_path, "crm")
+        sent = list(sandbox.webhooks.requests)
+    assert result.status == "failed"
+    assert result.error is not None and message in result.error
+    assert len(sent) == 1 and result.counts.requests == 1
+    # The rows are not the receiver's refusals: none is recorded as failed, all go next run.
+    with engine.connect() as conn:
+        statuses = conn.execute(
+            select(SYNC_RECORDS.c.status).where(SYNC_RECORDS.c.sync == "hook")
+        ).scalars()
+        assert "failed" not in set(statuses)

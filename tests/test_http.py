@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import orjson
@@ -27,6 +28,7 @@ import respx
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import SecretStr
 from structlog.testing import LogCapture
 
 import syncd
@@ -34,6 +36,8 @@ import syncd.http as http_module
 from syncd.http import (
     ApiError,
     AuthError,
+    OAuth2RefreshAuth,
+    OAuthError,
     RateLimiter,
     RetryExhausted,
     ServiceClient,
@@ -1205,3 +1209,201 @@ def test_a_response_and_its_body_are_freed_without_the_cycle_collector() -> None
         assert ref() is None
     finally:
         gc.enable()
+
+
+# --- OAuth 2.0 refresh tokens ------------------------------------------------------------
+
+TOKEN_URL = "https://oauth.example.com/token"
+API = "https://api.example.com"
+REFRESH = "rt-1//0gSECRETrefresh"
+CLIENT_SECRET = "cs-GOCSPX-secret"
+
+
+def oauth_client(fake: FakeTime, **kwargs: Any) -> tuple[ServiceClient, OAuth2RefreshAuth]:
+    auth = OAuth2RefreshAuth(
+        "ads",
+        TOKEN_URL,
+        client_id="client-1",
+        client_secret=SecretStr(CLIENT_SECRET),
+        refresh_token=SecretStr(REFRESH),
+        clock=fake.clock,
+        **kwargs,
+    )
+    client = ServiceClient(
+        "ads",
+        API,
+        limits=ServiceLimits(max_attempts=2),
+        auth=auth,
+        sleep=fake.sleep,
+        clock=fake.clock,
+        rng=random.Random(0),
+    )
+    return client, auth
+
+
+def token_answer(access: str, expires_in: int | None = 3600) -> httpx.Response:
+    body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}
+    if expires_in is not None:
+        body["expires_in"] = expires_in
+    return httpx.Response(200, json=body)
+
+
+def bearer(request: httpx.Request) -> str:
+    return request.headers["Authorization"]
+
+
+def test_oauth_refresh_form_follows_rfc_6749_section_6() -> None:
+    fake = FakeTime()
+    client, _auth = oauth_client(fake, scope="https://www.googleapis.com/auth/adwords")
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(return_value=token_answer("at-1"))
+        api = router.get(f"{API}/lists").mock(return_value=httpx.Response(200, json={}))
+        run(client.request("GET", "/lists"))
+    form = dict(parse_qsl(token.calls.last.request.content.decode()))
+    assert form == {
+        "grant_type": "refresh_token",
+        "refresh_token": REFRESH,
+        "client_id": "client-1",
+        "client_secret": CLIENT_SECRET,
+        "scope": "https://www.googleapis.com/auth/adwords",
+    }
+    assert token.calls.last.request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert bearer(api.calls.last.request) == "Bearer at-1"
+
+
+def test_oauth_a_401_refreshes_once_and_retries_the_request_once() -> None:
+    fake = FakeTime()
+    client, _auth = oauth_client(fake)
+
+    async def scenario() -> None:
+        await client.request("GET", "/lists")  # fetches at-1
+        await client.request("GET", "/lists")  # at-1 was revoked: 401, refresh, at-2
+
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(
+            side_effect=[token_answer("at-1"), token_answer("at-2")]
+        )
+        seen: list[str] = []
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            seen.append(bearer(request))
+            revoked = bearer(request) == "Bearer at-1" and len(seen) > 1
+            return httpx.Response(401 if revoked else 200, json={})
+
+        api = router.get(f"{API}/lists").mock(side_effect=answer)
+        run(scenario())
+    assert token.call_count == 2  # the first token, then exactly one refresh
+    assert [bearer(c.request) for c in api.calls] == [
+        "Bearer at-1",
+        "Bearer at-1",
+        "Bearer at-2",
+    ]
+
+
+def test_oauth_a_second_401_is_the_apis_answer_not_another_refresh() -> None:
+    fake = FakeTime()
+    client, _ = oauth_client(fake)
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(
+            side_effect=[token_answer("at-1"), token_answer("at-2"), token_answer("at-3")]
+        )
+        api = router.get(f"{API}/lists").mock(
+            return_value=httpx.Response(401, json={"message": "no access to this account"})
+        )
+        with pytest.raises(AuthError, match="no access to this account"):
+            run(client.request("GET", "/lists"))
+    assert token.call_count == 2
+    assert api.call_count == 2
+
+
+def test_oauth_an_expired_token_is_refreshed_before_the_request() -> None:
+    fake = FakeTime()
+    client, _auth = oauth_client(fake)
+
+    async def scenario() -> None:
+        await client.request("GET", "/lists")
+        fake.now += 3600  # past expires_in: the next request must not carry at-1
+        await client.request("GET", "/lists")
+
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(
+            side_effect=[token_answer("at-1"), token_answer("at-2")]
+        )
+        api = router.get(f"{API}/lists").mock(return_value=httpx.Response(200, json={}))
+        run(scenario())
+    assert token.call_count == 2
+    assert [bearer(c.request) for c in api.calls] == ["Bearer at-1", "Bearer at-2"]
+
+
+def test_oauth_concurrent_requests_share_one_refresh() -> None:
+    fake = FakeTime()
+    client, auth = oauth_client(fake)
+
+    issued: list[str] = []
+
+    async def slow_token(request: httpx.Request) -> httpx.Response:
+        issued.append(f"at-{len(issued) + 1}")
+        await asyncio.sleep(0.01)  # the others arrive while this refresh is in flight
+        return token_answer(issued[-1])
+
+    async def scenario() -> None:
+        await asyncio.gather(*(client.request("GET", "/lists") for _ in range(4)))
+        # Every one of them now holds a revoked token: one refresh serves them all.
+        revoked.add("Bearer at-1")
+        await asyncio.gather(*(client.request("GET", "/lists") for _ in range(4)))
+
+    revoked: set[str] = set()
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(side_effect=slow_token)
+        api = router.get(f"{API}/lists").mock(
+            side_effect=lambda request: httpx.Response(
+                401 if bearer(request) in revoked else 200, json={}
+            )
+        )
+        run(scenario())
+    assert token.call_count == 2
+    assert auth.refreshes == 2
+    assert [bearer(c.request) for c in api.calls].count("Bearer at-2") == 4
+
+
+def test_oauth_invalid_grant_is_a_clear_configuration_error_and_no_token_leaks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeTime()
+    client, auth = oauth_client(fake)
+    caplog.set_level("DEBUG")
+    refusal = {
+        "error": "invalid_grant",
+        # An endpoint that echoes the token it refused must not make it leak.
+        "error_description": f"Token has been expired or revoked: {REFRESH}",
+    }
+    with structlog.testing.capture_logs() as logs, respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(return_value=httpx.Response(400, json=refusal))
+        api = router.get(f"{API}/lists")
+        with pytest.raises(OAuthError) as caught:
+            run(client.request("GET", "/lists"))
+    error = caught.value
+    assert isinstance(error, AuthError)  # fails the run, never retried or bisected
+    assert error.status == 400 and error.code == "invalid_grant"
+    assert "authorize syncd again" in str(error)
+    assert token.call_count == 1 and api.call_count == 0
+    seen = " ".join([str(error), repr(error), repr(auth), str(logs), caplog.text])
+    assert REFRESH not in seen and CLIENT_SECRET not in seen
+
+
+def test_oauth_access_token_never_reaches_logs_or_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeTime()
+    client, auth = oauth_client(fake)
+    caplog.set_level("DEBUG")
+    with structlog.testing.capture_logs() as logs, respx.mock(assert_all_called=False) as router:
+        router.post(TOKEN_URL).mock(return_value=token_answer("at-SECRET-ACCESS"))
+        router.get(f"{API}/lists").mock(
+            return_value=httpx.Response(403, json={"message": "permission denied"})
+        )
+        with pytest.raises(AuthError) as caught:
+            run(client.request("GET", "/lists"))
+    assert any(entry["event"] == "oauth.refreshed" for entry in logs)
+    seen = " ".join([str(caught.value), repr(caught.value), repr(auth), str(logs), caplog.text])
+    assert "at-SECRET-ACCESS" not in seen and REFRESH not in seen

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 import syncd.destinations.base as base_module
 import syncd.destinations.klaviyo as klaviyo_module
 from syncd.destinations import destination_class
-from syncd.destinations.base import BatchRejected, Item, Outcome, SyncTarget
+from syncd.destinations.base import BatchRejected, Item, Outcome, PaginationLoop, SyncTarget
 from syncd.destinations.klaviyo import KlaviyoDestination, KlaviyoOptions
 from syncd.http import ApiError, AuthError, RetryExhausted, ServiceClient, ServiceLimits
 from tests.test_http import FakeTime
@@ -347,6 +347,22 @@ def test_import_errors_become_per_row_outcomes_across_pages(
     assert second.url.host == "a.klaviyo.com"
 
 
+def test_an_import_errors_cursor_handed_twice_stops_instead_of_looping(
+    fake: FakeTime, router: respx.MockRouter
+) -> None:
+    dest, _ = make(fake, router)
+    looping = {
+        "data": [import_error("Invalid email.", pointer="/data/attributes/profiles/data/0")],
+        "links": {"next": f"{JOBS}/J9/import-errors?page%5Bcursor%5D=c2FtZQ"},
+    }
+    with router as mock:
+        mock.post(JOBS).respond(202, json=job("J9", "complete", total=1, failed=1))
+        errors = mock.get(f"{JOBS}/J9/import-errors").respond(200, json=looping)
+        with pytest.raises(PaginationLoop, match="same page token twice"):
+            run(dest, lambda: dest.send(target("upsert"), "upsert", [person(0)]))
+    assert errors.call_count == 2
+
+
 def test_one_invalid_address_in_500_rejects_only_that_row(
     fake: FakeTime, router: respx.MockRouter
 ) -> None:
@@ -443,7 +459,9 @@ def test_a_job_that_never_finishes_fails_the_run_after_job_timeout(
     with router as mock:
         mock.post(JOBS).respond(202, json=job("J1", "queued"))
         mock.get(f"{JOBS}/J1").respond(200, json=job("J1", "processing"))
-        with pytest.raises(RetryExhausted, match="J1"):
+        with pytest.raises(
+            RetryExhausted, match=r"J1 still 'processing' after 15s of polling \(job_timeout 10s\)"
+        ):
             run(dest, lambda: dest.send(target("upsert"), "upsert", [person(1)]))
     assert polls.sleeps == [1.0, 2.0, 4.0, 8.0]  # 15 s waited >= 10 s
 

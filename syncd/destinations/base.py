@@ -1,9 +1,22 @@
-"""What every destination adapter is: the contract between the sync engine and a vendor.
+"""What every destination adapter is, and the kit adapters are built from.
 
 An adapter knows its vendor's endpoints, batch limits, request shapes and how to read
 per-row results from a response. It does not retry, sleep, diff, schedule or write
-state: ``syncd.http`` retries and paces, ``syncd.sync`` plans, splits rejected batches
+state: ``syncd.http`` retries and paces, the push engine plans, splits rejected batches
 and records outcomes.
+
+The kit, so each adapter writes only what is its vendor's:
+
+* :meth:`Destination.call` / :meth:`Destination.call_json`: one request, its refusal
+  classified once for every adapter (see :data:`CONTENT_STATUSES`);
+* :meth:`Destination.handlers`: the operation -> handler table :meth:`Destination.send`
+  dispatches on;
+* :func:`cursor_pages`, :func:`next_link_pages`, :func:`offset_pages`: paginators that
+  stop with :class:`PaginationLoop` when a server hands the same page token twice;
+* :meth:`Destination.poll_job`: "start a job, poll until done" with a deadline;
+* :func:`byte_chunks`: rows cut into requests under a byte cap and a count cap;
+* :attr:`Destination.client_class`: the adapter's own :class:`ServiceClient` subclass,
+  e.g. one that reads its vendor's rate-limit headers (``rate_limit_pause``).
 
 Operations the engine asks for, by sync mode:
 
@@ -16,31 +29,61 @@ Operations the engine asks for, by sync mode:
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Hashable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Final, Literal, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from syncd.http import ServiceClient, ServiceLimits
+from syncd.http import (
+    ApiError,
+    AuthError,
+    OAuth2RefreshAuth,
+    Params,
+    RetryExhausted,
+    ServiceClient,
+    ServiceLimits,
+)
 
 __all__ = [
+    "ALL_OPS",
+    "CONTENT_STATUSES",
     "OPS_OF_MODE",
     "BatchRejected",
     "Destination",
+    "Handler",
     "Item",
+    "JobTimeout",
     "Mode",
     "NoOptions",
     "Op",
     "Outcome",
+    "PaginationLoop",
     "SyncTarget",
+    "byte_chunks",
+    "cursor_pages",
+    "next_link_pages",
+    "offset_pages",
 ]
 
 Mode = Literal["upsert", "mirror", "event", "delete"]
 Op = Literal["upsert", "add", "remove", "event", "delete"]
+ALL_OPS: Final[tuple[Op, ...]] = ("upsert", "add", "remove", "event", "delete")
 
 OPS_OF_MODE: Mapping[str, tuple[Op, ...]] = {
     "upsert": ("upsert",),
@@ -91,8 +134,18 @@ class Outcome:
         return cls(ok=False, error=error)
 
 
+# Answers that blame the request's content, so splitting the batch can isolate the rows at
+# fault: 400 Bad Request, 409 Conflict, 413 Content Too Large, 422 Unprocessable Content
+# (RFC 9110 §15.5). Every other 4xx (401, 403, 404, 405, 410...) blames the configuration
+# (a key, a permission, a URL, a list id): it is the same for every row, so the run fails
+# at once with the vendor's message instead of bisecting into ~2n requests. 429 and 5xx
+# never get here: syncd.http retries them. An adapter whose vendor documents otherwise
+# sets its own ``content_statuses`` and cites the doc.
+CONTENT_STATUSES: Final = frozenset({400, 409, 413, 422})
+
+
 class BatchRejected(Exception):
-    """The vendor refused the whole batch for its content (a 4xx other than 429/401/403).
+    """The vendor refused the whole batch for its content (see :data:`CONTENT_STATUSES`).
 
     The engine answers by splitting the batch in halves until the bad rows are alone,
     so the good rows still go out; a batch of one that is refused becomes that row's
@@ -102,6 +155,16 @@ class BatchRejected(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class PaginationLoop(ApiError):
+    """A server handed the same page token (cursor, next link) twice: reading on would
+    fetch the same pages forever, so the run fails instead."""
+
+
+class JobTimeout(RetryExhausted):
+    """An asynchronous vendor job was still running at its deadline. The run fails and the
+    batch goes out next time (the adapter's job must be safe to submit again)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +177,16 @@ class SyncTarget:
     options: BaseModel  # the adapter's SyncOptions, validated
 
 
+Handler = Callable[[SyncTarget, Sequence[Item]], Awaitable[list[Outcome]]]
+T = TypeVar("T")
+
+
 class Destination(ABC):
     """One destination account, as named by a mapping file.
 
-    Subclasses set the class attributes and implement :meth:`send`. The constructor
-    builds the one :class:`ServiceClient` the adapter talks through; ``transport``
-    lets tests hand in respx or an in-process app.
+    Subclasses set the class attributes and implement :meth:`handlers` (or override
+    :meth:`send`). The constructor builds the :class:`ServiceClient` the adapter talks
+    through; ``transport`` lets tests hand in respx or an in-process app.
     """
 
     type: ClassVar[str]
@@ -137,6 +204,18 @@ class Destination(ABC):
     SyncOptions: ClassVar[builtins.type[BaseModel]] = NoOptions
     # Whether a sync must name an `object`, per mode (a list id, an event name...).
     object_required: ClassVar[frozenset[str]] = frozenset()
+    # Statuses that refuse a batch for its content (bisected); see CONTENT_STATUSES.
+    content_statuses: ClassVar[Collection[int]] = CONTENT_STATUSES
+    # The client class: a ServiceClient subclass overriding rate_limit_pause reads the
+    # vendor's own rate-limit headers (HubSpot's X-HubSpot-RateLimit-*, Meta's usage
+    # JSON). None: the plain ServiceClient.
+    client_class: ClassVar[builtins.type[ServiceClient] | None] = None
+    # Polling an asynchronous job: the first wait, its growth factor and its cap (seconds).
+    # Polling is the vendor's protocol, not a retry, so it lives here and not in
+    # syncd.http. Instance attributes (with poll_sleep) so tests can make it instant.
+    poll_interval: float = 1.0
+    poll_backoff: float = 2.0
+    poll_interval_max: float = 30.0
 
     def __init__(
         self,
@@ -156,20 +235,29 @@ class Destination(ABC):
         # each at its vendor's own pace then (see make_client).
         self.limits_override = limits
         self._transport = transport
+        self.poll_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        # One auth for every client of the account: an OAuth token is refreshed once for
+        # all of them, not once per rate class.
+        self._auth = self.auth(credentials)
+        self._clients: list[ServiceClient] = []
         self.client = self.make_client("", self.default_limits)
         self.setup()
+        self._handlers = self.handlers()
 
     def make_client(self, kind: str, default: ServiceLimits) -> ServiceClient:
         """A client of this destination (``kind`` names an extra rate class, e.g. Klaviyo's
         events); a mapping's [limits] replaces ``default``."""
-        return ServiceClient(
+        client_class = self.client_class or ServiceClient
+        client = client_class(
             f"{self.type}:{self.name}" + (f":{kind}" if kind else ""),
             self.base_url,
             limits=self.limits_override or default,
             headers=self.headers(self.credentials),
-            auth=self.auth(self.credentials),
+            auth=self._auth,
             transport=self._transport,
         )
+        self._clients.append(client)
+        return client
 
     # -- set-up, overridable ------------------------------------------------------------
 
@@ -219,17 +307,256 @@ class Destination(ABC):
         return None
 
     def request_count(self) -> int:
-        """Requests sent so far (attempts, retries included): the run's ``requests`` count."""
-        return self.client.stats.requests
+        """Requests sent so far by every client (attempts, retries included): the run's
+        ``requests`` count."""
+        return sum(client.stats.requests for client in self._clients)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in self._clients:
+            await client.aclose()
+        if isinstance(self._auth, OAuth2RefreshAuth):
+            await self._auth.aclose()
 
     # -- sending ------------------------------------------------------------------------
 
     @abstractmethod
+    def handlers(self) -> Mapping[Op, Handler]:
+        """The handler of each operation this adapter supports (called once, after
+        :meth:`setup`)."""
+
     async def send(self, target: SyncTarget, op: Op, items: Sequence[Item]) -> list[Outcome]:
         """Send one batch (at most ``max_batch[op]`` items) and return one outcome per item,
         in order. Raise :class:`BatchRejected` when the vendor refuses the batch as a
-        whole for its content; let ``syncd.http`` errors (auth, exhausted retries)
-        propagate: they fail the run and the batch goes out next time."""
+        whole for its content; let ``syncd.http`` errors (auth, configuration, exhausted
+        retries) propagate: they fail the run and the batch goes out next time."""
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise ValueError(f"{self.type} destination does not support {op!r}")
+        if not items:
+            return []
+        limit = self.max_batch.get(op)
+        if limit is not None and len(items) > limit:
+            # The engine splits by max_batch; more would be refused as a whole.
+            raise ValueError(
+                f"{self.type}: at most {limit} items per {op} batch (max_batch), got {len(items)}"
+            )
+        return await handler(target, items)
+
+    # -- the call helper ----------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        url: str,
+        *,
+        client: ServiceClient | None = None,
+        params: Params | None = None,
+        json: Any = None,
+        content: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """One request through ``client`` (default :attr:`client`), its refusal classified:
+        :class:`BatchRejected` for the batch's content (:meth:`is_content_refusal`), the
+        ``syncd.http`` error as is for anything else (it fails the run)."""
+        with self._refusals():
+            return await (client or self.client).request(
+                method, url, params=params, json=json, content=content, headers=headers
+            )
+
+    async def call_json(
+        self,
+        method: str,
+        url: str,
+        *,
+        client: ServiceClient | None = None,
+        params: Params | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[Any, httpx.Response]:
+        """:meth:`call` with the body parsed as JSON (None when empty); the response comes
+        along for its headers."""
+        with self._refusals():
+            return await (client or self.client).request_json(
+                method, url, params=params, json=json, headers=headers
+            )
+
+    @contextlib.contextmanager
+    def _refusals(self) -> Iterator[None]:
+        try:
+            yield
+        except ApiError as exc:
+            if self.is_content_refusal(exc):
+                raise BatchRejected(self.refusal_message(exc)) from exc
+            raise
+
+    def is_content_refusal(self, exc: ApiError) -> bool:
+        """Whether a failed call refused the batch for its content. Auth errors, exhausted
+        retries and requests that could not be sent never are."""
+        if isinstance(exc, AuthError | RetryExhausted) or exc.status is None:
+            return False
+        return exc.status in self.content_statuses
+
+    def refusal_message(self, exc: ApiError) -> str:
+        """The row's failure message when a refused batch is down to one row."""
+        return exc.message
+
+    # -- asynchronous jobs --------------------------------------------------------------
+
+    async def poll_job(
+        self,
+        fetch: Callable[[], Awaitable[T]],
+        done: Callable[[T], bool],
+        *,
+        first: T,
+        timeout: float,
+        what: str,
+        state: Callable[[T], str],
+        url: str,
+        setting: str = "timeout",
+        client: ServiceClient | None = None,
+    ) -> T:
+        """Poll ``fetch`` until ``done`` (``first`` is the job as submitted), waiting
+        :attr:`poll_interval` growing by :attr:`poll_backoff` up to
+        :attr:`poll_interval_max`; :class:`JobTimeout` once ``timeout`` seconds of waiting
+        have passed, naming ``what``, its last ``state`` and the ``setting`` that sets
+        the timeout."""
+        current, interval, waited = first, self.poll_interval, 0.0
+        while not done(current):
+            if waited >= timeout:
+                raise JobTimeout(
+                    (client or self.client).service,
+                    None,
+                    "GET",
+                    url,
+                    f"{what} still {state(current)} after {waited:.0f}s of polling "
+                    f"({setting} {timeout:g}s)",
+                    attempts=0,
+                    elapsed=waited,
+                )
+            await self.poll_sleep(interval)
+            waited += interval
+            interval = min(interval * self.poll_backoff, self.poll_interval_max)
+            current = await fetch()
+        return current
+
+
+# -- paginators -------------------------------------------------------------------------
+
+
+async def _pages(
+    client: ServiceClient,
+    url: str,
+    fetch: Callable[[Any], Awaitable[tuple[Sequence[Any], Hashable | None]]],
+) -> AsyncIterator[Any]:
+    """Items of every page; ``fetch(token)`` reads one page and says the next token (None:
+    the last page). A token seen before means the server is going round in circles."""
+    seen: set[Hashable] = set()
+    token: Any = None
+    while True:
+        items, next_token = await fetch(token)
+        for item in items:
+            yield item
+        if next_token is None:
+            return
+        if next_token in seen:
+            raise PaginationLoop(
+                client.service,
+                None,
+                "GET",
+                url,
+                f"the server handed the same page token twice ({str(next_token)[:100]}); "
+                "stopped instead of reading the same pages again",
+            )
+        seen.add(next_token)
+        token = next_token
+
+
+async def cursor_pages(
+    client: ServiceClient,
+    url: str,
+    params: Mapping[str, Any],
+    *,
+    items: Callable[[Any], Sequence[Any]],
+    next_cursor: Callable[[Any], str | None],
+    cursor_param: str,
+) -> AsyncIterator[Any]:
+    """Every item of a cursor-paginated collection: ``next_cursor(body)`` is sent back as
+    ``cursor_param`` (HubSpot's ``after``, Meta's ``after`` cursor)."""
+
+    async def fetch(cursor: Any) -> tuple[Sequence[Any], Hashable | None]:
+        query = dict(params) if cursor is None else {**params, cursor_param: cursor}
+        body, _ = await client.get_json(url, params=query)
+        return items(body), next_cursor(body) or None
+
+    async for item in _pages(client, url, fetch):
+        yield item
+
+
+async def next_link_pages(
+    client: ServiceClient,
+    url: str,
+    params: Params,
+    *,
+    items: Callable[[Any], Sequence[Any]],
+    next_link: Callable[[Any], str | None],
+) -> AsyncIterator[Any]:
+    """Every item of a collection paginated by a next link (JSON:API ``links.next``).
+
+    The link's query (its page cursor) is re-applied to ``url`` rather than fetching the
+    link as given: the credentials never go to a host the link names.
+    """
+
+    async def fetch(query: Any) -> tuple[Sequence[Any], Hashable | None]:
+        body, _ = await client.get_json(url, params=params if query is None else list(query))
+        link = next_link(body)
+        following = tuple(parse_qsl(urlsplit(str(link)).query, keep_blank_values=True))
+        return items(body), (following or None) if link else None
+
+    async for item in _pages(client, url, fetch):
+        yield item
+
+
+async def offset_pages(
+    client: ServiceClient,
+    url: str,
+    params: Mapping[str, Any],
+    *,
+    items: Callable[[Any], Sequence[Any]],
+    total: Callable[[Any], int],
+    offset_param: str = "offset",
+) -> AsyncIterator[Any]:
+    """Every item of an offset-paginated collection (Mailchimp's ``count``/``offset``),
+    until a page comes back empty or the offset reaches ``total(body)``."""
+
+    async def fetch(offset: Any) -> tuple[Sequence[Any], Hashable | None]:
+        start = offset or 0
+        body, _ = await client.get_json(url, params={**params, offset_param: start})
+        page = items(body)
+        after = start + len(page)
+        return page, after if page and after < total(body) else None
+
+    async for item in _pages(client, url, fetch):
+        yield item
+
+
+# -- chunking ---------------------------------------------------------------------------
+
+
+def byte_chunks(
+    rows: Sequence[tuple[T, bytes]], envelope: int, max_bytes: int, max_rows: int
+) -> Iterator[list[tuple[T, bytes]]]:
+    """Consecutive runs of serialized rows whose request stays within both caps: the
+    ``envelope`` (the body around an empty array) plus the rows and the commas between
+    them under ``max_bytes``, at most ``max_rows`` rows. A row too big on its own still
+    gets a chunk of its own: the caller refuses such rows before chunking."""
+    chunk: list[tuple[T, bytes]] = []
+    size = envelope
+    for row in rows:
+        extra = len(row[1]) + (1 if chunk else 0)  # the comma between array members
+        if chunk and (size + extra > max_bytes or len(chunk) >= max_rows):
+            yield chunk
+            chunk, size, extra = [], envelope, len(row[1])
+        chunk.append(row)
+        size += extra
+    if chunk:
+        yield chunk

@@ -62,26 +62,26 @@ profile that matches.
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar, Final
-from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from syncd.destinations.base import (
-    BatchRejected,
     Destination,
+    Handler,
     Item,
     Op,
     Outcome,
     SyncTarget,
+    byte_chunks,
+    next_link_pages,
 )
-from syncd.http import ApiError, RetryExhausted, ServiceClient, ServiceLimits
-from syncd.identity import normalize_email, normalize_phone
+from syncd.http import ApiError, ServiceClient, ServiceLimits
+from syncd.identity import e164, identifier_text, normalize_email
 
 __all__ = ["KlaviyoDestination", "KlaviyoOptions"]
 
@@ -173,11 +173,6 @@ _POINTER_INDEX: Final = (
     re.compile(r"^/data/(\d+)(?:/|$)"),
 )
 
-# A whole request refused for its content: the engine splits the batch to isolate the bad
-# rows. 401/403 (AuthError), 404 (a wrong list id is configuration, not content; bisecting
-# it would cost thousands of requests for the same answer), 429 and 5xx are not that.
-_CONTENT_STATUSES: Final = frozenset({400, 409, 413, 422})
-
 
 class KlaviyoOptions(BaseModel):
     """``[options]`` of a Klaviyo mapping."""
@@ -210,15 +205,7 @@ class KlaviyoDestination(Destination):
     # Mirror mode needs the list id, event mode the metric name.
     object_required: ClassVar[frozenset[str]] = frozenset({"mirror", "event"})
 
-    # Polling a bulk import job: the first wait, its growth factor and its cap (seconds).
-    # Polling is Klaviyo's protocol for asynchronous jobs, not a retry, so it lives here
-    # and not in syncd.http. Instance attributes so tests can make it instant.
-    poll_interval: float = 1.0
-    poll_backoff: float = 2.0
-    poll_interval_max: float = 30.0
-
     def setup(self) -> None:
-        self.poll_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         options = self.options
         self.job_timeout = (
             options.job_timeout
@@ -259,16 +246,6 @@ class KlaviyoDestination(Destination):
             )
         return None
 
-    def _clients(self) -> tuple[ServiceClient, ...]:
-        return (self.client, self.lists_client, self.events_client, self.deletion_client)
-
-    def request_count(self) -> int:
-        return sum(client.stats.requests for client in self._clients())
-
-    async def aclose(self) -> None:
-        for client in self._clients():
-            await client.aclose()
-
     # -- validation -------------------------------------------------------------------------
 
     def check(self, target: SyncTarget, op: Op, payload: Mapping[str, Any]) -> str | None:
@@ -303,20 +280,28 @@ class KlaviyoDestination(Destination):
 
     # -- sending ----------------------------------------------------------------------------
 
-    async def send(self, target: SyncTarget, op: Op, items: Sequence[Item]) -> list[Outcome]:
-        if not items:
-            return []
-        if op == "upsert":
-            return await self._import(target, op, items, list_id=None)
-        if op == "add":
-            return await self._import(target, op, items, list_id=_require_object(target, op))
-        if op == "remove":
-            return await self._remove(_require_object(target, op), items)
-        if op == "event":
-            return await self._events(target, _require_object(target, op), items)
-        if op == "delete":
-            return [await self._delete(target, item) for item in items]
-        raise ValueError(f"klaviyo: unsupported operation {op!r}")
+    def handlers(self) -> Mapping[Op, Handler]:
+        return {
+            "upsert": self._upsert,
+            "add": self._add,
+            "remove": self._remove,
+            "event": self._events,
+            "delete": self._delete_each,
+        }
+
+    def is_content_refusal(self, exc: ApiError) -> bool:
+        # A 400 that blames the request's relationships (an unknown list id) is the sync's
+        # configuration, the same for every row: splitting the batch cannot help.
+        return super().is_content_refusal(exc) and not _points_at_relationships(exc.body)
+
+    async def _upsert(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        return await self._import(target, "upsert", items, list_id=None)
+
+    async def _add(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        return await self._import(target, "add", items, list_id=_require_object(target, "add"))
+
+    async def _delete_each(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        return [await self._delete(target, item) for item in items]
 
     # -- profiles: bulk import jobs ---------------------------------------------------------
 
@@ -339,7 +324,7 @@ class KlaviyoDestination(Destination):
             rows.append((index, raw))
 
         envelope = len(_import_body([], list_id))
-        for chunk in _chunks(rows, envelope, MAX_IMPORT_BYTES, MAX_IMPORT_PROFILES):
+        for chunk in byte_chunks(rows, envelope, MAX_IMPORT_BYTES, MAX_IMPORT_PROFILES):
             results = await self._run_import_job(chunk, items, list_id)
             for index, outcome in results.items():
                 outcomes[index] = outcome
@@ -389,28 +374,24 @@ class KlaviyoDestination(Destination):
     async def _wait_for_job(self, job_id: str, attributes: Mapping[str, Any]) -> Mapping[str, Any]:
         """Poll the job until Klaviyo says it is complete or cancelled."""
         path = f"/api/profile-bulk-import-jobs/{job_id}"
-        interval, waited = self.poll_interval, 0.0
-        while attributes.get("status") not in _DONE:
-            if waited >= self.job_timeout:
-                raise RetryExhausted(
-                    self.client.service,
-                    None,
-                    "GET",
-                    path,
-                    f"bulk import job {job_id} still {attributes.get('status')!r} after "
-                    f"{waited:.0f}s of polling (job_timeout {self.job_timeout:g}s)",
-                    attempts=0,
-                    elapsed=waited,
-                )
-            await self.poll_sleep(interval)
-            waited += interval
-            interval = min(interval * self.poll_backoff, self.poll_interval_max)
+
+        async def fetch() -> Mapping[str, Any]:
             document, _ = await self.client.get_json(
-                path,
-                params={"fields[profile-bulk-import-job]": _JOB_FIELDS},
+                path, params={"fields[profile-bulk-import-job]": _JOB_FIELDS}
             )
-            attributes = _data(document).get("attributes") or {}
-        return attributes
+            attributes: Mapping[str, Any] = _data(document).get("attributes") or {}
+            return attributes
+
+        return await self.poll_job(
+            fetch,
+            lambda job: job.get("status") in _DONE,
+            first=attributes,
+            timeout=self.job_timeout,
+            what=f"bulk import job {job_id}",
+            state=lambda job: repr(job.get("status")),
+            url=path,
+            setting="job_timeout",
+        )
 
     async def _import_errors(
         self, job_id: str, payloads: Sequence[Mapping[str, Any]]
@@ -421,7 +402,7 @@ class KlaviyoDestination(Destination):
         unplaced: list[str] = []
         params: Any = {"page[size]": PAGE_SIZE}
         path = f"/api/profile-bulk-import-jobs/{job_id}/import-errors"
-        async for entry in self._pages(self.client, path, params):
+        async for entry in self._pages(path, params):
             attrs = entry.get("attributes") or {}
             message = _error_text(attrs)
             position = _pointer_position(attrs.get("source"), len(payloads))
@@ -449,7 +430,7 @@ class KlaviyoDestination(Destination):
         ids: dict[int, str] = {}
         params: Any = {"fields[profile]": "email,phone_number,external_id", "page[size]": PAGE_SIZE}
         path = f"/api/profile-bulk-import-jobs/{job_id}/profiles"
-        async for profile in self._pages(self.client, path, params):
+        async for profile in self._pages(path, params):
             profile_id = profile.get("id")
             if not profile_id:
                 continue
@@ -460,7 +441,8 @@ class KlaviyoDestination(Destination):
 
     # -- list membership --------------------------------------------------------------------
 
-    async def _remove(self, list_id: str, items: Sequence[Item]) -> list[Outcome]:
+    async def _remove(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        list_id = _require_object(target, "remove")
         outcomes: list[Outcome] = []
         ids: list[str] = []
         for item in items:
@@ -487,9 +469,8 @@ class KlaviyoDestination(Destination):
 
     # -- events -----------------------------------------------------------------------------
 
-    async def _events(
-        self, target: SyncTarget, metric: str, items: Sequence[Item]
-    ) -> list[Outcome]:
+    async def _events(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        metric = _require_object(target, "event")
         outcomes: list[Outcome | None] = [None] * len(items)
         rows: list[tuple[int, bytes]] = []
         for index, item in enumerate(items):
@@ -511,7 +492,7 @@ class KlaviyoDestination(Destination):
                 continue
             rows.append((index, raw))
         envelope = len(_events_body([]))
-        for chunk in _chunks(rows, envelope, MAX_EVENTS_BYTES, MAX_BULK_EVENTS):
+        for chunk in byte_chunks(rows, envelope, MAX_EVENTS_BYTES, MAX_BULK_EVENTS):
             # 202 without a body: Klaviyo validated the whole request and queued every event.
             await self._post(
                 self.events_client,
@@ -531,13 +512,17 @@ class KlaviyoDestination(Destination):
             return Outcome.rejected(reason)
         profile: dict[str, Any]
         email = normalize_email(payload.get("email"))
-        phone = _text(payload.get("phone_number"))
+        phone = identifier_text(payload.get("phone_number"))
         if email:
             profile = {"type": "profile", "attributes": {"email": email}}
         elif phone:
             profile = {"type": "profile", "attributes": {"phone_number": phone}}
         else:
-            profile = {"type": "profile", "id": _text(payload.get("id")), "attributes": {}}
+            profile = {
+                "type": "profile",
+                "id": identifier_text(payload.get("id")),
+                "attributes": {},
+            }
         body = {
             "data": {
                 "type": "data-privacy-deletion-job",
@@ -555,16 +540,9 @@ class KlaviyoDestination(Destination):
         self, client: ServiceClient, path: str, body: bytes, *, method: str = "POST"
     ) -> Any:
         """Send a JSON:API body; a content refusal of the whole request is BatchRejected."""
-        try:
-            response = await client.request(
-                method, path, content=body, headers={"Content-Type": JSON_API}
-            )
-        except ApiError as exc:
-            # AuthError (401/403) and RetryExhausted (429/5xx/transport) never carry a
-            # content status: they propagate and fail the run, as the contract wants.
-            if exc.status not in _CONTENT_STATUSES or _points_at_relationships(exc.body):
-                raise
-            raise BatchRejected(exc.message) from exc
+        response = await self.call(
+            method, path, client=client, content=body, headers={"Content-Type": JSON_API}
+        )
         if not response.content:
             return None
         try:
@@ -578,26 +556,17 @@ class KlaviyoDestination(Destination):
                 f"expected a JSON:API document, got {response.text[:200]!r}",
             ) from exc
 
-    async def _pages(
-        self, client: ServiceClient, path: str, params: Any
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Every resource of a paginated collection, following ``links.next``.
-
-        The next link's query (its page cursor) is re-applied to our own path rather than
-        fetching the link as given: the API key never goes to a host it names.
-        """
-        query: Any = params
-        while True:
-            document, _ = await client.get_json(path, params=query)
-            for resource in (document or {}).get("data") or []:
-                if isinstance(resource, dict):
-                    yield resource
-            next_link = ((document or {}).get("links") or {}).get("next")
-            if not next_link:
-                return
-            query = parse_qsl(urlsplit(str(next_link)).query, keep_blank_values=True)
-            if not query:
-                return
+    def _pages(self, path: str, params: Any) -> AsyncIterator[dict[str, Any]]:
+        """Every resource of a JSON:API collection, following ``links.next``."""
+        return next_link_pages(
+            self.client,
+            path,
+            params,
+            items=lambda document: [
+                r for r in (document or {}).get("data") or [] if isinstance(r, dict)
+            ],
+            next_link=lambda document: ((document or {}).get("links") or {}).get("next"),
+        )
 
 
 # -- payload building ---------------------------------------------------------------------
@@ -610,44 +579,30 @@ def _require_object(target: SyncTarget, op: Op) -> str:
     return target.object
 
 
-def _text(value: Any) -> str | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        value = str(value)
-    if not isinstance(value, str):
-        return None
-    return value.strip() or None
-
-
 def _identity_reason(payload: Mapping[str, Any]) -> str | None:
     email, phone, external = (payload.get(name) for name in IDENTITY_FIELDS)
-    if _text(email) is not None and normalize_email(email) is None:
+    if identifier_text(email) is not None and normalize_email(email) is None:
         return f"invalid email address {email!r}"
-    if _text(phone) is not None and _e164(phone) is None:
+    if identifier_text(phone) is not None and e164(phone) is None:
         return f"phone_number {phone!r} is not a valid E.164 number (+ and country code)"
-    if _text(email) is None and _text(phone) is None and _text(external) is None:
+    if (
+        identifier_text(email) is None
+        and identifier_text(phone) is None
+        and identifier_text(external) is None
+    ):
         return "no email, phone_number or external_id to identify the Klaviyo profile"
     return None
 
 
 def _delete_reason(payload: Mapping[str, Any]) -> str | None:
     email, phone = payload.get("email"), payload.get("phone_number")
-    if _text(email) is not None:
+    if identifier_text(email) is not None:
         return None if normalize_email(email) else f"invalid email address {email!r}"
-    if _text(phone) is not None:
-        return None if _e164(phone) else f"phone_number {phone!r} is not a valid E.164 number"
-    if _text(payload.get("id")) is not None:
+    if identifier_text(phone) is not None:
+        return None if e164(phone) else f"phone_number {phone!r} is not a valid E.164 number"
+    if identifier_text(payload.get("id")) is not None:
         return None
     return "no email, phone_number or Klaviyo profile id to delete by"
-
-
-def _e164(value: Any) -> str | None:
-    text = _text(value)
-    # Klaviyo wants E.164; without a leading + there is no country to read it in.
-    if text is None or not text.startswith("+"):
-        return None
-    return normalize_phone(text, None)
 
 
 def _prune(value: Any) -> Any:
@@ -667,7 +622,7 @@ def _profile_attributes(payload: Mapping[str, Any]) -> dict[str, Any]:
         attributes["email"] = email
     for name in ("phone_number", "external_id"):
         if name in attributes:
-            text = _text(attributes[name])
+            text = identifier_text(attributes[name])
             if text is None:
                 del attributes[name]
             else:
@@ -728,23 +683,6 @@ def _events_body(entries: Sequence[bytes]) -> bytes:
     )
 
 
-def _chunks(
-    rows: list[tuple[int, bytes]], envelope: int, max_bytes: int, max_rows: int
-) -> Iterator[list[tuple[int, bytes]]]:
-    """Consecutive runs of rows whose request body stays within both caps."""
-    chunk: list[tuple[int, bytes]] = []
-    size = envelope
-    for row in rows:
-        extra = len(row[1]) + (1 if chunk else 0)  # the comma between array members
-        if chunk and (size + extra > max_bytes or len(chunk) >= max_rows):
-            yield chunk
-            chunk, size, extra = [], envelope, len(row[1])
-        chunk.append(row)
-        size += extra
-    if chunk:
-        yield chunk
-
-
 # -- reading results ----------------------------------------------------------------------
 
 
@@ -761,12 +699,12 @@ def _identity_keys(attributes: Mapping[str, Any]) -> list[tuple[str, str]]:
     email = normalize_email(attributes.get("email"))
     if email:
         keys.append(("email", email))
-    external = _text(attributes.get("external_id"))
+    external = identifier_text(attributes.get("external_id"))
     if external:
         keys.append(("external_id", external))
-    phone = _text(attributes.get("phone_number"))
+    phone = identifier_text(attributes.get("phone_number"))
     if phone:
-        keys.append(("phone_number", _e164(phone) or phone))
+        keys.append(("phone_number", e164(phone) or phone))
     return keys
 
 

@@ -61,7 +61,6 @@ headers (429 when over; ``syncd.http`` retries it).
 from __future__ import annotations
 
 import builtins
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Final, Literal
@@ -70,9 +69,17 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome, SyncTarget
-from syncd.http import ApiError, ServiceLimits
-from syncd.identity import normalize_email
+from syncd.destinations.base import (
+    Destination,
+    Handler,
+    Item,
+    Op,
+    Outcome,
+    SyncTarget,
+    offset_pages,
+)
+from syncd.http import ApiError, AuthError, ServiceLimits
+from syncd.identity import email_key, hash_hex, normalize_email
 
 __all__ = ["MailchimpDestination", "MailchimpSyncOptions", "subscriber_hash"]
 
@@ -115,7 +122,7 @@ _NOT_A_MEMBER: Final = re.compile(
 
 def subscriber_hash(email: str) -> str:
     """Mailchimp's member id in URLs: the MD5 hex digest of the lower-cased address."""
-    return hashlib.md5(email.strip().lower().encode(), usedforsecurity=False).hexdigest()
+    return hash_hex("md5", email_key(email))
 
 
 def datacenter(api_key: str) -> str | None:
@@ -240,31 +247,26 @@ class MailchimpDestination(Destination):
         ``type=static`` sees every tag, paged by count/offset.
         """
         path = f"/lists/{_path(list_id)}/segments"
-        offset = 0
         folded: int | None = None
-        while True:
-            body, _ = await self.client.get_json(
-                path,
-                params={
-                    "type": "static",
-                    "count": _SEGMENT_PAGE,
-                    "offset": offset,
-                    "fields": "segments.id,segments.name,total_items",
-                },
-            )
-            segments = (body.get("segments") or []) if isinstance(body, dict) else []
-            for segment in segments:
-                name = segment.get("name")
-                if name == tag:
-                    return int(segment["id"])
-                # Mailchimp treats tag names case-insensitively in its UI; an exact
-                # match wins, a case-folded one is the fallback.
-                if isinstance(name, str) and name.casefold() == tag.casefold():
-                    folded = folded if folded is not None else int(segment["id"])
-            offset += len(segments)
-            total = body.get("total_items", 0) if isinstance(body, dict) else 0
-            if not segments or offset >= total:
-                break
+        segments = offset_pages(
+            self.client,
+            path,
+            {
+                "type": "static",
+                "count": _SEGMENT_PAGE,
+                "fields": "segments.id,segments.name,total_items",
+            },
+            items=lambda body: (body.get("segments") or []) if isinstance(body, dict) else [],
+            total=lambda body: body.get("total_items", 0) if isinstance(body, dict) else 0,
+        )
+        async for segment in segments:
+            name = segment.get("name")
+            if name == tag:
+                return int(segment["id"])
+            # Mailchimp treats tag names case-insensitively in its UI; an exact match
+            # wins, a case-folded one is the fallback.
+            if isinstance(name, str) and name.casefold() == tag.casefold():
+                folded = folded if folded is not None else int(segment["id"])
         if folded is not None:
             return folded
         created, _ = await self.client.request_json(
@@ -274,26 +276,27 @@ class MailchimpDestination(Destination):
 
     # -- sending --------------------------------------------------------------------------
 
-    async def send(self, target: SyncTarget, op: Op, items: Sequence[Item]) -> list[Outcome]:
-        if not items:
-            return []
-        if len(items) > self.max_batch.get(op, 0):
-            raise ValueError(f"{len(items)} items exceed max_batch[{op!r}]")
-        list_id = self._list_id(target)
-        if op == "upsert":
-            return await self._upsert(target, list_id, items)
-        if op == "add":
-            outcomes = await self._upsert(target, list_id, items)
-            return await self._tag(target, list_id, outcomes)
-        if op == "remove":
-            return await self._untag(target, list_id, items)
-        if op == "delete":
-            return [await self._delete(list_id, item) for item in items]
-        raise ValueError(f"mailchimp does not support {op!r}")
+    def handlers(self) -> Mapping[Op, Handler]:
+        return {
+            "upsert": self._upsert,
+            "add": self._add,
+            "remove": self._untag,
+            "delete": self._delete_each,
+        }
 
-    async def _upsert(
-        self, target: SyncTarget, list_id: str, items: Sequence[Item]
-    ) -> list[Outcome]:
+    def refusal_message(self, exc: ApiError) -> str:
+        return _problem_text(exc)
+
+    async def _add(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        outcomes = await self._upsert(target, items)
+        return await self._tag(target, self._list_id(target), outcomes)
+
+    async def _delete_each(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        list_id = self._list_id(target)
+        return [await self._delete(list_id, item) for item in items]
+
+    async def _upsert(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        list_id = self._list_id(target)
         options = self._options(target)
         members: dict[str, dict[str, Any]] = {}
         emails: list[str | None] = []
@@ -308,15 +311,11 @@ class MailchimpDestination(Destination):
         if not members:
             return [Outcome.rejected("invalid email_address") for _ in items]
 
-        try:
-            body, _ = await self.client.request_json(
-                "POST",
-                f"/lists/{_path(list_id)}",
-                json={"members": list(members.values()), "update_existing": True},
-            )
-        except ApiError as exc:
-            _raise_if_batch_refused(exc)
-            raise
+        body, _ = await self.call_json(
+            "POST",
+            f"/lists/{_path(list_id)}",
+            json={"members": list(members.values()), "update_existing": True},
+        )
 
         accepted: set[str] = set()
         body = body if isinstance(body, dict) else {}
@@ -324,12 +323,12 @@ class MailchimpDestination(Destination):
             for member in body.get(key) or []:
                 address = member.get("email_address") if isinstance(member, dict) else None
                 if isinstance(address, str):
-                    accepted.add(address.strip().lower())
+                    accepted.add(email_key(address))
         errors: dict[str, str] = {}
         for error in body.get("errors") or []:
             if not isinstance(error, dict) or not isinstance(error.get("email_address"), str):
                 continue
-            errors.setdefault(error["email_address"].strip().lower(), _member_error(error))
+            errors.setdefault(email_key(error["email_address"]), _member_error(error))
 
         outcomes: list[Outcome] = []
         for email in emails:
@@ -386,12 +385,11 @@ class MailchimpDestination(Destination):
             for o in outcomes
         ]
 
-    async def _untag(
-        self, target: SyncTarget, list_id: str, items: Sequence[Item]
-    ) -> list[Outcome]:
+    async def _untag(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         """Take members out of the tag (the segment's members_to_remove). The member
         stays in the audience with its status: a mirror exit never unsubscribes."""
-        emails = sorted({item.dest_id.strip().lower() for item in items if item.dest_id})
+        list_id = self._list_id(target)
+        emails = sorted({email_key(item.dest_id) for item in items if item.dest_id})
         failed: dict[str, str] = {}
         if emails:
             failed = await self._segment_call(target, list_id, "members_to_remove", emails)
@@ -400,7 +398,7 @@ class MailchimpDestination(Destination):
             if not item.dest_id:
                 outcomes.append(Outcome.rejected("no Mailchimp member recorded for this record"))
                 continue
-            email = item.dest_id.strip().lower()
+            email = email_key(item.dest_id)
             message = failed.get(email)
             if message is None or _NOT_A_MEMBER.search(message):
                 outcomes.append(Outcome.accepted(email))
@@ -416,15 +414,9 @@ class MailchimpDestination(Destination):
         segment_id = self._segments.get(target.name)
         if segment_id is None:
             raise RuntimeError(f"sync {target.name}: prepare() was not called")
-        try:
-            body, _ = await self.client.request_json(
-                "POST",
-                f"/lists/{_path(list_id)}/segments/{segment_id}",
-                json={key: emails},
-            )
-        except ApiError as exc:
-            _raise_if_batch_refused(exc)
-            raise
+        body, _ = await self.call_json(
+            "POST", f"/lists/{_path(list_id)}/segments/{segment_id}", json={key: emails}
+        )
         failed: dict[str, str] = {}
         errors = body.get("errors") if isinstance(body, dict) else None
         for error in errors or []:
@@ -433,12 +425,12 @@ class MailchimpDestination(Destination):
             message = str(error.get("error") or "refused by Mailchimp")
             for address in error.get("email_addresses") or []:
                 if isinstance(address, str):
-                    failed.setdefault(address.strip().lower(), message)
+                    failed.setdefault(email_key(address), message)
         return failed
 
     async def _delete(self, list_id: str, item: Item) -> Outcome:
         email = normalize_email(item.payload.get("email_address")) or (
-            item.dest_id.strip().lower() if item.dest_id else None
+            email_key(item.dest_id) if item.dest_id else None
         )
         if email is None:
             return Outcome.rejected("invalid email_address")
@@ -454,14 +446,11 @@ class MailchimpDestination(Destination):
             if (
                 exc.status is not None
                 and 400 <= exc.status < 500
-                and exc.status
-                not in (
-                    401,
-                    403,
-                )
+                and not isinstance(exc, AuthError)
             ):
-                # A refusal of this one member ("This list member cannot be removed"):
-                # the batch is this one item, so it is the row's failure.
+                # A refusal of this one member (405 "This list member cannot be removed"):
+                # erasure is one member per request, so any other 4xx is that member's
+                # and becomes the row's failure rather than the run's.
                 return Outcome.rejected(_problem_text(exc))
             raise
         return Outcome.accepted(email)
@@ -508,12 +497,3 @@ def _problem_text(exc: ApiError) -> str:
         if isinstance(e, dict) and e.get("message")
     ]
     return f"{text} ({'; '.join(problems)})" if problems else text
-
-
-def _raise_if_batch_refused(exc: ApiError) -> None:
-    """A whole-request refusal for its content (400 Invalid Resource, a body too large)
-    is the engine's to split: BatchRejected. Anything else (404: a wrong audience id)
-    is not the rows' fault and the caller re-raises it, as auth errors and exhausted
-    retries are."""
-    if exc.status in (400, 413, 422):
-        raise BatchRejected(_problem_text(exc)) from exc

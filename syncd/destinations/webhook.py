@@ -22,11 +22,12 @@ A receiver verifies the signature over the raw body bytes, before parsing them, 
 
 * 2xx: every record accepted, except those named in an optional JSON body
   ``{"errors": [{"key": "...", "message": "..."}]}``, which are rejected with that message;
-* 400/413/422 (any 4xx but 401/403/429): the whole batch is refused; syncd splits it to
-  find the bad records. The refusal's text comes from the body's ``message``/``error``,
-  else the status line;
-* 401/403: the run fails (a wrong secret or URL); 429/5xx: retried by ``syncd.http``
-  (``Retry-After`` honoured).
+* 400/409/413/422: the whole batch is refused for its content; syncd splits it to find
+  the bad records. The refusal's text comes from the body's ``message``/``error``, else
+  the status line;
+* any other 4xx (401/403: a wrong secret; 404/405/410: a wrong URL): the run fails at
+  once with the receiver's message, after that one request; 429/5xx: retried by
+  ``syncd.http`` (``Retry-After`` honoured).
 
 Options (``[options]`` of the mapping): ``signature_header`` (default
 ``X-Syncd-Signature``) and ``headers``, a table of extra static headers (an API key
@@ -35,6 +36,7 @@ header the receiver wants, say). Credential: ``secret``. ``base_url`` is require
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -48,15 +50,8 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome, SyncTarget
-from syncd.http import (
-    ApiError,
-    AuthError,
-    RetryExhausted,
-    ServiceLimits,
-    redact_url,
-    vendor_message,
-)
+from syncd.destinations.base import ALL_OPS, Destination, Handler, Item, Op, Outcome, SyncTarget
+from syncd.http import ApiError, ServiceLimits, redact_url, vendor_message
 
 __all__ = [
     "DEFAULT_SIGNATURE_HEADER",
@@ -152,9 +147,7 @@ class WebhookDestination(Destination):
 
     type: ClassVar[str] = "webhook"
     modes: ClassVar[frozenset[str]] = frozenset({"upsert", "mirror", "event", "delete"})
-    max_batch: ClassVar[Mapping[str, int]] = {
-        op: MAX_BATCH for op in ("upsert", "add", "remove", "event", "delete")
-    }
+    max_batch: ClassVar[Mapping[str, int]] = dict.fromkeys(ALL_OPS, MAX_BATCH)
     credential_names: ClassVar[tuple[str, ...]] = ("secret",)
     # No vendor, so no documented limit. Automation platforms throttle per hook (Zapier
     # answers 429 when a hook is flooded) and in-house receivers are often small: a
@@ -195,9 +188,17 @@ class WebhookDestination(Destination):
             return "secret is empty"
         return None
 
-    async def send(self, target: SyncTarget, op: Op, items: Sequence[Item]) -> list[Outcome]:
-        if not items:
-            return []
+    def handlers(self) -> Mapping[Op, Handler]:
+        # One wire format for every operation: the action names it.
+        return {op: functools.partial(self._post, op) for op in ALL_OPS}
+
+    def refusal_message(self, exc: ApiError) -> str:
+        """The receiver's reason for refusing a batch: its message, else the status line."""
+        if vendor_message(exc.body)[0]:
+            return exc.message
+        return f"HTTP {exc.status} {exc.message}".strip()
+
+    async def _post(self, op: Op, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         options = self.options
         assert isinstance(options, WebhookOptions)
         bid = batch_id(target.name, op, items)
@@ -221,18 +222,7 @@ class WebhookDestination(Destination):
             "Idempotency-Key": bid,
             options.signature_header: signature(self._secret, body),
         }
-        try:
-            response = await self.client.request("POST", self.url, content=body, headers=headers)
-        except (AuthError, RetryExhausted):
-            # Wrong credentials, or 429/5xx until the retry ceiling: the run fails and
-            # the batch goes out next time. (RetryExhausted after 429s carries 429.)
-            raise
-        except ApiError as exc:
-            # Only 4xx answers become refusals; a request that could not be sent at all
-            # (status None) is a configuration problem and fails the run.
-            if exc.status is not None and 400 <= exc.status < 500:
-                raise BatchRejected(_refusal(exc)) from exc
-            raise
+        response = await self.call("POST", self.url, content=body, headers=headers)
         if response.is_redirect:
             # Not followed (a redirected POST can become a GET or leak the signature to
             # another host): the mapping should name the final URL.
@@ -245,13 +235,6 @@ class WebhookDestination(Destination):
                 f"redirected to {location}; use that URL as base_url",
             )
         return _outcomes(items, response)
-
-
-def _refusal(exc: ApiError) -> str:
-    """The receiver's reason for refusing a batch: its message, else the status line."""
-    if vendor_message(exc.body)[0]:
-        return exc.message
-    return f"HTTP {exc.status} {exc.message}".strip()
 
 
 def _outcomes(items: Sequence[Item], response: httpx.Response) -> list[Outcome]:

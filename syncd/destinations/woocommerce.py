@@ -25,7 +25,7 @@ Payload conventions (the mapped record of one customer):
 Outcomes: WooCommerce answers ``{"update": [customer, ... or {"id": N, "error": {code,
 message, data}}]}`` in the order sent; each item is matched to its answer by id,
 accepted ones get ``dest_id = str(id)``. A 400 or 413 for the whole request becomes
-:class:`BatchRejected`.
+:class:`~syncd.destinations.base.BatchRejected`; any other refusal fails the run.
 
 Set-up: the mapping's ``base_url`` is required and is the store's site URL
 (``https://shop.example.com``, as in the source's ``url``); ``/wp-json/wc/v3`` is
@@ -37,7 +37,7 @@ key with write permission; auth is the source's: HTTP Basic over https, OAuth 1.
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from typing import Any, ClassVar, Final
 from urllib.parse import urlsplit
 
@@ -45,7 +45,7 @@ import httpx
 import orjson
 from pydantic import SecretStr
 
-from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome, SyncTarget
+from syncd.destinations.base import Destination, Handler, Item, Op, Outcome, SyncTarget
 from syncd.http import ApiError, ServiceLimits
 from syncd.sources.woocommerce import API_ROOT
 from syncd.sources.woocommerce_auth import make_auth
@@ -62,12 +62,6 @@ NOT_REGISTERED: Final = "not a registered customer of the store (no WooCommerce 
 # Top-level customer fields a mapping may write besides `id` and `meta`.
 CUSTOMER_FIELDS: Final = ("first_name", "last_name", "billing", "shipping")
 _ADDRESS_FIELDS: Final = ("billing", "shipping")
-
-# Whole-request refusals for content: 400 (rest_invalid_param, a malformed body) and 413
-# (over the batch limit). Other 4xx (404 rest_no_route: a wrong store URL or a store
-# without wc/v3) are configuration errors that splitting the batch cannot fix: they
-# propagate and fail the run with WooCommerce's message.
-_CONTENT_REFUSALS: Final = frozenset({400, 413})
 
 
 def meta_value(value: Any) -> Any:
@@ -131,6 +125,12 @@ class WooCommerceDestination(Destination):
     default_limits: ClassVar[ServiceLimits] = ServiceLimits(
         requests_per_second=1.0, concurrency=2, timeout=90.0
     )
+    # Whole-request refusals for content: 400 (rest_invalid_param, a malformed body) and
+    # 413 (woocommerce_rest_request_entity_too_large, over the batch limit), as
+    # WC_REST_Controller::check_batch_limit and the REST docs' "Errors" section list them.
+    # WooCommerce answers no 409/422 for a batch of customers: any such answer comes from
+    # something in front of the store, not from the rows.
+    content_statuses: ClassVar[Collection[int]] = frozenset({400, 413})
 
     @classmethod
     def api_root(cls, base_url: str) -> str:
@@ -189,14 +189,10 @@ class WooCommerceDestination(Destination):
                 return f"{field} must be a table of address fields (map fields as {field}.<name>)"
         return None
 
-    async def send(self, target: SyncTarget, op: Op, items: Sequence[Item]) -> list[Outcome]:
-        if op != "upsert":
-            raise ValueError(f"woocommerce destination supports only upsert, not {op}")
-        if not items:
-            return []
-        if len(items) > MAX_BATCH:
-            # The engine splits by max_batch; more would be a 413 for the whole request.
-            raise ValueError(f"at most {MAX_BATCH} customers per batch, got {len(items)}")
+    def handlers(self) -> Mapping[Op, Handler]:
+        return {"upsert": self._upsert}
+
+    async def _upsert(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         ids = [customer_id(item.payload.get("id")) for item in items]
         updates = [
             customer_update(number, item.payload)
@@ -206,16 +202,11 @@ class WooCommerceDestination(Destination):
         body: Any = None
         response: httpx.Response | None = None
         if updates:
-            try:
-                body, response = await self.client.request_json(
-                    "POST", "customers/batch", json={"update": updates}
-                )
-            except ApiError as exc:
-                # 401/403 (AuthError) and exhausted retries are not in the set: they fail
-                # the run, and the batch goes out next time.
-                if exc.status in _CONTENT_REFUSALS:
-                    raise BatchRejected(exc.message) from exc
-                raise
+            # A 404 rest_no_route (a wrong store URL, a store without wc/v3) fails the run
+            # with WooCommerce's message, as auth errors do.
+            body, response = await self.call_json(
+                "POST", "customers/batch", json={"update": updates}
+            )
         return self._outcomes(ids, body, response)
 
     def _outcomes(
