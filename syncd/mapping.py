@@ -49,7 +49,7 @@ from syncd.destinations.base import Destination, Mode, SyncTarget
 from syncd.http import ServiceLimits
 from syncd.identity import normalize_phone
 from syncd.money import exponent
-from syncd.schedule import ScheduleError, parse_schedule
+from syncd.schedule import parse_schedule
 from syncd.sources.woocommerce_columns import WOOCOMMERCE_COLUMNS
 from syncd.store.models import PROFILES
 
@@ -354,12 +354,8 @@ class SyncSpec(BaseModel):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return parse_schedule(value).text
-        except ScheduleError as exc:
-            raise ValueError(str(exc)) from None
+        # A ScheduleError is a ValueError: its message becomes the problem's.
+        return None if value is None else parse_schedule(value).text
 
     @field_validator("match")
     @classmethod
