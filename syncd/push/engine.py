@@ -489,7 +489,7 @@ class _Run:
 
     def _attach_dest_ids(self, entries: list[_Entry]) -> None:
         """Give records the destination already holds their vendor id: an adapter may
-        treat a known member differently (Mailchimp leaves a known member's status alone)."""
+        treat a known member differently (leave its subscription status alone, say)."""
         held = [e.item.key for e in entries if e.known is not None and e.known.in_destination]
         if not held:
             return
