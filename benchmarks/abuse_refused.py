@@ -37,10 +37,10 @@ from sqlalchemy import Engine, create_engine, insert, text
 from syncd.config import Settings
 from syncd.log import configure_logging
 from syncd.mapping import load_mappings
+from syncd.push import PushResult, push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.store.engine import open_store
 from syncd.store.models import MEMBERSHIPS, PROFILES
-from syncd.sync import PushResult, push, select_syncs
 
 SECRET = "bench-secret"
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)

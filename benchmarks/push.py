@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import heading, num, print_table, verdict
 from syncd.config import Settings
 from syncd.mapping import load_mappings
+from syncd.push import PushResult, push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.store.engine import open_store
-from syncd.sync import PushResult, push, select_syncs
 
 LIST = "bench"
 SECRET = "bench-secret"

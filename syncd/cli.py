@@ -130,7 +130,7 @@ def validate() -> None:
             engine.dispose()
     mappings = load_mappings_or_exit(settings)
     if any(sync.spec.sql is not None for m in mappings for sync in m.syncs):
-        from syncd.sync import PushError, check_model
+        from syncd.push import PushError, check_model
 
         engine = open_engine(settings)
         try:
@@ -350,8 +350,8 @@ def push(
 ) -> None:
     """Run destination syncs once: send what changed since the last push. Exits 1 when a
     sync failed, including one whose every row sent was refused."""
-    from syncd.sync import push as run_push
-    from syncd.sync import select_syncs
+    from syncd.push import push as run_push
+    from syncd.push import select_syncs
 
     settings = load()
     mappings = load_mappings_or_exit(settings)

@@ -27,7 +27,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Final, Literal, get_args, get_origin
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from pydantic import (
@@ -39,6 +39,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -56,6 +57,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from syncd.log import register_secret
+from syncd.schedule import Schedule, ScheduleError, every, parse_schedule
 
 __all__ = [
     "SOURCE_TYPES",
@@ -416,7 +418,55 @@ def _verify_tls_value(value: object) -> object:
     return path
 
 
-class WooCommerceSourceSettings(BaseModel):
+# How often a source is polled when it does not say.
+DEFAULT_SOURCE_SCHEDULE: Final = "every 15m"
+
+
+class ScheduledSourceSettings(BaseModel):
+    """When the daemon polls a source, and how late its last success may be: the keys
+    every source type shares."""
+
+    model_config = _MODEL_CONFIG
+
+    # The older key for the polling interval, still read (any positive number of
+    # minutes); ``schedule`` replaces it and both at once is an error.
+    sync_every_minutes: Annotated[float, Field(gt=0)] | None = None
+    # ``every N s|m|h|d`` (at least every 10 s) or a 5-field cron expression in UTC.
+    schedule: str = DEFAULT_SOURCE_SCHEDULE
+    # Each scheduled run starts up to this many seconds late, at random, so several
+    # sources (or replicas) do not hit the store in lockstep.
+    jitter_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # /readyz and the alerts call the source stale when its last successful sync is
+    # older than this. Default: 0 = three polling intervals (a cron schedule's longest).
+    stale_after_minutes: Annotated[float, Field(ge=0)] = 0.0
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("sync_every_minutes") is not None:
+            raise PydanticCustomError(
+                "schedule_twice",
+                "expected schedule or its old form sync_every_minutes, not both "
+                "(delete sync_every_minutes)",
+            )
+        try:
+            return parse_schedule(value).text
+        except ScheduleError as exc:
+            raise PydanticCustomError("schedule", "{message}", {"message": str(exc)}) from None
+
+    @property
+    def poll_schedule(self) -> Schedule:
+        """The schedule the daemon polls this source on."""
+        if self.sync_every_minutes is not None:
+            return every(self.sync_every_minutes * 60)
+        return parse_schedule(self.schedule)
+
+    @property
+    def freshness_minutes(self) -> float:
+        return self.stale_after_minutes or 3 * self.poll_schedule.longest_wait() / 60
+
+
+class WooCommerceSourceSettings(ScheduledSourceSettings):
     """One WooCommerce store, read through its REST API (v3)."""
 
     model_config = _MODEL_CONFIG
@@ -444,14 +494,6 @@ class WooCommerceSourceSettings(BaseModel):
     # Id reconciliation finds hard deletes (which no modified-since query returns);
     # 0 = on every run.
     reconcile_every_hours: Annotated[float, Field(ge=0)] = 24.0
-    # The daemon's polling interval for this source.
-    sync_every_minutes: Annotated[float, Field(gt=0)] = 15.0
-    # Each scheduled run starts up to this many seconds late, at random, so several
-    # sources (or replicas) do not hit the store in lockstep.
-    jitter_seconds: Annotated[float, Field(ge=0)] = 30.0
-    # /readyz and the alerts call the source stale when its last successful sync is
-    # older than this. Default: 0 = three polling intervals.
-    stale_after_minutes: Annotated[float, Field(ge=0)] = 0.0
     # True: the system's CAs; a path: the CAs of that PEM file alone (a store's own CA
     # or self-signed certificate); False: no check.
     verify_tls: Annotated[bool | Path, BeforeValidator(_verify_tls_value)] = True
@@ -460,10 +502,6 @@ class WooCommerceSourceSettings(BaseModel):
     # administrators and shop managers included: they are customers only once they have
     # an order that is not trashed or deleted.
     customer_roles: list[RoleName] = Field(default_factory=lambda: list(DEFAULT_CUSTOMER_ROLES))
-
-    @property
-    def freshness_minutes(self) -> float:
-        return self.stale_after_minutes or 3 * self.sync_every_minutes
 
     @field_validator("type", mode="before")
     @classmethod

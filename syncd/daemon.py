@@ -1,7 +1,7 @@
 """The scheduler of ``syncd run``: which job runs when, where, and what it sets off.
 
 Jobs
-    ``source:<name>``       one per source, every ``sync_every_minutes`` with up to
+    ``source:<name>``       one per source, on its ``schedule`` with up to
                             ``jitter_seconds`` of random delay;
     ``segments``            the profile and segment recompute: chained after a source sync
                             that stored rows (and after webhooks that changed customers), and
@@ -47,13 +47,11 @@ import hashlib
 import logging
 import math
 import os
-import random
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -62,9 +60,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 from apscheduler.schedulers.base import STATE_RUNNING  # type: ignore[import-untyped]
-from apscheduler.triggers.base import BaseTrigger  # type: ignore[import-untyped]
-from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
-from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 from sqlalchemy import Connection, Engine, create_engine, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import NullPool
@@ -72,13 +67,14 @@ from sqlalchemy.pool import NullPool
 from syncd.config import Settings
 from syncd.ingest import SourceSync
 from syncd.log import get_logger
-from syncd.mapping import LoadedMapping, LoadedSync, schedule_seconds
+from syncd.mapping import LoadedMapping, LoadedSync
+from syncd.push import push
+from syncd.schedule import ANCHOR, SlotTrigger, parse_schedule
 from syncd.segments.recompute import recompute
 from syncd.status import iso
 from syncd.store.engine import writer_lock
 from syncd.store.models import JOB_LEASES
 from syncd.store.models import SYNC_RUNS as RUNS
-from syncd.sync import push
 
 if TYPE_CHECKING:
     from syncd.alerts import Alerts
@@ -96,10 +92,8 @@ __all__ = [
 
 log = get_logger("syncd.daemon")
 
-# Interval schedules count from here, so every replica (and every restart) agrees on the
-# nominal fire times: a 15-minute source fires at :00, :15, :30 and :45 UTC plus jitter.
-ANCHOR: Final = datetime(2000, 1, 1, tzinfo=UTC)
-RECOMPUTE_EVERY: Final = 86_400.0
+# The recompute's own schedule, so time-based segments move even when no data does.
+RECOMPUTE_SCHEDULE: Final = "every 1d"
 LEASE_RETENTION: Final = timedelta(days=2)
 SCOPE_RETRY_SECONDS: Final = 60.0  # a failed scoped run's customers are tried again after
 _STATUS_LEVELS: Final = {
@@ -162,83 +156,6 @@ def claim_slot(engine: Engine, job: str, slot: datetime, owner: str) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Triggers that know their slots
-# ---------------------------------------------------------------------------
-
-
-class _SlotTrigger(BaseTrigger):  # type: ignore[misc]
-    """A trigger without jitter (``inner``) plus our own jitter, remembering which nominal
-    fire time (the slot) each jittered fire time stands for.
-
-    APScheduler hands a job neither its scheduled time nor its trigger's; the job asks
-    `slot_at` for the slot of the latest fire time due. APScheduler computes the next
-    fire time from the previous *jittered* one; mapping it back to its nominal time keeps
-    jitter from accumulating (and keeps every replica's slots the same).
-    """
-
-    def __init__(self, inner: Any, jitter: float, description: str) -> None:
-        self.inner = inner
-        self.jitter = max(0.0, jitter)
-        self.description = description
-        self._fires: deque[tuple[datetime, datetime]] = deque(maxlen=64)
-        self._rng = random.Random()
-
-    def get_next_fire_time(
-        self, previous_fire_time: datetime | None, now: datetime
-    ) -> datetime | None:
-        # An unknown previous time (fell out of the history) restarts from ``now``: the
-        # inner trigger then lands on the shared grid again rather than drift by jitter.
-        previous = None
-        if previous_fire_time is not None:
-            previous = next(
-                (nominal for fire, nominal in self._fires if fire == previous_fire_time), None
-            )
-        nominal: datetime | None = self.inner.get_next_fire_time(previous, now)
-        if nominal is None:
-            return None
-        fire = (
-            nominal + timedelta(seconds=self._rng.uniform(0, self.jitter))
-            if self.jitter
-            else nominal
-        )
-        self._fires.append((fire, nominal))
-        return fire
-
-    def slot_at(self, moment: datetime) -> datetime | None:
-        """The nominal time of the latest fire time at or before ``moment``."""
-        due = [(fire, nominal) for fire, nominal in self._fires if fire <= moment]
-        return max(due)[1] if due else None
-
-    def previous_slot(self, now: datetime) -> datetime | None:
-        """The latest nominal fire time at or before ``now`` (interval schedules only)."""
-        if not isinstance(self.inner, IntervalTrigger):
-            return None
-        start = self.inner.start_date.timestamp()
-        length: float = self.inner.interval_length
-        if now.timestamp() < start:
-            return None
-        n = math.floor((now.timestamp() - start) / length)
-        return datetime.fromtimestamp(start + n * length, tz=UTC)
-
-    def __str__(self) -> str:
-        return self.description
-
-
-def _interval(seconds: float, jitter: float, description: str) -> _SlotTrigger:
-    # Jitter past half the interval could push one slot's run beyond the next slot.
-    jitter = min(jitter, seconds / 2)
-    inner = IntervalTrigger(seconds=seconds, start_date=ANCHOR, timezone=UTC)
-    return _SlotTrigger(inner, jitter, description)
-
-
-def _schedule_trigger(schedule: str) -> _SlotTrigger:
-    seconds = schedule_seconds(schedule)
-    if seconds is not None:
-        return _interval(float(seconds), 0.0, schedule)
-    return _SlotTrigger(CronTrigger.from_crontab(schedule, timezone=UTC), 0.0, schedule)
-
-
-# ---------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------
 
@@ -260,7 +177,7 @@ class _Job:
     id: str  # "source:<name>", "segments", "destination:<sync>"
     kind: str  # the sync_runs kind: source | segments | destination
     name: str  # the sync_runs name
-    trigger: _SlotTrigger | None
+    trigger: SlotTrigger | None
     mapping: LoadedMapping | None = None
     sync: LoadedSync | None = None
     task: asyncio.Task[None] | None = None
@@ -319,9 +236,9 @@ class Daemon:
     Extra keyword arguments (tests and tuning): ``owner`` names this daemon in
     ``job_leases`` (default host:pid:random); ``catch_up`` runs, at start, each interval
     job whose latest slot nobody ran (the first start, a restart after downtime), so a
-    15-minute source does not wait 15 minutes for its first sync; ``recompute_every``
-    (seconds, None for never) is the recompute's own schedule; ``overdue_after`` is how
-    late a scheduled run may be before the job counts as overdue; ``watch_every`` is the
+    15-minute source does not wait 15 minutes for its first sync; ``recompute_every`` (a
+    schedule, ``every N`` or cron; None for never) is the recompute's own; ``overdue_after``
+    is how late a scheduled run may be before the job counts as overdue; ``watch_every`` is the
     period of the freshness/overdue check that feeds the alerts; ``debounce`` coalesces
     webhook-driven recomputes.
     """
@@ -336,7 +253,7 @@ class Daemon:
         alerts: Alerts | None = None,
         owner: str | None = None,
         catch_up: bool = True,
-        recompute_every: float | None = RECOMPUTE_EVERY,
+        recompute_every: str | None = RECOMPUTE_SCHEDULE,
         overdue_after: float = 60.0,
         watch_every: float = 30.0,
         debounce: float = 0.3,
@@ -356,28 +273,17 @@ class Daemon:
 
         self._jobs: dict[str, _Job] = {}
         for name, source in settings.sources.items():
-            seconds = source.sync_every_minutes * 60
-            self._add(
-                _Job(
-                    f"source:{name}",
-                    "source",
-                    name,
-                    _interval(seconds, source.jitter_seconds, f"every {seconds:g}s"),
-                )
-            )
-        segments_trigger = (
-            _interval(recompute_every, 0.0, f"every {recompute_every:g}s")
-            if recompute_every
-            else None
-        )
+            trigger = source.poll_schedule.trigger(source.jitter_seconds)
+            self._add(_Job(f"source:{name}", "source", name, trigger))
+        segments_trigger = parse_schedule(recompute_every).trigger() if recompute_every else None
         self._add(_Job("segments", "segments", "segments", segments_trigger))
         for mapping in mappings:
             for sync in mapping.syncs:
                 schedule = sync.spec.schedule
-                trigger = _schedule_trigger(schedule) if schedule else None
+                pushes = parse_schedule(schedule).trigger() if schedule else None
                 self._add(
                     _Job(
-                        f"destination:{sync.name}", "destination", sync.name, trigger, mapping, sync
+                        f"destination:{sync.name}", "destination", sync.name, pushes, mapping, sync
                     )
                 )
 

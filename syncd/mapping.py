@@ -22,10 +22,9 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import orjson
-from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -50,7 +49,12 @@ from syncd.destinations.base import Destination, Mode, SyncTarget
 from syncd.http import ServiceLimits
 from syncd.identity import e164, hash_hex
 from syncd.money import exponent
+from syncd.schedule import parse_schedule
+from syncd.sources.woocommerce_columns import WOOCOMMERCE_COLUMNS
 from syncd.store.models import PROFILES
+
+if TYPE_CHECKING:
+    from syncd.push.rows import PushColumns
 
 __all__ = [
     "PII_COLUMNS",
@@ -64,16 +68,22 @@ __all__ = [
     "parse_field",
 ]
 
+# The columns each source type contributes to segment syncs, by the config's source
+# ``type`` (to become part of the sources registry).
+SOURCE_COLUMNS: Final[Mapping[str, PushColumns]] = {"woocommerce": WOOCOMMERCE_COLUMNS}
 # Columns a segment sync can read: the profile, when the member entered the segment,
-# the person's contact details from `customers`, and values computed per row (see
-# syncd.sync for how each is read).
+# the person's contact details from `customers`, every segment the person is in, and the
+# columns of the sources (see syncd.push.rows for how each is read).
 PERSON_COLUMNS: Final = ("phone", "city", "postcode")
 VIRTUAL_COLUMNS: Final = (
     "entered_at",
     *PERSON_COLUMNS,
     "segments",
-    "woocommerce_id",
-    "marketing_consent",
+    *dict.fromkeys(
+        name
+        for columns in SOURCE_COLUMNS.values()
+        for name in (*columns.expressions, *columns.flags)
+    ),
 )
 ROW_COLUMNS: Final = frozenset(PROFILES.c.keys()) | frozenset(VIRTUAL_COLUMNS)
 # Columns whose values identify a person: masked in --dry-run samples.
@@ -83,8 +93,7 @@ _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _TEMPLATE_RE: Final = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _COLUMN_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DEST_FIELD_RE: Final = re.compile(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*")
-_INTERVAL_RE: Final = re.compile(r"every\s+(\d+)\s*(s|m|h|d)")
-_INTERVAL_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DELAY_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DELAY_RE: Final = re.compile(r"(\d+)\s*(s|m|h|d)")
 # A refused row's waits before its 2nd, 3rd and 4th try; refused a 4th time, it is given up.
 DEFAULT_RETRY_DELAYS: Final = ("1h", "6h", "24h")
@@ -302,38 +311,6 @@ def nest(flat: Iterable[tuple[str, Any]]) -> dict[str, Any]:
 # allow_inf_nan=False: TOML has inf and nan; a rate of inf would never pace anything.
 _MODEL_CONFIG = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
-# The shortest ``every N`` schedule. Each push reads its whole segment or model and diffs
-# it against what was sent: every second (what "every 0 s" did) a large sync would run
-# back to back and load the store and the destination for nothing. 10 s is still far
-# below any destination's need; a cron expression fires once a minute at most.
-MIN_INTERVAL_SECONDS: Final = 10
-
-
-def _check_schedule(value: str | None) -> str | None:
-    if value is None:
-        return None
-    text = value.strip()
-    if _INTERVAL_RE.fullmatch(text):
-        seconds = schedule_seconds(text)
-        if seconds is not None and seconds < MIN_INTERVAL_SECONDS:
-            raise ValueError(
-                f"expected an interval of at least {MIN_INTERVAL_SECONDS} s, got {value!r}"
-            )
-        return text
-    try:
-        CronTrigger.from_crontab(text, timezone="UTC")
-    except ValueError as exc:
-        raise ValueError(
-            f"expected 'every N s|m|h|d' or a 5-field cron expression, got {value!r} ({exc})"
-        ) from None
-    return text
-
-
-def schedule_seconds(schedule: str) -> int | None:
-    """An ``every N unit`` schedule in seconds; None for a cron expression."""
-    match = _INTERVAL_RE.fullmatch(schedule.strip())
-    return int(match.group(1)) * _INTERVAL_SECONDS[match.group(2)] if match else None
-
 
 class SyncSpec(BaseModel):
     model_config = _MODEL_CONFIG
@@ -344,7 +321,7 @@ class SyncSpec(BaseModel):
     key: str = "customer_id"  # the SQL model's column that identifies a record
     mode: Mode
     object: str | None = None
-    match: list[str] = Field(default_factory=list)
+    match: Any = None  # removed: a mapping that still sets it is told to delete the line
     fields: dict[str, str] = Field(default_factory=dict)
     schedule: str | None = None
     batch_size: Annotated[int, Field(ge=1)] | None = None
@@ -373,7 +350,19 @@ class SyncSpec(BaseModel):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
-        return _check_schedule(value)
+        # A ScheduleError is a ValueError: its message becomes the problem's.
+        return None if value is None else parse_schedule(value).text
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, value: Any) -> None:
+        # It was read and checked, never used: each destination matches people by the
+        # identity its API defines (Klaviyo: email, phone_number or external_id; Mailchimp:
+        # the email address; WooCommerce: the customer id; a webhook: the record key).
+        raise ValueError(
+            "no longer read: delete this line (each destination matches people by the "
+            "identity fields its API defines, see the README)"
+        )
 
     @field_validator("retry_delays")
     @classmethod
@@ -394,7 +383,7 @@ def delay_seconds(delays: Sequence[str]) -> tuple[int, ...]:
     for delay in delays:
         match = _DELAY_RE.fullmatch(delay.strip())
         assert match is not None
-        out.append(int(match.group(1)) * _INTERVAL_SECONDS[match.group(2)])
+        out.append(int(match.group(1)) * _DELAY_SECONDS[match.group(2)])
     return tuple(out)
 
 
@@ -472,6 +461,8 @@ class LoadedSync:
     fingerprint: str  # changes whenever what a row becomes could change
     # Seconds a refused row waits before its next try, after its 1st, 2nd, … refusal.
     retry_delays: tuple[int, ...] = delay_seconds(DEFAULT_RETRY_DELAYS)
+    # The columns of the sources its rows can read: its `source`'s, else every type's.
+    source_columns: tuple[PushColumns, ...] = ()
 
     @property
     def name(self) -> str:
@@ -683,9 +674,6 @@ def _load_sync(
                 )
                 continue
         fields.append(fmap)
-    for name in sync.match:
-        if name not in sync.fields:
-            problems.append((where, f"{prefix}match", f"{name!r} is not one of the sync's fields"))
     if sync.batch_size is not None and sync.batch_size < 1:
         problems.append((where, f"{prefix}batch_size", "expected at least 1"))
     try:
@@ -707,7 +695,9 @@ def _load_sync(
                 "mode": sync.mode,
                 "object": sync.object,
                 "fields": sync.fields,
-                "match": sync.match,
+                # The removed `match` key, as every mapping without it had it: unchanged
+                # fingerprints send nothing again.
+                "match": [],
                 "options": sync.options,
                 "source": sync.source,
                 "consent": sync.consent_meta_keys,
@@ -722,6 +712,7 @@ def _load_sync(
         fields=tuple(fields),
         batch_size=min(sync.batch_size or largest, largest),
         fingerprint=fingerprint,
+        source_columns=_source_columns(sync, settings),
         retry_delays=delay_seconds(
             next(
                 d
@@ -730,6 +721,16 @@ def _load_sync(
             )
         ),
     )
+
+
+def _source_columns(sync: SyncSpec, settings: Settings) -> tuple[PushColumns, ...]:
+    """The source columns a sync's rows can read: those of its `source`'s type when it
+    names a configured source, else those of every source type."""
+    named = settings.sources.get(sync.source) if sync.source is not None else None
+    if named is None:
+        return tuple(SOURCE_COLUMNS.values())
+    columns = SOURCE_COLUMNS.get(named.type)
+    return () if columns is None else (columns,)
 
 
 def load_mappings(settings: Settings, env: Mapping[str, str] | None = None) -> list[LoadedMapping]:

@@ -26,13 +26,13 @@ from sqlalchemy import Connection, Engine, select, text
 from syncd.config import Settings
 from syncd.mapping import load_mappings
 from syncd.metrics import Metrics
+from syncd.push import PushResult, push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.segments import recompute as recompute_module
 from syncd.segments.recompute import recompute
 from syncd.status import collect_status
 from syncd.store.engine import open_store
 from syncd.store.models import PROFILES, SYNC_RUNS
-from syncd.sync import PushResult, push, select_syncs
 from tests.test_cli import base_env, syncd
 from tests.test_segments import Shop
 

@@ -831,3 +831,74 @@ def test_a_secret_file_of_exactly_64_kib_is_read_whole(tmp_path: Path) -> None:
     (tmp_path / "secret").write_text("s" * 65536 + "\n")  # one byte more
     (problem,) = load_error(path).problems
     assert problem[2].startswith("expected a secret file of at most 64 KiB")
+
+
+# --- source schedules -----------------------------------------------------------
+
+
+def test_a_source_schedule_and_the_old_sync_every_minutes_are_read_alike(in_tmp: Path) -> None:
+    new = load_settings(write(in_tmp / "new.toml", MINIMAL_SOURCE + 'schedule = "every 10m"\n'), {})
+    old = load_settings(
+        write(in_tmp / "old.toml", MINIMAL_SOURCE + "sync_every_minutes = 10\n"), {}
+    )
+    (a,), (b,) = new.sources.values(), old.sources.values()
+    assert a.poll_schedule.seconds == b.poll_schedule.seconds == 600
+    assert a.freshness_minutes == b.freshness_minutes == 30
+    # Neither key: every 15 minutes, as before.
+    (default,) = load_settings(write(in_tmp / "c.toml", MINIMAL_SOURCE), {}).sources.values()
+    assert default.poll_schedule.seconds == 900 and default.freshness_minutes == 45
+
+
+def test_a_cron_schedule_on_a_source_is_fresh_for_three_of_its_longest_gaps(in_tmp: Path) -> None:
+    path = write(in_tmp / "config.toml", MINIMAL_SOURCE + 'schedule = "0 9 * * 1-5"\n')
+    (source,) = load_settings(path, {}).sources.values()
+    assert source.poll_schedule.seconds is None
+    # Friday 09:00 to Monday 09:00 is the longest wait: 72 h, three of them.
+    assert source.freshness_minutes == 3 * 72 * 60
+
+
+def test_both_schedule_keys_on_a_source_are_an_error(in_tmp: Path) -> None:
+    path = write(
+        in_tmp / "config.toml",
+        MINIMAL_SOURCE + 'schedule = "every 10m"\nsync_every_minutes = 10\n',
+    )
+    assert load_error(path).problems == [
+        (
+            str(path),
+            "sources.woocommerce.schedule",
+            "expected schedule or its old form sync_every_minutes, not both "
+            "(delete sync_every_minutes)",
+        )
+    ]
+
+
+def test_both_schedule_keys_exit_2_with_the_message(tmp_path: Path) -> None:
+    from tests.test_cli import base_env, syncd
+
+    config = write(
+        tmp_path / "config.toml",
+        MINIMAL_SOURCE + 'schedule = "*/5 * * * *"\nsync_every_minutes = 10\n',
+    )
+    run = syncd("validate", env=base_env(SYNCD_CONFIG=str(config)))
+    assert run.returncode == 2, run.output
+    assert run.stderr_lines() == [
+        f"{config}: sources.woocommerce.schedule: expected schedule or its old form "
+        "sync_every_minutes, not both (delete sync_every_minutes)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("every 5s", "expected an interval of at least 10 s, got 'every 5s'"),
+        ("hourly", "expected 'every N s|m|h|d' or a 5-field cron expression, got 'hourly' ("),
+        ("61 * * * *", "expected 'every N s|m|h|d' or a 5-field cron expression, got '61 * "),
+    ],
+)
+def test_a_bad_source_schedule_says_what_was_expected(
+    in_tmp: Path, schedule: str, expected: str
+) -> None:
+    path = write(in_tmp / "config.toml", MINIMAL_SOURCE + f'schedule = "{schedule}"\n')
+    ((where, key, message),) = load_error(path).problems
+    assert (where, key) == (str(path), "sources.woocommerce.schedule")
+    assert message.startswith(expected), message

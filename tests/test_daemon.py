@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -27,12 +27,13 @@ from sqlalchemy import Engine, func, select
 from syncd import daemon as daemon_module
 from syncd.alerts import Alerts
 from syncd.config import AlertSettings, Settings
-from syncd.daemon import ANCHOR, Daemon, DaemonError, _interval, _SlotTrigger, claim_slot
+from syncd.daemon import Daemon, DaemonError, claim_slot
 from syncd.ingest import SourceSync
 from syncd.mapping import load_mappings
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
+from syncd.schedule import ANCHOR, SlotTrigger, every, parse_schedule
 from syncd.store.engine import make_engine, open_store, writer_lock
 from syncd.store.models import JOB_LEASES, PROFILES
 from syncd.store.models import SYNC_RUNS as RUNS
@@ -229,7 +230,7 @@ def presync(engine: Engine, settings: Settings) -> None:
 
 def test_jittered_fire_times_keep_the_nominal_slots_every_replica_shares() -> None:
     now = datetime(2026, 11, 24, 10, 0, 3, tzinfo=UTC)
-    replicas = [_interval(10.0, 4.0, "every 10s") for _ in range(2)]
+    replicas = [every(10.0).trigger(4.0) for _ in range(2)]
     fires: list[list[datetime]] = []
     for trigger in replicas:
         seen, previous = [], None
@@ -250,23 +251,98 @@ def test_jittered_fire_times_keep_the_nominal_slots_every_replica_shares() -> No
         assert trigger.previous_slot(now) == datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
     assert fires[0] != fires[1]  # the replicas drew different jitter, same slots
     # Jitter is capped at half the interval so a late run never reaches the next slot.
-    assert _interval(2.0, 30.0, "x").jitter == 1.0
+    assert every(2.0).trigger(30.0).jitter == 1.0
     assert (ANCHOR - ANCHOR.replace(year=2000)).total_seconds() == 0
 
 
 def test_a_cron_schedule_has_slots_but_no_catch_up() -> None:
-    from syncd.daemon import _schedule_trigger
-
-    trigger = _schedule_trigger("*/5 * * * *")
-    assert isinstance(trigger, _SlotTrigger)
+    trigger = parse_schedule("*/5 * * * *").trigger()
+    assert isinstance(trigger, SlotTrigger)
     now = datetime(2026, 11, 24, 10, 2, tzinfo=UTC)
     fire = trigger.get_next_fire_time(None, now)
     assert fire == datetime(2026, 11, 24, 10, 5, tzinfo=UTC)
     assert trigger.slot_at(fire) == fire
     assert trigger.previous_slot(now) is None
-    assert _schedule_trigger("every 15m").previous_slot(now) == datetime(
+    assert parse_schedule("every 15m").trigger().previous_slot(now) == datetime(
         2026, 11, 24, 10, 0, tzinfo=UTC
     )
+
+
+def _scheduled_sources(**sources: dict[str, Any]) -> Settings:
+    base = {
+        "type": "woocommerce",
+        "url": "http://127.0.0.1:9",
+        "consumer_key": "ck",
+        "consumer_secret": "cs",
+        "jitter_seconds": 0,
+    }
+    return Settings.model_validate(
+        {"sources": {name: {**base, **keys} for name, keys in sources.items()}}
+    )
+
+
+def _fires(trigger: SlotTrigger, now: datetime, n: int = 6) -> list[datetime]:
+    """The trigger's next ``n`` fire times from ``now``, asked as APScheduler asks: each
+    once the one before it is due."""
+    fires: list[datetime] = []
+    previous = None
+    for _ in range(n):
+        previous = trigger.get_next_fire_time(previous, now)
+        assert previous is not None
+        fires.append(previous)
+        now = previous
+    return fires
+
+
+def test_a_source_schedule_and_sync_every_minutes_fire_at_the_same_times(engine: Engine) -> None:
+    settings = _scheduled_sources(new={"schedule": "every 10m"}, old={"sync_every_minutes": 10})
+    daemon = Daemon(engine, settings, [], recompute_every=None)
+    new, old = daemon._jobs["source:new"].trigger, daemon._jobs["source:old"].trigger
+    assert new is not None and old is not None
+    now = datetime(2026, 11, 24, 10, 7, 30, tzinfo=UTC)
+    expected = [
+        datetime(2026, 11, 24, 10, 10, tzinfo=UTC) + timedelta(minutes=10 * k) for k in range(6)
+    ]
+    assert _fires(new, now) == _fires(old, now) == expected
+    # Both catch up on the same missed slot at start.
+    assert (
+        new.previous_slot(now)
+        == old.previous_slot(now)
+        == datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    )
+    schedules = {job["name"]: job["schedule"] for job in daemon.jobs()}
+    assert schedules["source:new"] == "every 10m" and schedules["source:old"] == "every 600s"
+
+
+def test_a_cron_schedule_on_a_source_drives_its_job(engine: Engine) -> None:
+    settings = _scheduled_sources(shop={"schedule": "*/5 * * * *", "jitter_seconds": 600})
+    daemon = Daemon(engine, settings, [], recompute_every=None)
+    trigger = daemon._jobs["source:shop"].trigger
+    assert trigger is not None and trigger.description == "*/5 * * * *"
+    # Jitter stays under half a minute: a cron slot never runs past the next one.
+    assert trigger.jitter == 30.0
+    now = datetime(2026, 11, 24, 10, 2, tzinfo=UTC)
+    for fire, k in zip(_fires(trigger, now), range(6), strict=True):
+        slot = datetime(2026, 11, 24, 10, 5, tzinfo=UTC) + timedelta(minutes=5 * k)
+        assert trigger.slot_at(fire) == slot and slot <= fire <= slot + timedelta(seconds=30)
+    assert trigger.previous_slot(now) is None  # no catch-up on a cron schedule, as for pushes
+
+    async def main() -> str | None:
+        await daemon.start()
+        try:
+            (job,) = [j for j in daemon.jobs() if j["name"] == "source:shop"]
+            return cast(str | None, job["next_run_at"])
+        finally:
+            await daemon.stop()
+
+    settings = _scheduled_sources(shop={"schedule": "*/5 * * * *"})
+    daemon = Daemon(engine, settings, [], catch_up=False, recompute_every=None)
+    before = datetime.now(UTC)
+    next_run = asyncio.run(main())
+    assert next_run is not None
+    when = datetime.fromisoformat(next_run)
+    assert when.minute % 5 == 0 and when.second == 0
+    assert before < when <= before + timedelta(minutes=5)
 
 
 def test_racing_claims_of_one_slot_have_exactly_one_winner(engine: Engine) -> None:

@@ -111,7 +111,6 @@ secret = "env:HOOK_SECRET"
 name = "vip-hook"
 segment = "vip"
 mode = "mirror"
-match = ["email"]
 batch_size = 50000
 schedule = "every 15m"
 [sync.fields]
@@ -179,10 +178,6 @@ def test_unknown_columns_and_modes_are_refused(tmp_path: Path) -> None:
         p.startswith("sync[vip-hook].fields.profile.clv: unknown column 'lifetime_value'")
         for p in found
     )
-    found = problems(
-        tmp_path, GOOD.replace('match = ["email"]', 'match = ["phone"]'), {"HOOK_SECRET": "x"}
-    )
-    assert "sync[vip-hook].match: 'phone' is not one of the sync's fields" in found
 
 
 def test_unknown_destination_type(tmp_path: Path) -> None:
@@ -217,6 +212,37 @@ def test_fingerprint_follows_the_mapping(tmp_path: Path) -> None:
         write(tmp_path, GOOD.replace('"email | lower"', '"email"'), "d.toml"), SETTINGS, env=env
     ).syncs[0]
     assert one.fingerprint == same.fingerprint != other.fingerprint
+
+
+def test_the_fingerprint_is_the_one_made_before_match_was_removed(tmp_path: Path) -> None:
+    # Made by the release that still read `match`, for GOOD (which has no `match`): the
+    # same fingerprint means the same content hashes, so upgrading sends nothing again.
+    sync = load_mapping(write(tmp_path, GOOD), SETTINGS, env={"HOOK_SECRET": "x"}).syncs[0]
+    assert sync.fingerprint == "1fa38487d9090882583a3ee2c6583681"
+
+
+def test_match_is_refused_with_the_line_to_delete(tmp_path: Path) -> None:
+    text = GOOD.replace('mode = "mirror"', 'mode = "mirror"\nmatch = ["email"]')
+    assert problems(tmp_path, text, {"HOOK_SECRET": "x"}) == [
+        "sync[vip-hook].match: no longer read: delete this line (each destination matches "
+        "people by the identity fields its API defines, see the README)"
+    ]
+
+
+def test_a_sync_reads_the_columns_of_its_sources_type(tmp_path: Path) -> None:
+    from syncd.mapping import SOURCE_COLUMNS
+
+    source = {"url": "https://shop.example.com", "consumer_key": "k", "consumer_secret": "s"}
+    settings = Settings.model_validate(
+        {"segments": SETTINGS.segments, "sources": {"shop": {"type": "woocommerce", **source}}}
+    )
+    env = {"HOOK_SECRET": "x"}
+    named = GOOD.replace('mode = "mirror"', 'mode = "mirror"\nsource = "shop"')
+    (sync,) = load_mapping(write(tmp_path, named), settings, env=env).syncs
+    assert sync.source_columns == (SOURCE_COLUMNS["woocommerce"],)
+    # No source named (or one not configured): every source type's columns.
+    (sync,) = load_mapping(write(tmp_path, GOOD, "b.toml"), settings, env=env).syncs
+    assert sync.source_columns == tuple(SOURCE_COLUMNS.values())
 
 
 EXAMPLE_SEGMENTS = {

@@ -26,11 +26,11 @@ from sqlalchemy import Engine, func, select
 from syncd.config import Settings
 from syncd.ingest import SourceSync
 from syncd.mapping import load_mappings
+from syncd.push import PushResult, push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.segments.recompute import recompute
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.models import CUSTOMERS, MEMBERSHIPS, ORDERS, PROFILES, QUARANTINE
-from syncd.sync import PushResult, push, select_syncs
 from tests.test_profiles import (
     SOURCE,
     Line,
@@ -244,7 +244,6 @@ name = "mc-everyone"
 segment = "everyone"
 mode = "mirror"
 object = "{LIST}"
-match = ["email_address"]
 [sync.fields]
 email_address = "email"
 "merge_fields.FNAME" = "first_name"

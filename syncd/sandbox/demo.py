@@ -11,9 +11,9 @@ from sqlalchemy import Engine
 
 from syncd.config import Settings
 from syncd.mapping import load_mappings
+from syncd.push import PushResult, push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import SandboxServer
-from syncd.sync import PushResult, push, select_syncs
 
 DEMO_LIST = "demo-audience"
 

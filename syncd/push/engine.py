@@ -1,7 +1,7 @@
-"""The reverse-ETL engine, shared by every destination: plan, execute, record.
+"""The push engine (reverse ETL), shared by every destination: diff, send, record.
 
-One pass over a sync's rows (a segment's members joined to their profiles, or a SQL
-model) compares each row's content hash with ``sync_records``:
+One pass over a sync's rows (a segment's members, or a SQL model: see
+``syncd.push.rows``) compares each row's content hash with ``sync_records``:
 
 * new keys are added, changed ones updated, unchanged ones skipped without mapping;
 * rows the destination refused are tried again once their wait is over (by default 1 h,
@@ -22,43 +22,45 @@ row are refused whole for the same reason: that is the batch's content failing a
 mapping error), and the sync fails with the reason instead of sending each row alone.
 A run where every row sent was refused fails too.
 
-The content hash covers the sync's mapping (its fingerprint) and the row's input
-columns, not the mapped payload: the mapping is deterministic, so an unchanged row
-is known unchanged without being mapped, which keeps a no-change run over a million
-members cheap.
+An unchanged row is known unchanged by its content hash without being mapped, which
+keeps a no-change run over a million members cheap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
+from typing import Any, Final, NamedTuple, TypeVar, cast
 
-import orjson
 import structlog
-from sqlalchemy import Connection, Engine, delete, func, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Engine, delete, select
 
 from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome
-from syncd.mapping import PERSON_COLUMNS, PII_COLUMNS, LoadedMapping, LoadedSync, nest
+from syncd.mapping import PII_COLUMNS, LoadedMapping, LoadedSync, nest
+from syncd.push.rows import (
+    READ_CHUNK,
+    ModelRows,
+    PushError,
+    RowSource,
+    SegmentRows,
+    driver_batches,
+    quote,
+)
 from syncd.runs import finish_run, start_run, utc_now
-from syncd.status import iso
 from syncd.store.engine import writer_lock
-from syncd.store.models import CUSTOMER_RECORDS, CUSTOMERS, MEMBERSHIPS, PROFILES, SYNC_RECORDS
+from syncd.store.models import SYNC_RECORDS
 from syncd.store.upsert import upsert
 
-__all__ = ["PushCounts", "PushError", "PushResult", "push_sync"]
+__all__ = ["PushCounts", "PushResult", "masked_payload", "push", "push_sync", "select_syncs"]
 
-log = structlog.get_logger("syncd.sync")
+log = structlog.get_logger("syncd.push")
 
 RECORDS = SYNC_RECORDS
 _T = TypeVar("_T")
-_READ_CHUNK: Final = 2000
 _KEY_CHUNK: Final = 500
 _SAMPLES: Final = 3
 # Columns written for an accepted record / a refused or skipped one (the latter keeps
@@ -89,11 +91,6 @@ _SEND_OP: Final[dict[str, Op]] = {
     "event": "event",
     "delete": "delete",
 }
-_TRUE: Final = frozenset({"1", "yes", "true", "on", "subscribed"})
-
-
-class PushError(Exception):
-    """A sync that cannot run (its SQL model fails, a key column is missing)."""
 
 
 @dataclass
@@ -184,282 +181,6 @@ class _Entry:
     known: _Known | None
 
 
-# ---------------------------------------------------------------------------
-# Reading rows
-# ---------------------------------------------------------------------------
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _int_list(values: Collection[int]) -> str:
-    """Integers for an SQL ``IN (…)``, written out (never empty: NULL matches nothing)."""
-    return ", ".join(str(int(v)) for v in sorted(values)) or "NULL"
-
-
-def _consenting(conn: Connection, spec: Any, scope: Collection[int] | None = None) -> set[int]:
-    """The people whose registered record carries an opt-in meta value (one of the sync's
-    ``consent_meta_keys`` with a true-ish value). One pass over the registered records,
-    in the store's own JSON functions, instead of a subquery per member."""
-    keys = ", ".join(_quote(k) for k in spec.consent_meta_keys) or "NULL"
-    truthy = ", ".join(_quote(v) for v in sorted(_TRUE))
-    where = "r.deleted_at IS NULL"
-    if spec.source is not None:
-        where += f" AND r.source = {_quote(spec.source)}"
-    if scope is not None:
-        where += f" AND r.customer_id IN ({_int_list(scope)})"
-    if conn.dialect.name == "postgresql":
-        sql = (
-            "SELECT DISTINCT r.customer_id FROM customer_records r CROSS JOIN LATERAL "
-            "jsonb_array_elements(CASE WHEN jsonb_typeof(r.raw->'meta_data') = 'array' "
-            f"THEN r.raw->'meta_data' ELSE '[]'::jsonb END) m WHERE {where} "
-            f"AND m->>'key' IN ({keys}) AND lower(m->>'value') IN ({truthy})"
-        )
-    else:
-        sql = (
-            "SELECT DISTINCT r.customer_id FROM customer_records r, "
-            f"json_each(r.raw, '$.meta_data') m WHERE {where} "
-            "AND json_type(r.raw, '$.meta_data') = 'array' "
-            f"AND json_extract(m.value, '$.key') IN ({keys}) "
-            f"AND lower(CAST(json_extract(m.value, '$.value') AS TEXT)) IN ({truthy})"
-        )
-    return {cid for (cid,) in conn.execute(text(sql))}
-
-
-def _driver_batches(conn: Connection, sql: str, args: Any) -> Iterator[list[tuple[Any, ...]]]:
-    """Batches of driver rows; Postgres streams them from a server-side cursor."""
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    if conn.dialect.name == "postgresql":
-        cursor = raw.cursor(name=f"syncd_push_{id(conn):x}")
-        cursor.itersize = _READ_CHUNK
-    else:
-        cursor = raw.cursor()
-    try:
-        cursor.execute(sql, args)
-        while batch := cursor.fetchmany(_READ_CHUNK):
-            yield batch
-    finally:
-        cursor.close()
-
-
-class _Source(Protocol):
-    """Where a sync's rows come from: ``plan`` yields ``(key, content hash, raw row)`` for
-    every row (the key as ``_load_known`` returns it: an int customer id or a str), ``row``
-    turns a raw row into column values for mapping."""
-
-    def plan(self, fingerprint: bytes) -> Iterator[tuple[Any, int, Any]]: ...
-
-    def row(self, raw: Any) -> dict[str, Any]: ...
-
-
-def _digest(fingerprint: bytes, values: Any) -> int:
-    """A row's content hash: the mapping's fingerprint and the row's input values, as a
-    signed 64-bit integer (a BIGINT in the store: cheaper to read back a million of than
-    text; a false "unchanged" needs a 1 in 2**64 collision on the same record)."""
-    body = orjson.dumps(values, default=str)
-    digest = hashlib.blake2b(fingerprint + body, digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-class _SegmentSource:
-    """A segment's current members with the columns the mapping reads, as the driver
-    returns them: SQLAlchemy's Row objects and type processing cost more than the rest of
-    planning on a large audience, so they are spent only on the rows that are sent."""
-
-    def __init__(
-        self, conn: Connection, sync: LoadedSync, scope: Collection[int] | None = None
-    ) -> None:
-        self.conn = conn
-        spec = sync.spec
-        self.event = spec.mode == "event"
-        # Only these customers' memberships (a push after a scoped recompute).
-        in_scope = [MEMBERSHIPS.c.customer_id.in_(sorted(scope))] if scope is not None else []
-        wanted = set(sync.columns()) | {"customer_id"}
-        if self.event:
-            wanted.add("entered_at")
-        profile_cols = [c for c in PROFILES.c.keys() if c in wanted]  # noqa: SIM118
-        columns: list[Any] = [PROFILES.c[c] for c in profile_cols]
-        if "entered_at" in wanted:
-            columns.append(MEMBERSHIPS.c.entered_at)
-        for name in PERSON_COLUMNS:
-            if name in wanted:
-                columns.append(
-                    select(CUSTOMERS.c[name])
-                    .where(CUSTOMERS.c.id == PROFILES.c.customer_id)
-                    .scalar_subquery()
-                    .label(name)
-                )
-        if "woocommerce_id" in wanted:
-            records = CUSTOMER_RECORDS
-            of_person = [
-                records.c.customer_id == PROFILES.c.customer_id,
-                records.c.deleted_at.is_(None),
-            ]
-            if spec.source is not None:
-                of_person.append(records.c.source == spec.source)
-            columns.append(
-                select(func.min(records.c.source_id))
-                .where(*of_person)
-                .scalar_subquery()
-                .label("woocommerce_id")
-            )
-        self.stmt = (
-            select(*columns)
-            .select_from(
-                MEMBERSHIPS.join(PROFILES, PROFILES.c.customer_id == MEMBERSHIPS.c.customer_id)
-            )
-            .where(
-                MEMBERSHIPS.c.segment == spec.segment,
-                MEMBERSHIPS.c.exited_at.is_(None),
-                *in_scope,
-            )
-            # The open-membership index is in this order: no sort of a million rows.
-            .order_by(MEMBERSHIPS.c.customer_id)
-        )
-        dialect = conn.dialect
-        self.names = [str(c.key) for c in self.stmt.selected_columns]
-        self.processors = [
-            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
-        ]
-        # Values computed once for the whole audience and appended to each row.
-        self.segments: dict[int, tuple[str, ...]] | None = None
-        if "segments" in wanted:
-            # Sorted, so the same memberships always make the same value and hash.
-            found: dict[int, list[str]] = {}
-            for cid, name in conn.execute(
-                select(MEMBERSHIPS.c.customer_id, MEMBERSHIPS.c.segment)
-                .where(MEMBERSHIPS.c.exited_at.is_(None), *in_scope)
-                .order_by(MEMBERSHIPS.c.customer_id, MEMBERSHIPS.c.segment)
-            ):
-                found.setdefault(cid, []).append(name)
-            self.segments = {cid: tuple(names) for cid, names in found.items()}
-            self.names.append("segments")
-            self.processors.append(None)
-        self.consent: set[int] | None = None
-        if "marketing_consent" in wanted:
-            self.consent = _consenting(conn, spec, scope)
-            self.names.append("marketing_consent")
-            self.processors.append(None)
-
-    def plan(self, fingerprint: bytes) -> Iterator[tuple[Any, int, Any]]:
-        conn = self.conn
-        compiled = self.stmt.compile(
-            dialect=conn.dialect, compile_kwargs={"render_postcompile": True}
-        )
-        params = compiled.construct_params()
-        args: Any = (
-            tuple(params[name] for name in compiled.positiontup)
-            if compiled.positiontup is not None
-            else params
-        )
-        cid_at = self.names.index("customer_id")
-        entered_at = self.names.index("entered_at") if self.event else -1
-        to_time = self.processors[entered_at] if self.event else None
-        segments, consent = self.segments, self.consent
-        # The loop runs once per member: locals, and the digest spelled out (= _digest).
-        blake2b, dumps, from_bytes = hashlib.blake2b, orjson.dumps, int.from_bytes
-        for batch in _driver_batches(conn, str(compiled), args):
-            for raw in batch:
-                cid = raw[cid_at]
-                if segments is not None or consent is not None:
-                    extra: tuple[Any, ...] = ()
-                    if segments is not None:
-                        extra += (segments.get(cid, ()),)
-                    if consent is not None:
-                        extra += (cid in consent,)
-                    raw = (*raw, *extra)
-                body = dumps(raw, default=str)
-                digest = from_bytes(
-                    blake2b(fingerprint + body, digest_size=8).digest(), "big", signed=True
-                )
-                if self.event:
-                    when = raw[entered_at]
-                    yield f"{cid}@{_iso(to_time(when) if to_time else when)}", digest, raw
-                else:
-                    yield cid, digest, raw
-
-    def row(self, raw: Any) -> dict[str, Any]:
-        return {
-            name: proc(value) if proc is not None and value is not None else value
-            for name, proc, value in zip(self.names, self.processors, raw, strict=True)
-        }
-
-
-def _run_model(conn: Connection, sync: LoadedSync, sql: str) -> Any:
-    """Execute a SQL model (or a wrapper of it); PushError naming the sync when the query
-    fails or lacks a column the mapping reads."""
-    spec = sync.spec
-    try:
-        result = conn.execution_options(yield_per=_READ_CHUNK).execute(text(sql))
-    except DBAPIError as exc:
-        raise PushError(f"sync[{spec.name}].sql: the query failed: {exc.orig}") from None
-    columns = list(result.keys())
-    missing = [c for c in (spec.key, *sync.columns()) if c not in columns]
-    if missing:
-        result.close()
-        raise PushError(
-            f"sync[{spec.name}].sql: the query has no column {missing[0]!r} "
-            f"(it returns {', '.join(columns)})"
-        )
-    return result
-
-
-def _model_query(sql: str) -> str:
-    """The user's SQL model as a subquery: it can then only be one SELECT (SQLite and
-    Postgres refuse a write, even a ``WITH … DELETE``, in a subquery; run bare on SQLite,
-    ``delete from orders returning id as customer_id`` deleted the orders)."""
-    return f"SELECT * FROM ({sql.strip().rstrip(';').strip()}) AS m"
-
-
-def _read_only(conn: Connection) -> None:
-    """Make ``conn``'s transaction read-only (Postgres; the first statement it runs): a
-    function that writes (``setval``, ``lo_unlink``) is refused too. The model is read
-    through a server-side cursor, which psycopg declares with the extended protocol, so
-    ``…; COMMIT; DROP TABLE …`` cannot ride along (it takes one statement only)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SET TRANSACTION READ ONLY"))
-
-
-class _ModelSource:
-    """A SQL model's rows (user SQL: read through SQLAlchemy, keyed by its ``key``)."""
-
-    def __init__(self, conn: Connection, sync: LoadedSync) -> None:
-        self.conn = conn
-        self.sync = sync
-        self.columns: list[str] = []
-        # The push reads on this connection only (it writes on connections of its own).
-        _read_only(conn)
-
-    def plan(self, fingerprint: bytes) -> Iterator[tuple[Any, int, Any]]:
-        spec = self.sync.spec
-        assert spec.sql is not None
-        result = _run_model(self.conn, self.sync, _model_query(spec.sql))
-        self.columns = list(result.keys())
-        at = self.columns.index(spec.key)
-        for row in result:
-            raw = tuple(row)
-            yield str(raw[at]), _digest(fingerprint, raw), raw
-
-    def row(self, raw: Any) -> dict[str, Any]:
-        return dict(zip(self.columns, raw, strict=True))
-
-
-def check_model(engine: Engine, sync: LoadedSync) -> None:
-    """Run a SQL model with LIMIT 0 (``syncd validate``): PushError when it cannot work."""
-    if sync.spec.sql is None:
-        return
-    with engine.connect() as conn:
-        _read_only(conn)
-        _run_model(conn, sync, f"{_model_query(sync.spec.sql)} LIMIT 0").close()
-
-
-def _iso(value: Any) -> str:
-    # status.iso gives None only for None, never for a datetime.
-    return cast(str, iso(value)) if isinstance(value, datetime) else str(value)
-
-
 def _mask(value: Any) -> Any:
     if value is None:
         return None
@@ -517,12 +238,12 @@ def _load_known(
     for chunk in chunks:
         where = f"sync = {param}"
         if chunk is not None:
-            where += f" AND record_key IN ({', '.join(map(_quote, chunk))})"
+            where += f" AND record_key IN ({', '.join(map(quote, chunk))})"
         held = (
             f"SELECT {key}, content_hash FROM sync_records "
             f"WHERE {where} AND status = 'sent' AND in_destination"
         )
-        for batch in _driver_batches(conn, held, args):
+        for batch in driver_batches(conn, held, args):
             known.update(batch)
         others = (
             f"SELECT {key}, content_hash, status, attempts, in_destination, error, retry_after "
@@ -530,7 +251,7 @@ def _load_known(
         )
         # SQLite returns the instant as text: UTCDateTime reads it as the store wrote it.
         to_instant = RECORDS.c.retry_after.type.result_processor(conn.dialect, None)
-        for batch in _driver_batches(conn, others, args):
+        for batch in driver_batches(conn, others, args):
             for key_, digest, status, attempts, in_dest, error, retry in batch:
                 if retry is not None and to_instant is not None:
                     retry = to_instant(retry)
@@ -618,10 +339,8 @@ class _Run:
             # A segment sync outside event mode keys its records by customer id: integers
             # on both sides make the million-row comparison cheaper.
             int_keys = spec.sql is None and spec.mode != "event"
-            source: _Source = (
-                _SegmentSource(conn, sync, self.scope)
-                if spec.sql is None
-                else _ModelSource(conn, sync)
+            source: RowSource = (
+                SegmentRows(conn, sync, self.scope) if spec.sql is None else ModelRows(conn, sync)
             )
             planned: Iterable[tuple[Any, int, Any]]
             if self.scope is None:
@@ -668,7 +387,7 @@ class _Run:
         if self.fatal is None:
             await self._leavers(known)
 
-    async def _send_pending(self, op: Op, source: _Source, pending: list[_Pending]) -> None:
+    async def _send_pending(self, op: Op, source: RowSource, pending: list[_Pending]) -> None:
         """Map the rows planned for sending, skip those the destination cannot take, and
         dispatch the rest as one batch."""
         sync, spec = self.sync, self.sync.spec
@@ -690,7 +409,7 @@ class _Run:
                 continue
             event_id = f"syncd:{spec.name}:{p.key}" if spec.mode in ("event", "delete") else None
             batch.append(_Entry(Item(p.key, payload, None, event_id), p.digest, p.known))
-        if len(self._skipped) >= _READ_CHUNK:
+        if len(self._skipped) >= READ_CHUNK:
             self._flush_skipped()
         if batch:
             await self._dispatch(op, batch)
@@ -770,7 +489,7 @@ class _Run:
 
     def _attach_dest_ids(self, entries: list[_Entry]) -> None:
         """Give records the destination already holds their vendor id: an adapter may
-        treat a known member differently (Mailchimp leaves a known member's status alone)."""
+        treat a known member differently (leave its subscription status alone, say)."""
         held = [e.item.key for e in entries if e.known is not None and e.known.in_destination]
         if not held:
             return
