@@ -34,9 +34,9 @@ from syncd.destinations.webhook import (
 )
 from syncd.http import ApiError, AuthError, ServiceLimits
 from syncd.mapping import load_mappings
+from syncd.push import PushResult, push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.store.models import MEMBERSHIPS, PROFILES, SYNC_RECORDS
-from syncd.sync import PushResult, push, select_syncs
 
 URL = "https://hooks.example.com/catch/123/abc?source=syncd"
 SECRET = "whsec_test_5f2a"
