@@ -26,6 +26,21 @@ def sandbox() -> Iterator[DestinationSandbox]:
         yield running
 
 
+def test_every_vendor_module_is_served_under_its_prefix(sandbox: DestinationSandbox) -> None:
+    # A new destination's sandbox is one module of syncd/sandbox/destinations/: it is found
+    # and served without a line elsewhere.
+    names = {vendor.name: vendor.prefix for vendor in sandbox.vendors()}
+    assert names == {"klaviyo": "/klaviyo", "mailchimp": "/mailchimp/3.0", "webhook": "/webhook"}
+    for vendor in sandbox.vendors():
+        answer = httpx.get(sandbox.vendor_url(vendor.name) + "/nothing-here", timeout=10)
+        assert answer.status_code != 200
+        assert [r.path for r in vendor.requests] == ["/nothing-here"]
+    assert httpx.get(sandbox.url + "/elsewhere", timeout=10).status_code == 404
+    assert sandbox.klaviyo_url == sandbox.url + "/klaviyo"
+    with pytest.raises(TypeError, match="MailchimpSandbox"):
+        sandbox.vendor("mailchimp", type(sandbox.klaviyo))
+
+
 # ================================================================================== Klaviyo
 
 KLAVIYO_HEADERS = {

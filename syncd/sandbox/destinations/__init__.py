@@ -14,8 +14,11 @@ is inferred from public reports rather than documentation, the comment says so.
 
 from __future__ import annotations
 
+import pkgutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from importlib import import_module
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from syncd.sandbox.destinations.base import (
@@ -32,6 +35,8 @@ from syncd.sandbox.destinations.mailchimp import MailchimpSandbox
 from syncd.sandbox.destinations.webhook import WebhookReceiver, WebhookSandbox
 from syncd.sandbox.httpserver import SandboxHandler, ServedSandbox
 from syncd.sandbox.server import FaultConfig
+
+_V = TypeVar("_V", bound=_Vendor)
 
 __all__ = [
     "KLAVIYO_RATE_LIMITS",
@@ -70,31 +75,53 @@ class DestinationSandbox(ServedSandbox):
         port: int = 0,
         log_bodies: bool = True,
         clock: Clock = time.time,
+        vendor_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(_Handler, host, port)
         self.log_bodies = log_bodies
         self.clock = clock
-        self.klaviyo = KlaviyoSandbox(self, klaviyo_key)
-        self.mailchimp = MailchimpSandbox(self, mailchimp_key)
-        self.webhooks = WebhookSandbox(self)
+        options: dict[str, Mapping[str, Any]] = {
+            "klaviyo": {"api_key": klaviyo_key},
+            "mailchimp": {"api_key": mailchimp_key},
+            **(vendor_options or {}),
+        }
+        # Every vendor module of this package is served: a new destination's sandbox is its
+        # own module, with no line to add here.
+        self._vendors = {
+            cls.name: cls(self, **options.get(cls.name, {})) for cls in _vendor_classes()
+        }
+        self.klaviyo = self.vendor("klaviyo", KlaviyoSandbox)
+        self.mailchimp = self.vendor("mailchimp", MailchimpSandbox)
+        self.webhooks = self.vendor("webhook", WebhookSandbox)
 
     # -- addresses --------------------------------------------------------------------------
 
+    def vendor(self, name: str, kind: type[_V]) -> _V:
+        """The sandbox of destination type ``name``, checked to be a ``kind``."""
+        vendor = self._vendors[name]
+        if not isinstance(vendor, kind):
+            raise TypeError(f"the {name} sandbox is a {type(vendor).__name__}, not a {kind}")
+        return vendor
+
+    def vendor_url(self, name: str) -> str:
+        """The ``base_url`` that points destination type ``name``'s adapter here."""
+        return self.url + self._vendors[name].prefix
+
     @property
     def klaviyo_url(self) -> str:
-        return f"{self.url}/klaviyo"
+        return self.vendor_url("klaviyo")
 
     @property
     def mailchimp_url(self) -> str:
-        return f"{self.url}/mailchimp/3.0"
+        return self.vendor_url("mailchimp")
 
     def webhook_url(self, name: str) -> str:
-        return f"{self.url}/webhook/{name}"
+        return f"{self.vendor_url('webhook')}/{name}"
 
     # -- conveniences -----------------------------------------------------------------------
 
     def vendors(self) -> Iterable[_Vendor]:
-        return (self.klaviyo, self.mailchimp, self.webhooks)
+        return self._vendors.values()
 
     def set_faults(self, config: FaultConfig, vendor: str | None = None) -> None:
         """Apply ``config`` to one vendor (``klaviyo``, ``mailchimp``, ``webhook``) or all."""
@@ -113,14 +140,29 @@ class DestinationSandbox(ServedSandbox):
             vendor.reset_log()
 
     def _vendor_for(self, raw_path: str) -> tuple[_Vendor | None, str]:
-        for prefix, vendor in (
-            ("/klaviyo", self.klaviyo),
-            ("/mailchimp/3.0", self.mailchimp),
-            ("/webhook", self.webhooks),
-        ):
+        for vendor in self._vendors.values():
+            prefix = vendor.prefix
             if raw_path == prefix or raw_path.startswith(prefix + "/"):
                 return vendor, raw_path[len(prefix) :] or "/"
         return None, raw_path
+
+
+def _vendor_classes() -> list[type[_Vendor]]:
+    """The vendor sandboxes: each module of this package but ``base`` defines one."""
+    found: list[type[_Vendor]] = []
+    for module in pkgutil.iter_modules(__path__):
+        if module.name == "base":
+            continue
+        loaded = import_module(f"{__name__}.{module.name}")
+        found += [
+            cls
+            for cls in vars(loaded).values()
+            if isinstance(cls, type)
+            and issubclass(cls, _Vendor)
+            and cls.__module__ == loaded.__name__
+            and cls.name
+        ]
+    return found
 
 
 class _Handler(SandboxHandler[DestinationSandbox]):

@@ -141,7 +141,8 @@ class _FixedWindows:
 class _Vendor(FaultsAndLog[DestRequest]):
     """What every destination sandbox shares: faults, the request log, error handling."""
 
-    name: str = ""
+    name: str = ""  # the destination type it stands in for
+    prefix: str = ""  # where it is served: an adapter's base_url is the server's URL + this
 
     def __init__(self, sandbox: DestinationSandbox) -> None:
         super().__init__()

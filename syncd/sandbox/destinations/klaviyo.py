@@ -81,6 +81,7 @@ class KlaviyoSandbox(_Vendor):
     """
 
     name = "klaviyo"
+    prefix = "/klaviyo"
     # Bulk Import Profiles: "Accepts up to 10,000 profiles per request. The maximum allowed
     # payload size is 5MB. The maximum allowed payload size per-profile is 100KB."
     # (bulk_import_profiles description, klaviyo/openapi openapi/stable.json).

@@ -67,6 +67,7 @@ class MailchimpSandbox(_Vendor):
     """
 
     name = "mailchimp"
+    prefix = "/mailchimp/3.0"
     # "Up to 500 members may be added or updated with each API call" (batch-sub-unsub
     # members description, Mailchimp's OpenAPI spec).
     MAX_BATCH_MEMBERS: Final = 500

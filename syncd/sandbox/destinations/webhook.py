@@ -65,6 +65,7 @@ class WebhookSandbox(_Vendor):
     """Receivers for syncd's signed webhook batches, at ``/webhook/<name>``."""
 
     name = "webhook"
+    prefix = "/webhook"
 
     def __init__(self, sandbox: DestinationSandbox) -> None:
         super().__init__(sandbox)
