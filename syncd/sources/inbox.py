@@ -38,7 +38,7 @@ import orjson
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
 
-from syncd.sources.woocommerce import record_key
+from syncd.sources.base import record_key
 from syncd.store.models import EVENTS, QUARANTINE
 from syncd.store.types import payload_problem, stand_in
 from syncd.store.upsert import upsert
@@ -497,7 +497,7 @@ def quarantine_delivery(conn: Connection, row: dict[str, Any], reason: str) -> N
     kept = stand_in(payload, reason, row["body"])
     key = f"sha256:{row['body_sha256']}" if payload is None else record_key(payload)
     now = datetime.now(UTC)
-    stream = f"{row['resource']}s"  # coupon -> coupons … (as webhooks.RESOURCE_STREAMS)
+    stream = f"{row['resource']}s"  # the resource's stream by the sources' naming (order -> orders)
     log_reason = f"webhook {row['topic']} delivery {row['delivery_id']}: {reason}"[:2000]
     upsert(
         conn,
