@@ -132,6 +132,7 @@ class WebhookSpec(ABC):
     """
 
     signature_header: ClassVar[str]
+    delivery_id_header: ClassVar[str]  # the header naming one delivery (not always unique)
     digest: ClassVar[str] = "sha256"  # the HMAC's hash, fed the raw body as it streams in
 
     def signature_matches(self, mac: hmac.HMAC, header: str) -> bool:
@@ -169,8 +170,8 @@ class WebhookSpec(ABC):
     def record_id(self, payload: Any, *, deleted: bool) -> int | None:
         """The record's id in a delivery's payload; None when it has no usable one."""
 
-    @abstractmethod
-    def delivery_id(self, headers: Mapping[str, str]) -> str | None: ...
+    def delivery_id(self, headers: Mapping[str, str]) -> str | None:
+        return headers.get(self.delivery_id_header)
 
     @abstractmethod
     def webhook_id(self, headers: Mapping[str, str]) -> int | None: ...

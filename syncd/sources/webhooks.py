@@ -178,7 +178,7 @@ class WebhookIntake:
                 self._specs[name] = spec
             else:
                 self._secrets.pop(name, None)
-        self.inbox = open_inbox(engine)
+        self.inbox = open_inbox(engine, self._stream_of)
         self._syncs: dict[str, SourceSync] = {}
         self._queue: asyncio.Queue[int | None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -190,6 +190,11 @@ class WebhookIntake:
         self.in_flight = 0  # signed requests being read or answered
         self._reject_logged: dict[tuple[str | None, str], float] = {}
         self._reject_skipped: Counter[tuple[str | None, str]] = Counter()
+
+    def _stream_of(self, source: str, resource: str) -> str:
+        spec = self._specs.get(source)
+        stream = spec.stream_of(resource) if spec is not None else None
+        return stream or resource
 
     @property
     def backlog(self) -> int:
@@ -277,7 +282,7 @@ class WebhookIntake:
         digest = hashlib.sha256(body).hexdigest()
         delivery_id = spec.delivery_id(headers) or f"sha256:{digest[:48]}"
         if len(delivery_id) > MAX_DELIVERY_ID:
-            return self._reject(source, "malformed", 400, "the delivery id is too long")
+            return self._reject(source, "malformed", 400, f"{spec.delivery_id_header} is too long")
         row = {
             "source": source,
             "delivery_id": delivery_id,
@@ -331,7 +336,7 @@ class WebhookIntake:
     def _quarantine(self, row: dict[str, Any], reason: str) -> None:
         # In turn with the jobs (see WriterLock), as _mark.
         with writer_lock(self.engine), self.engine.begin() as conn:
-            quarantine_delivery(conn, row, reason)
+            quarantine_delivery(conn, row, reason, self._stream_of)
 
     def _reject(
         self,

@@ -50,6 +50,7 @@ _MAX_BIGINT = 2**63 - 1
 
 class WooCommerceWebhooks(WebhookSpec):
     signature_header = "X-WC-Webhook-Signature"
+    delivery_id_header = "X-WC-Webhook-Delivery-ID"
 
     def encode_signature(self, digest: bytes) -> bytes:
         return base64.b64encode(digest)
@@ -98,9 +99,6 @@ class WooCommerceWebhooks(WebhookSpec):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_BIGINT:
             return None
         return value
-
-    def delivery_id(self, headers: Mapping[str, str]) -> str | None:
-        return headers.get("x-wc-webhook-delivery-id")
 
     def webhook_id(self, headers: Mapping[str, str]) -> int | None:
         value = headers.get("x-wc-webhook-id")
