@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, select, update
 
+from syncd.config import SourceSettings
 from syncd.http import ApiError, AuthError
 from syncd.identity import (
     link_identity,
@@ -223,7 +224,7 @@ class SourceSync:
         self,
         engine: Engine,
         name: str,
-        settings: Any,
+        settings: SourceSettings,
         client: SourceClient | None = None,
         *,
         progress: Callable[[str, int, int | None], None] | None = None,
@@ -869,7 +870,7 @@ class SourceSync:
         unknown = sorted(cids - known)
         if unknown:
             await self._before_network()
-            accounts = self.streams["customers"]
+            accounts = self._stream_of("customers")
             customers = await self.client.by_ids(accounts.path, unknown, accounts.variants[0][1])
             # Asked once per run: an id the store does not serve goes by email (see commit).
             known.update(unknown)
@@ -1316,6 +1317,10 @@ class SourceSync:
         batch.people |= people
         return batch
 
+    def _stream_of(self, entity: str) -> Stream:
+        """The stream whose rows land in ``entity`` (accounts, for an order's buyer)."""
+        return next(s for s in self.streams.values() if s.entity == entity)
+
     def _applied(self, stream: str) -> Stream:
         """The declaration of a stream whose records arrive outside a poll."""
         if stream not in self.streams:
@@ -1414,7 +1419,7 @@ class SourceSync:
         kept = [i for i in items if of[id(i)] is None]
         if parents:
             # A parent in the trash is not listed: polling sees its variations go with it.
-            kept += await self.client.by_ids(self._applied("products").path, parents)
+            kept += await self.client.by_ids(self._stream_of("products").path, parents)
         return kept
 
     async def _apply_currency(self) -> str:
