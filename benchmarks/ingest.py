@@ -83,7 +83,9 @@ from sqlalchemy import Engine
 from syncd.config import WooCommerceSourceSettings
 from syncd.ingest import SourceSync, SyncResult
 from syncd.log import configure_logging
-from syncd.sources.woocommerce import API_ROOT, Stream, parse_order
+from syncd.sources.base import Stream
+from syncd.sources.woocommerce.client import API_ROOT
+from syncd.sources.woocommerce.parse import parse_order
 from syncd.store.engine import open_store
 
 HOST = "127.0.0.1"

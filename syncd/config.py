@@ -27,7 +27,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from pydantic import (
@@ -35,9 +36,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
     SecretStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_serializer,
@@ -70,6 +73,7 @@ __all__ = [
     "SegmentSettings",
     "ServerSettings",
     "Settings",
+    "SourceSettings",
     "StoreSettings",
     "WooCommerceSourceSettings",
     "http_url_parts",
@@ -86,8 +90,6 @@ ENV_PREFIX = "SYNCD_"
 ENV_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = "config.toml"
 
-SourceType = Literal["woocommerce"]
-SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
 StreamName = Literal["customers", "orders", "refunds", "products", "coupons"]
 STREAMS: tuple[StreamName, ...] = get_args(StreamName)
 # A WordPress role's slug as the `role` field of WooCommerce's customer JSON gives it:
@@ -368,16 +370,6 @@ class StoreSettings(BaseModel):
         )
 
 
-class _TypeRequired:
-    """Marks a source that has no ``type`` and is not named after one."""
-
-    def __repr__(self) -> str:
-        return "<type required>"
-
-
-_TYPE_REQUIRED = _TypeRequired()
-
-
 _TRUE_WORDS: tuple[str, ...] = ("true", "yes", "on", "1")
 _FALSE_WORDS: tuple[str, ...] = ("false", "no", "off", "0")
 
@@ -466,12 +458,22 @@ class ScheduledSourceSettings(BaseModel):
         return self.stale_after_minutes or 3 * self.poll_schedule.longest_wait() / 60
 
 
+class _TypeRequired:
+    """Marks a source that has no ``type`` and is not named after one."""
+
+    def __repr__(self) -> str:
+        return "<type required>"
+
+
+_TYPE_REQUIRED = _TypeRequired()
+
+
 class WooCommerceSourceSettings(ScheduledSourceSettings):
     """One WooCommerce store, read through its REST API (v3)."""
 
     model_config = _MODEL_CONFIG
 
-    type: SourceType = "woocommerce"
+    type: Literal["woocommerce"] = "woocommerce"
     url: str
     consumer_key: SecretRef
     consumer_secret: SecretRef
@@ -574,6 +576,36 @@ class WooCommerceSourceSettings(ScheduledSourceSettings):
         if self.auth != "auto":
             return self.auth
         return "basic" if self.url.startswith("https://") else "oauth1"
+
+
+# One settings model per source type, told apart by `type` (the registry in syncd.sources
+# maps the same names to the source classes). A new source is one more member here.
+def _source_tag(value: Any) -> str | None:
+    """The settings model a source is validated with: the one its ``type`` names. A table
+    without a usable type goes to the first model, whose ``type`` check says what is wrong,
+    so its other keys are checked all the same."""
+    if isinstance(value, Mapping):
+        tag = value.get("type")
+        return tag if isinstance(tag, str) else SOURCE_TYPES[0]
+    return getattr(value, "type", None)
+
+
+# A second source type is one more `| Annotated[ItsSettings, Tag("its_type")]`.
+SourceSettings = Annotated[
+    Annotated[WooCommerceSourceSettings, Tag("woocommerce")],
+    Discriminator(_source_tag),
+]
+
+
+def _tags(annotation: Any) -> tuple[str, ...]:
+    """The ``Tag``s of a (union of) tagged settings model(s), in order."""
+    first, *meta = get_args(annotation)
+    if get_origin(first) in (Union, UnionType):
+        return tuple(tag for member in get_args(first) for tag in _tags(member))
+    return tuple(m.tag for m in meta if isinstance(m, Tag))
+
+
+SOURCE_TYPES: tuple[str, ...] = _tags(SourceSettings)
 
 
 class ServerSettings(BaseModel):
@@ -813,7 +845,7 @@ class Settings(BaseSettings):
     )
 
     store: StoreSettings = Field(default_factory=StoreSettings)
-    sources: dict[Name, WooCommerceSourceSettings] = Field(default_factory=dict)
+    sources: dict[Name, SourceSettings] = Field(default_factory=dict)
     server: ServerSettings = Field(default_factory=ServerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     profiles: ProfileSettings = Field(default_factory=ProfileSettings)
@@ -1029,7 +1061,7 @@ def _expectation(error: Mapping[str, Any], secret: bool) -> str:
     ctx: Mapping[str, Any] = error.get("ctx") or {}
     if kind == "extra_forbidden":
         # The value is never echoed: a misspelled secret key still holds a secret.
-        loc = [part for part in error["loc"] if part != "[key]"]
+        loc = _source_loc([part for part in error["loc"] if part != "[key]"])
         model, _ = _walk(loc)
         known = list(model.model_fields) if model is not None else []
         return _unknown_key(str(loc[-1]), known)
@@ -1095,6 +1127,24 @@ def _where(
     return ENV_PREFIX + ENV_DELIMITER.join(parts).upper()
 
 
+def _source_loc(loc: list[str | int]) -> list[str | int]:
+    """An error's place without the source type pydantic puts after a source's name
+    (``sources.shop.woocommerce.url`` -> ``sources.shop.url``)."""
+    if len(loc) >= 3 and loc[0] == "sources" and loc[2] in SOURCE_TYPES:
+        return [*loc[:2], *loc[3:]]
+    return loc
+
+
+def _source_type_problem(error: Mapping[str, Any]) -> str | None:
+    """What a source's ``type`` was expected to be, for an error about it."""
+    if error["type"] == "union_tag_invalid":
+        known = " or ".join(repr(t) for t in SOURCE_TYPES)
+        expected = f"one of {known}" if len(SOURCE_TYPES) > 1 else known
+        tag = (error.get("ctx") or {}).get("tag")
+        return f"expected {expected}, got {_shown(str(tag))}"
+    return None
+
+
 def _problems(
     exc: ValidationError,
     env_paths: Mapping[tuple[str, ...], str],
@@ -1103,12 +1153,17 @@ def _problems(
 ) -> list[tuple[str, str, str]]:
     problems: list[tuple[str, str, str]] = []
     for error in exc.errors():
-        loc = [part for part in error["loc"] if part != "[key]"]
+        loc = _source_loc([part for part in error["loc"] if part != "[key]"])
         _, field = _walk(loc)
+        expectation = _source_type_problem(error)
+        if expectation is not None:
+            loc = [*loc, "type"]
+        else:
+            expectation = _expectation(error, secret=_is_secret_field(field))
         problem = (
             _where(loc, env_paths, toml_data, file_label),
             _dotted(loc),
-            _expectation(error, secret=_is_secret_field(field)),
+            expectation,
         )
         if problem not in problems:
             problems.append(problem)

@@ -6,14 +6,14 @@ Invariants (see DESIGN.md, "Incremental sync"):
   at any moment resumes without loss; upserts are idempotent, so re-read rows change nothing.
 * A window is bounded above by the store's own clock (its responses' ``Date`` header: it
   stamps the rows) when the stream's read begins, and starts ``overlap_seconds`` before the
-  cursor (equal timestamps, WordPress's exclusive date bounds, slow transactions).
+  cursor (equal timestamps, exclusive date bounds, slow transactions).
 * Pages are fetched concurrently (a bounded look-ahead) but committed in page order, and
   the cursor advances to the last committed row only while every page so far reported the
-  window's initial ``X-WP-Total``, every page so far was full and no id came twice. A
+  window's initial total (``Page.total``), every page so far was full and no id came twice. A
   smaller total means a row left the window mid-read (it was modified), shifting later rows
   one place back across a page boundary: that pass is read again from the last safe
   checkpoint. An id read twice means rows sharing one modification second came back in a
-  different order on different pages (HPOS has no tie-breaker), and as many places as
+  different order on different pages (a sort without a tie-breaker), and as many places as
   rows means another row was skipped: the window is read on from the last safe
   checkpoint by id, an order without ties. So no row is skipped.
 * Counters count distinct rows: a row read twice (a re-read pass) is fetched and stored once.
@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, select, update
 
-from syncd.config import WooCommerceSourceSettings
+from syncd.config import SourceSettings
 from syncd.http import ApiError, AuthError
 from syncd.log import get_logger, log_run
 from syncd.people import (
@@ -46,23 +46,16 @@ from syncd.people import (
     resolve_registered,
 )
 from syncd.runs import finish_run, start_run
-from syncd.sources.woocommerce import (
-    STREAM_ORDER,
-    STREAMS,
+from syncd.sources import source_class
+from syncd.sources.base import (
+    ENTITIES,
     BadRecord,
-    OrderRow,
     Page,
+    ParsedOrder,
+    Source,
+    SourceClient,
     Stream,
-    WooCommerceClient,
-    is_variable,
-    modified_of,
-    parse_coupon,
-    parse_customer,
-    parse_order,
-    parse_product,
-    parse_refund,
     record_key,
-    variations_path,
 )
 from syncd.store.engine import writer_lock
 from syncd.store.models import (
@@ -83,7 +76,7 @@ log = get_logger("syncd.ingest")
 
 
 MAX_PASSES = 5  # re-reads of a window whose rows moved while it was read
-# How a pass over a window ended: every row read; a row left the window mid-read (X-WP-Total
+# How a pass over a window ended: every row read; a row left the window mid-read (the total
 # changed); rows came back in another order on another page (an id twice with the total
 # unchanged, or a short page before the last): ties in the sort.
 PassOutcome = Literal["complete", "moved", "reordered"]
@@ -91,18 +84,19 @@ PassOutcome = Literal["complete", "moved", "reordered"]
 _NO_STORE_CLOCK: set[str] = set()
 FLUSH_ROWS = 2000  # rows per transaction while pages keep arriving (a commit costs ~5 ms)
 FLUSH_SECONDS = 2.0  # ... or this long, so progress is durable during slow reads
-# The table each stream's rows land in (customers: the accounts as the source has them).
-TABLE_OF_STREAM = {
+# The table each store entity lands in (customers: the accounts as the source has them).
+TABLE_OF_ENTITY = {
     "customers": RECORDS,
     "orders": ORDERS,
     "products": PRODUCTS,
     "coupons": COUPONS,
     "refunds": REFUNDS,
 }
+assert tuple(TABLE_OF_ENTITY) == ENTITIES
 
 
 def utcnow() -> datetime:
-    """Now, to the second: WooCommerce's date filters have second precision."""
+    """Now, to the second: source date filters have second precision."""
     return datetime.now(UTC).replace(microsecond=0)
 
 
@@ -194,10 +188,6 @@ _ORDER_IDS = select(ORDERS.c.source_id, ORDERS.c.id).where(
 _DELETE_ITEMS = delete(ITEMS).where(ITEMS.c.order_id.in_(bindparam("ids", expanding=True)))
 
 
-# The streams whose records can arrive outside a poll (webhook deliveries).
-APPLY_STREAMS = ("customers", "orders", "products", "coupons", "refunds")
-
-
 @dataclass
 class AppliedBatch:
     """What ``SourceSync.apply_payloads``/``apply_deletions`` did with records that arrived
@@ -216,7 +206,7 @@ class _OrderBatch:
     """A page of orders parsed off the store thread, with the accounts they need first."""
 
     customers: list[Any]
-    orders: list[OrderRow] = field(default_factory=list)
+    orders: list[ParsedOrder] = field(default_factory=list)
     bad: list[tuple[Any, str]] = field(default_factory=list)  # payload, quarantine reason
 
 
@@ -227,14 +217,15 @@ Commit = Callable[[Connection, Any], None]
 
 
 class SourceSync:
-    """One run of one WooCommerce source into the store."""
+    """One run of one source into the store; the source is found by its settings' ``type``
+    in the registry (:mod:`syncd.sources`)."""
 
     def __init__(
         self,
         engine: Engine,
         name: str,
-        settings: WooCommerceSourceSettings,
-        client: WooCommerceClient | None = None,
+        settings: SourceSettings,
+        client: SourceClient | None = None,
         *,
         progress: Callable[[str, int, int | None], None] | None = None,
         clock: Callable[[], datetime] = utcnow,
@@ -242,7 +233,9 @@ class SourceSync:
         self.engine = engine
         self.name = name
         self.settings = settings
-        self.client = client or WooCommerceClient(name, settings)
+        self.source: Source = source_class(settings.type)(name, settings, client)
+        self.client = self.source.client
+        self.streams = self.source.streams
         self.progress = progress
         self.clock = clock
         self.overlap = timedelta(seconds=settings.overlap_seconds)
@@ -276,7 +269,7 @@ class SourceSync:
         self.run_start = self.clock()
         self.counts = {}  # this run's: each result keeps its own
         started = time.monotonic()
-        wanted = [s for s in STREAM_ORDER if s in (streams or self.settings.streams)]
+        wanted = [s for s in self.streams if s in (streams or self.settings.streams)]
         with self._writer:
             run_id = start_run(self.engine, "source", self.name)
         self._load_bookkeeping()
@@ -286,8 +279,8 @@ class SourceSync:
         requests_before = self.client.http.stats.requests
         try:
             for name in wanted:
-                self.counts[name] = StreamCounts()
-                await self._sync_stream(STREAMS[name])
+                self.counts[self.streams[name].entity] = StreamCounts()
+                await self._sync_stream(self.streams[name])
             if any(c.quarantined for c in self.counts.values()):
                 result.status = "partial"
         except asyncio.CancelledError:
@@ -342,13 +335,13 @@ class SourceSync:
             finish_run(self.engine, run_id, result.status, counts, result.error)
 
     async def _sync_stream(self, stream: Stream) -> None:
-        if stream.name == "customers":
-            await self._customers()
+        if not stream.windowed:
+            await self._scanned(stream)
             return
-        if stream.name in ("products", "coupons") and self.currency is None:
+        if stream.entity in ("products", "coupons") and self.currency is None:
             self.currency = await self._store_currency()
-        prepare, commit = self._handlers(stream.name)
-        had_rows = self._has_rows(stream.name)
+        prepare, commit = self._handlers(stream.entity)
+        had_rows = self._has_rows(stream.entity)
         # The windows end at the store's now: it stamps date_modified_gmt with its own clock.
         self.run_start = await self._store_clock(stream.path)
         # Each variant's first window starts where its own cursor says, so every variant's
@@ -376,19 +369,20 @@ class SourceSync:
             else:  # a first sync read everything there is: nothing can be missing yet
                 self._stamp_reconciled(stream.name, self.clock())
 
-    def _handlers(self, stream: str) -> tuple[Prepare, Commit]:
+    def _handlers(self, entity: str) -> tuple[Prepare, Commit]:
+        """How a page of an entity's payloads is prepared and committed."""
         handlers: dict[str, tuple[Prepare, Commit]] = {
             "orders": (self._prepare_orders, self._commit_orders),
             "products": (self._prepare_products, self._commit_products),
             "coupons": (_no_prepare, self._commit_coupons),
             "refunds": (_no_prepare, self._commit_refunds),
         }
-        return handlers[stream]
+        return handlers[entity]
 
     # -- windows ----------------------------------------------------------------------
 
     async def _store_clock(self, path: str) -> datetime:
-        """Now on the store's clock (see ``WooCommerceClient.store_now``), asked with one
+        """Now on the store's clock (see the client's ``store_now``), asked with one
         small request when no response told it yet; syncd's clock when the store sends no
         usable ``Date`` header (said once)."""
         now = self.client.store_now()
@@ -421,7 +415,7 @@ class SourceSync:
         upper = self.run_start
         by_id = False
         for _ in range(MAX_PASSES):
-            self.counts[stream.name].passes += 1
+            self.counts[stream.entity].passes += 1
             params = self.client.window_params(variant, start, upper, by_id=by_id)
             outcome, checkpoint = await self._read_window(
                 stream, key, params, upper, prepare, commit, first, by_id=by_id
@@ -466,7 +460,7 @@ class SourceSync:
         """One pass over a window; returns how it ended and the last safe checkpoint.
 
         A checkpoint (the newest modification time on a page) is safe after pages 1..p when
-        they all reported the first page's X-WP-Total, were full and held no id twice: a
+        they all reported the first page's total, were full and held no id twice: a
         tie group wholly before that point has a fixed number of places in those pages,
         all filled by distinct rows, so every row modified before the checkpoint was read
         (rows at the checkpoint's own second may continue on the next page). An id-ordered
@@ -532,10 +526,10 @@ class SourceSync:
                     if last:
                         new_cursor = upper
                     elif not by_id:
-                        new_cursor = _max_modified(page.items)
+                        new_cursor = self._max_modified(page.items)
                         checkpoint = new_cursor or checkpoint
                 writing = await self._apply(
-                    writer, stream.name, key, page.items, new_cursor, prepare, commit, writing
+                    writer, stream.entity, key, page.items, new_cursor, prepare, commit, writing
                 )
                 # Commit every FLUSH_ROWS rows or FLUSH_SECONDS, and at the window's end: a
                 # crash loses only uncommitted pages, which the next run reads again.
@@ -571,8 +565,9 @@ class SourceSync:
         *,
         by_id: bool = False,
     ) -> tuple[PassOutcome, datetime | None]:
-        """A pass without X-WP-Total (a host stripped it): pages until a short one. An id
-        read twice still shows ties in another order; a row leaving cannot be seen here."""
+        """A pass without a total (a host stripped the paging headers): pages until a short
+        one. An id read twice still shows ties in another order; a row leaving cannot be
+        seen here."""
         page = first
         seen: set[int] = set()
         repeated = False
@@ -584,9 +579,11 @@ class SourceSync:
                 last = len(page.items) < self.client.per_page
                 cursor: datetime | None = None
                 if not repeated:
-                    cursor = upper if last else None if by_id else _max_modified(page.items)
+                    cursor = upper if last else None if by_id else self._max_modified(page.items)
                 await (
-                    await self._apply(writer, stream.name, key, page.items, cursor, prepare, commit)
+                    await self._apply(
+                        writer, stream.entity, key, page.items, cursor, prepare, commit
+                    )
                 )
                 await self._in_db_thread(writer.flush)
                 if repeated and not by_id:
@@ -722,12 +719,18 @@ class SourceSync:
                 )
             )
 
-    # -- customers: an id scan (the API has no date filter for them) -------------------
+    # -- scanned streams: an id scan (a collection without a date filter) ----------------
 
-    async def _customers(self) -> None:
+    async def _scanned(self, stream: Stream) -> None:
+        """Read a stream that has no date filter: scan every id and modification time, fetch
+        the new and changed records in full, mark the missing ones deleted. Customers (the
+        accounts) are the entity read this way."""
+        if stream.entity != "customers":
+            raise NotImplementedError(f"{stream.name}: only customers can be read by a scan")
         counts = self.counts["customers"]
-        params = {"role": "all", "orderby": "id", "order": "asc", "_fields": "id,date_modified_gmt"}
-        scanned, bad, stable, began = await self._scan(STREAMS["customers"].path, params)
+        ((_suffix, variant),) = stream.variants
+        params = self.client.scan_params(variant, ("id", stream.cursor_field))
+        scanned, bad, stable, began = await self._scan(stream.path, params)
         if bad:
             # A record without an id cannot be fetched or stored: it is kept with the reason.
             await self._in_db_thread(self._commit_in_tx, self._quarantine_all, ("customers", bad))
@@ -751,11 +754,11 @@ class SourceSync:
         )
         for start in range(0, len(changed), self.client.per_page):
             chunk = changed[start : start + self.client.per_page]
-            payloads = await self.client.by_ids("customers", chunk, {"role": "all"})
+            payloads = await self.client.by_ids(stream.path, chunk, variant)
             counts.saw(payloads)
             await self._in_db_thread(self._commit_in_tx, self._commit_customers, payloads)
             if self.progress:
-                self.progress("customers", start + len(chunk), len(changed))
+                self.progress(stream.name, start + len(chunk), len(changed))
         if stable:
             gone = [
                 cid
@@ -767,7 +770,11 @@ class SourceSync:
         # The customers "cursor" says how fresh the accounts are: every change the store
         # had when this scan began (on its clock) is now in.
         fresh_as_of = began or self.clock()
-        await self._in_db_thread(self._commit_in_tx, self._save_scan_cursor, fresh_as_of)
+        await self._in_db_thread(
+            self._commit_in_tx,
+            lambda conn, when: self._save_cursor(conn, stream.name, when),
+            fresh_as_of,
+        )
 
     async def _scan(
         self, path: str, params: Mapping[str, str]
@@ -784,7 +791,7 @@ class SourceSync:
             totals.add(page.total)
             for item in page.items:
                 if isinstance(item, Mapping) and isinstance(item.get("id"), int) and item["id"] > 0:
-                    out[item["id"]] = modified_of(item)
+                    out[item["id"]] = self.source.modified_of(item)
                 else:
                     bad.append(item)
 
@@ -819,7 +826,7 @@ class SourceSync:
             try:
                 if not isinstance(payload, Mapping):
                     raise BadRecord("expected a JSON object")
-                row = parse_customer(payload, self.name)
+                row = self.source.parse_customer(payload)
             except BadRecord as exc:
                 self._quarantine(conn, "customers", payload, str(exc))
                 continue
@@ -832,9 +839,6 @@ class SourceSync:
             ok.append(row.source_id)
         counts.wrote(ok)
         self._release(conn, "customers", ok)
-
-    def _save_scan_cursor(self, conn: Connection, when: datetime) -> None:
-        self._save_cursor(conn, "customers", when)
 
     def _mark_customers_deleted(self, ids: list[int]) -> None:
         with self._writer, self.engine.begin() as conn:
@@ -860,31 +864,26 @@ class SourceSync:
         """Registered buyers the store does not know yet are fetched first, so an order always
         links to its account (not to a person guessed from the billing email). The orders are
         parsed here, on the event loop, while the store thread writes the page before."""
-        cids = {
-            i["customer_id"]
-            for i in items
-            if isinstance(i, Mapping)
-            and isinstance(i.get("customer_id"), int)
-            and i["customer_id"] > 0
-        }
+        cids = {cid for cid in map(self.source.account_of, items) if cid is not None}
         customers: list[Any] = []
         known = self._known_customers()
         unknown = sorted(cids - known)
         if unknown:
             await self._before_network()
-            customers = await self.client.by_ids("customers", unknown, {"role": "all"})
+            accounts = self._stream_of("customers")
+            customers = await self.client.by_ids(accounts.path, unknown, accounts.variants[0][1])
             # Asked once per run: an id the store does not serve goes by email (see commit).
             known.update(unknown)
         return self._parse_orders(items, customers)
 
     def _parse_orders(self, items: list[Any], customers: list[Any]) -> _OrderBatch:
         batch = _OrderBatch(customers=customers)
-        by_id: dict[int, OrderRow] = {}
+        by_id: dict[int, ParsedOrder] = {}
         for payload in items:
             try:
                 if not isinstance(payload, Mapping):
                     raise BadRecord("expected a JSON object")
-                order = parse_order(payload, self.name)
+                order = self.source.parse_order(payload)
             except BadRecord as exc:
                 batch.bad.append((payload, str(exc)))
                 continue
@@ -983,7 +982,7 @@ class SourceSync:
         for r in rows:
             values: dict[str, Any] = {"order_id": r.oid}
             if r.currency != r.oc:
-                fixed = parse_refund(r.raw, self.name, r.oc)
+                fixed = self.source.parse_refund(r.raw, r.oc)
                 values.update(currency=r.oc, amount_minor=fixed["amount_minor"])
             conn.execute(update(REFUNDS).where(REFUNDS.c.id == r.id).values(**values))
 
@@ -991,7 +990,7 @@ class SourceSync:
 
     def _commit_refunds(self, conn: Connection, items: list[Any]) -> None:
         counts = self.counts["refunds"]
-        parents = {i.get("parent_id") for i in items if isinstance(i, Mapping)}
+        parents = {self.source.refund_order_of(i) for i in items if isinstance(i, Mapping)}
         currencies = {
             r.source_id: (r.id, r.currency)
             for r in conn.execute(
@@ -1006,8 +1005,8 @@ class SourceSync:
             try:
                 if not isinstance(payload, Mapping):
                     raise BadRecord("expected a JSON object")
-                order = currencies.get(payload.get("parent_id"))
-                row = parse_refund(payload, self.name, order[1] if order else self.currency)
+                order = currencies.get(self.source.refund_order_of(payload))
+                row = self.source.parse_refund(payload, order[1] if order else self.currency)
                 row["order_id"] = order[0] if order else None
                 self._unlinked_refunds |= order is None
                 rows.append(row)
@@ -1021,14 +1020,9 @@ class SourceSync:
         """Variations are read with their variable product (they are rows of ``products`` too)."""
         variations: dict[int, list[Any]] = {}
         for item in items:
-            if isinstance(item, Mapping) and isinstance(item.get("id"), int) and is_variable(item):
-                path = variations_path(item["id"])
+            if isinstance(item, Mapping) and self.source.has_variations(item):
                 await self._before_network()
-                first = await self.client.page(path, {}, 1)
-                found = list(first.items)
-                for n in range(2, (first.total_pages or 1) + 1):
-                    found += (await self.client.page(path, {}, n)).items
-                variations[item["id"]] = found
+                variations[item["id"]] = await self.source.variations(item["id"])
         return items, variations
 
     def _commit_products(
@@ -1042,11 +1036,11 @@ class SourceSync:
             try:
                 if not isinstance(payload, Mapping):
                     raise BadRecord("expected a JSON object")
-                rows.append(parse_product(payload, self.name, currency))
+                rows.append(self.source.parse_product(payload, currency))
                 for variation in variations.get(payload["id"], ()):
                     rows.append(
-                        parse_product(
-                            variation, self.name, currency, parent_source_id=payload["id"]
+                        self.source.parse_product(
+                            variation, currency, parent_source_id=payload["id"]
                         )
                     )
             except BadRecord as exc:
@@ -1062,7 +1056,7 @@ class SourceSync:
             try:
                 if not isinstance(payload, Mapping):
                     raise BadRecord("expected a JSON object")
-                rows.append(parse_coupon(payload, self.name, self.currency or "USD"))
+                rows.append(self.source.parse_coupon(payload, self.currency or "USD"))
             except BadRecord as exc:
                 self._quarantine(conn, "coupons", payload, str(exc))
         upsert(conn, COUPONS, rows, keys=("source", "source_id"))
@@ -1070,20 +1064,12 @@ class SourceSync:
         counts.wrote(r["source_id"] for r in rows)
 
     async def _store_currency(self) -> str:
-        code = await self.client.store_currency()
-        if code:
-            return code
-        # Older stores: the currency of the newest order is the store's.
-        page = await self.client.page("orders", {"orderby": "date", "order": "desc"}, 1)
-        for item in page.items:
-            if isinstance(item, Mapping) and isinstance(item.get("currency"), str):
-                return str(item["currency"])
-        return "USD"
+        return await self.source.store_currency()
 
     # -- reconciliation of hard deletes ----------------------------------------------
 
-    def _has_rows(self, stream: str) -> bool:
-        table = TABLE_OF_STREAM[stream]
+    def _has_rows(self, entity: str) -> bool:
+        table = TABLE_OF_ENTITY[entity]
         with self.engine.connect() as conn:
             return (
                 conn.execute(select(table.c.id).where(table.c.source == self.name).limit(1)).first()
@@ -1121,11 +1107,11 @@ class SourceSync:
     async def _reconcile(self, stream: Stream) -> None:
         """Rows the source no longer has (force-deleted: invisible to date windows) are marked
         deleted. Only a scan that saw every page with the same total may conclude absence."""
-        table = TABLE_OF_STREAM[stream.name]
+        table = TABLE_OF_ENTITY[stream.entity]
         seen: set[int] = set()
         for _suffix, variant in stream.variants:
             ids, _bad, stable, _began = await self._scan(
-                stream.path, {**variant, "orderby": "id", "order": "asc", "_fields": "id"}
+                stream.path, self.client.scan_params(variant, ("id",))
             )
             if not stable:
                 log.info(
@@ -1145,7 +1131,7 @@ class SourceSync:
                     )
                 )
                 gone = [r.source_id for r in live if r.source_id not in seen]
-                if stream.name == "products":
+                if stream.entity == "products":
                     # Variations are not in the products collection: they go with their parent.
                     parents = conn.execute(
                         select(PRODUCTS.c.source_id, PRODUCTS.c.parent_source_id).where(
@@ -1158,8 +1144,8 @@ class SourceSync:
                         if g not in {p.source_id for p in parents if p.parent_source_id in seen}
                     ]
                 if gone:
-                    marked, _people = self._mark_deleted(conn, stream.name, gone, now)
-                    self.counts[stream.name].deleted += marked
+                    marked, _people = self._mark_deleted(conn, stream.entity, gone, now)
+                    self.counts[stream.entity].deleted += marked
                 self._stamp_reconciled(stream.name, now, conn)
 
         await self._in_db_thread(work)
@@ -1179,8 +1165,7 @@ class SourceSync:
         the store's API, as a poll would: a registered buyer the store has not seen yet,
         a variable product's variations, the store currency before any product is stored.
         """
-        if stream not in APPLY_STREAMS:
-            raise ValueError(f"unknown stream {stream!r}: expected one of {APPLY_STREAMS}")
+        stream = self._applied(stream).entity  # counts, handlers and tables go by entity
         self.counts = {stream: StreamCounts()}
         await asyncio.to_thread(self._load_bookkeeping)
         items, stale = await asyncio.to_thread(self._newest_payloads, stream, list(payloads))
@@ -1235,21 +1220,19 @@ class SourceSync:
         store has for them: their refunds as the source has them now, and the ids of the
         stored ones it no longer has.
 
-        A poll reads refunds in a stream of their own; a webhook has only the order, whose
-        ``order.updated`` WooCommerce also fires for a refund (``woocommerce_order_refunded``).
+        A poll reads refunds in a stream of their own; a webhook may have only the order (a
+        source whose order update also fires for a refund: see the source's webhooks module).
         Profiles count an order's refund rows, so they are brought in line before the
         delivery counts as applied. Only for a source that syncs refunds at all."""
-        if "refunds" not in self.settings.streams:
+        if not any(
+            s.entity == "refunds" and s.name in self.settings.streams for s in self.streams.values()
+        ):
             return [], []
         listed: dict[int, set[int]] = {}
         for order in batch.orders:
-            entries = order.row["raw"].get("refunds")
-            if isinstance(entries, list):
-                listed[order.row["source_id"]] = {
-                    e["id"]
-                    for e in entries
-                    if isinstance(e, Mapping) and _positive_int(e.get("id"))
-                }
+            ids = self.source.listed_refunds(order.row["raw"])
+            if ids is not None:
+                listed[order.row["source_id"]] = ids
         if not listed:
             return [], []
 
@@ -1268,7 +1251,7 @@ class SourceSync:
 
         have = await asyncio.to_thread(stored)
         changed = sorted(oid for oid, ids in listed.items() if ids != have[oid])
-        fetched = await asyncio.gather(*(self.client.order_refunds(oid) for oid in changed))
+        fetched = await asyncio.gather(*(self.source.order_refunds(oid) for oid in changed))
         refunds = [r for found in fetched for r in found]
         kept = {_id_of(r) for r in refunds}
         # Only refunds stored before the fetch can be known gone: one a poll stores
@@ -1291,9 +1274,9 @@ class SourceSync:
     async def apply_deletions(self, stream: str, ids: Sequence[int]) -> AppliedBatch:
         """Apply records the source reports deleted (a webhook's ``{"id": N}``).
 
-        Orders, products and coupons: WooCommerce's ``*.deleted`` webhooks fire on *trash*
-        (``wp_trash_post``, ``woocommerce_trash_order``), and a trashed record is still served
-        with ``status: "trash"``. So each is read back the way a poll reads it, in the trash
+        A stream with a ``deleted_variant`` (a trash): a source may report a record deleted
+        when it is trashed, and still serve it there (WooCommerce's ``*.deleted`` webhooks fire
+        on trash). So each is read back the way a poll reads it, in that variant
         first, then among the live records (restored since: a PUT of a status restores an
         order with no webhook of its own), and stored through ``apply_payloads``: the row a
         poll of the trash gives (status ``trash``, ``deleted_at`` at the trashing). Records
@@ -1302,21 +1285,20 @@ class SourceSync:
         it finds missing: kept for history with ``deleted_at`` set (a row already marked keeps
         its first), the people they belonged to refreshed, a product's variations along.
         """
-        if stream not in APPLY_STREAMS:
-            raise ValueError(f"unknown stream {stream!r}: expected one of {APPLY_STREAMS}")
+        source = self._applied(stream)
         wanted = sorted({i for i in ids if _positive_int(i)})
         found: list[Any] = []
-        source = STREAMS[stream]
-        if wanted and len(source.variants) > 1:  # a stream with a trash of its own
+        if wanted and source.deleted_variant is not None:  # a stream with a trash of its own
             missing = list(wanted)
-            trash_first = sorted(source.variants, key=lambda v: v[0] != ":trash")
+            trash_first = sorted(source.variants, key=lambda v: v[0] != source.deleted_variant)
             for _suffix, variant in trash_first:
                 if missing:
                     got = await self.client.by_ids(source.path, missing, variant)
                     found += got
                     missing = sorted(set(missing) - {_id_of(r) for r in got})
+        stream = source.entity
         batch = (
-            await self.apply_payloads(stream, found)
+            await self.apply_payloads(source.name, found)
             if found
             else AppliedBatch(stream=stream, counts=StreamCounts())
         )
@@ -1335,6 +1317,16 @@ class SourceSync:
         batch.people |= people
         return batch
 
+    def _stream_of(self, entity: str) -> Stream:
+        """The stream whose rows land in ``entity`` (accounts, for an order's buyer)."""
+        return next(s for s in self.streams.values() if s.entity == entity)
+
+    def _applied(self, stream: str) -> Stream:
+        """The declaration of a stream whose records arrive outside a poll."""
+        if stream not in self.streams:
+            raise ValueError(f"unknown stream {stream!r}: expected one of {tuple(self.streams)}")
+        return self.streams[stream]
+
     def _mark_deleted(
         self, conn: Connection, stream: str, ids: Sequence[int], now: datetime
     ) -> tuple[int, set[int]]:
@@ -1342,7 +1334,7 @@ class SourceSync:
         ``deleted_at`` set (a row already marked keeps its first), a product's variations
         along with it, and the people they belonged to refreshed. Returns how many rows
         were marked, and those people."""
-        table = TABLE_OF_STREAM[stream]
+        table = TABLE_OF_ENTITY[stream]
         match: ColumnElement[bool] = table.c.source_id.in_(ids)
         if stream == "products":
             match = match | PRODUCTS.c.parent_source_id.in_(ids)
@@ -1376,9 +1368,9 @@ class SourceSync:
                 loose.append(payload)
                 continue
             previous = keyed.get(pid)
-            if previous is None or not _older(payload, previous):
+            if previous is None or not self._older(payload, previous):
                 keyed[pid] = payload
-        table = TABLE_OF_STREAM[stream]
+        table = TABLE_OF_ENTITY[stream]
         stale = len(payloads) - len(loose) - len(keyed)
         if not keyed or "modified_at" not in table.c:
             return [*keyed.values(), *loose], stale
@@ -1393,7 +1385,7 @@ class SourceSync:
             }
         fresh = []
         for pid, payload in keyed.items():
-            modified, current = modified_of(payload), stored.get(pid)
+            modified, current = self.source.modified_of(payload), stored.get(pid)
             if modified is not None and current is not None and modified < current:
                 stale += 1
                 continue
@@ -1402,11 +1394,7 @@ class SourceSync:
 
     def _known_among(self, orders: list[Any]) -> set[int]:
         """Which of these orders' account ids the store already links to people."""
-        wanted = {
-            str(o["customer_id"])
-            for o in orders
-            if isinstance(o, Mapping) and _positive_int(o.get("customer_id"))
-        }
+        wanted = {str(cid) for cid in map(self.source.account_of, orders) if _positive_int(cid)}
         if not wanted:
             return set()
         with self.engine.connect() as conn:
@@ -1425,20 +1413,13 @@ class SourceSync:
         """Variations are stored with their parent (``parent_source_id``), which a poll reads
         together: a variation's payload is replaced by its parent product, whose variations
         ``_prepare_products`` then reads."""
-
-        def is_variation(item: Any) -> bool:
-            return (
-                isinstance(item, Mapping)
-                and item.get("type") == "variation"
-                and _positive_int(item.get("parent_id"))
-            )
-
         present = {_id_of(i) for i in items}
-        parents = sorted({i["parent_id"] for i in items if is_variation(i)} - present)
-        kept = [i for i in items if not is_variation(i)]
+        of = {id(i): self.source.variation_parent(i) for i in items}
+        parents = sorted({p for p in of.values() if p is not None} - present)
+        kept = [i for i in items if of[id(i)] is None]
         if parents:
             # A parent in the trash is not listed: polling sees its variations go with it.
-            kept += await self.client.by_ids("products", parents)
+            kept += await self.client.by_ids(self._stream_of("products").path, parents)
         return kept
 
     async def _apply_currency(self) -> str:
@@ -1456,6 +1437,19 @@ class SourceSync:
             return code
 
         return await asyncio.to_thread(stored) or await self._store_currency()
+
+    def _max_modified(self, items: Sequence[Any]) -> datetime | None:
+        modified = self.source.modified_of
+        stamps = [
+            m for m in (modified(i) for i in items if isinstance(i, Mapping)) if m is not None
+        ]
+        return max(stamps) if stamps else None
+
+    def _older(self, a: Any, b: Any) -> bool:
+        """``a`` was modified before ``b`` (both payloads of one record); unknown is not older."""
+        ma = self.source.modified_of(a) if isinstance(a, Mapping) else None
+        mb = self.source.modified_of(b) if isinstance(b, Mapping) else None
+        return ma is not None and mb is not None and ma < mb
 
     def _people_of(self, conn: Connection, stream: str, ids: list[int]) -> set[int]:
         if not ids or stream not in ("orders", "customers"):
@@ -1554,17 +1548,5 @@ def _take_ids(items: Sequence[Any], seen: set[int]) -> bool:
     return repeated
 
 
-def _max_modified(items: Sequence[Any]) -> datetime | None:
-    stamps = [m for m in (modified_of(i) for i in items if isinstance(i, Mapping)) if m is not None]
-    return max(stamps) if stamps else None
-
-
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _older(a: Any, b: Any) -> bool:
-    """``a`` was modified before ``b`` (both payloads of one record); unknown is not older."""
-    ma = modified_of(a) if isinstance(a, Mapping) else None
-    mb = modified_of(b) if isinstance(b, Mapping) else None
-    return ma is not None and mb is not None and ma < mb

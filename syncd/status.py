@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from syncd.config import Settings, mask_url_password
-from syncd.ingest import TABLE_OF_STREAM
-from syncd.sources.woocommerce import STREAM_ORDER
+from syncd.ingest import TABLE_OF_ENTITY
+from syncd.sources import SOURCE_TYPES, source_class
+from syncd.sources.base import Stream
 from syncd.store.migrate import current_revision
 from syncd.store.models import (
     CUSTOMERS,
@@ -57,6 +58,14 @@ def _last_run(conn: Any, *where: Any) -> Any:
     return conn.execute(
         select(RUNS).where(*where).order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc()).limit(1)
     ).first()
+
+
+def _streams_of(settings: Settings, name: str) -> dict[str, Stream]:
+    """A source's declared streams; for one no longer configured (its rows are still in the
+    store), every registered type's."""
+    configured = settings.sources.get(name)
+    types = [configured.type] if configured is not None else list(SOURCE_TYPES)
+    return {k: v for t in reversed(types) for k, v in source_class(t).streams.items()}
 
 
 def collect_status(
@@ -103,8 +112,8 @@ def collect_status(
                 ).all()
             )
             streams: dict[str, Any] = {}
-            for stream in STREAM_ORDER:
-                table = TABLE_OF_STREAM[stream]
+            for stream, declared in _streams_of(settings, name).items():
+                table = TABLE_OF_ENTITY[declared.entity]
                 rows = conn.execute(
                     select(func.count()).where(table.c.source == name, table.c.deleted_at.is_(None))
                 ).scalar()

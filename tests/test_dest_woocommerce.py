@@ -26,7 +26,7 @@ from syncd.destinations import destination_class
 from syncd.destinations.base import BatchRejected, Item, NoOptions, Outcome, SyncTarget
 from syncd.destinations.woocommerce import NOT_REGISTERED, WooCommerceDestination
 from syncd.http import ApiError, AuthError, ServiceLimits
-from syncd.sources.woocommerce_auth import verify_oauth1
+from syncd.sources.woocommerce.auth import verify_oauth1
 from tests.conftest import fixture
 
 HTTPS_STORE = "https://shop.example.com"

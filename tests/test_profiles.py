@@ -57,7 +57,8 @@ from syncd.ingest import SourceSync
 from syncd.segments import profiles
 from syncd.segments import recompute as recompute_module
 from syncd.segments.recompute import ProfileError, recompute
-from syncd.sources.woocommerce import Page, WooCommerceClient
+from syncd.sources.base import Page
+from syncd.sources.woocommerce.client import WooCommerceClient
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.models import CUSTOMERS, ORDERS, PROFILES, QUARANTINE, REFUNDS
 

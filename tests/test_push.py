@@ -454,8 +454,8 @@ def test_woocommerce_write_back_puts_segments_and_counts_on_registered_customers
     from syncd.sandbox.store import SandboxStore
     from syncd.segments.recompute import recompute
     from syncd.store.models import CUSTOMER_RECORDS
-    from tests.test_sync_e2e import settings_for as source_settings
-    from tests.test_sync_e2e import sync as source_sync
+    from tests.test_ingest_e2e import settings_for as source_settings
+    from tests.test_ingest_e2e import sync as source_sync
 
     shop = SandboxStore(seed=5, customers=40, guests=20, orders=300)
     with SandboxServer(shop) as server:

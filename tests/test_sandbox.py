@@ -24,7 +24,7 @@ import pytest
 
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import ORDER_STATUSES, SandboxStore
-from syncd.sources.woocommerce_auth import OAuth1Auth, QueryStringAuth
+from syncd.sources.woocommerce.auth import OAuth1Auth, QueryStringAuth
 
 KEY, SECRET = "ck_sandbox", "cs_sandbox"
 ANCHOR = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

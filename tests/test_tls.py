@@ -23,7 +23,7 @@ import pytest
 
 from syncd.config import WooCommerceSourceSettings
 from syncd.http import RetryExhausted, ServiceClient, ServiceLimits, TlsError
-from syncd.sources.woocommerce import WooCommerceClient
+from syncd.sources.woocommerce.client import WooCommerceClient
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

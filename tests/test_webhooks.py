@@ -44,6 +44,7 @@ from syncd.segments.recompute import recompute
 from syncd.sources import webhooks as webhooks_module
 from syncd.sources.inbox import open_inbox
 from syncd.sources.webhooks import WebhookIntake
+from syncd.sources.woocommerce.webhooks import RESOURCE_EVENTS
 from syncd.store.engine import open_store
 from syncd.store.models import (
     COUPONS,
@@ -822,8 +823,8 @@ def test_deliveries_are_answered_well_under_200_ms(engine: Engine, sandbox: Sand
 
 # -- fuzzing ----------------------------------------------------------------------------------
 
-_RESOURCES = webhooks_module.RESOURCE_EVENTS
-_TOPICS = [f"{r}.{e}" for r, es in webhooks_module.RESOURCE_EVENTS.items() for e in es]
+_RESOURCES = RESOURCE_EVENTS
+_TOPICS = [f"{r}.{e}" for r, es in RESOURCE_EVENTS.items() for e in es]
 _header_text = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=0, max_size=200
 )

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from oauthlib.oauth1.rfc5849 import signature as oauthlib_signature
 
-from syncd.sources.woocommerce_auth import (
+from syncd.sources.woocommerce.auth import (
     OAuth1Auth,
     QueryStringAuth,
     basic_auth,

@@ -10,14 +10,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from syncd.sources.woocommerce import (
-    BadRecord,
+from syncd.sources.base import BadRecord, record_key
+from syncd.sources.woocommerce.parse import (
     parse_coupon,
     parse_customer,
     parse_order,
     parse_product,
     parse_refund,
-    record_key,
 )
 from tests.conftest import fixture
 

@@ -31,7 +31,7 @@ Set-up: the mapping's ``base_url`` is required and is the store's site URL
 (``https://shop.example.com``, as in the source's ``url``); ``/wp-json/wc/v3`` is
 appended here as the source does. Credentials ``consumer_key``/``consumer_secret`` of a
 key with write permission; auth is the source's: HTTP Basic over https, OAuth 1.0a
-(signed query string) over plain http, both from :mod:`syncd.sources.woocommerce_auth`.
+(signed query string) over plain http, both from :mod:`syncd.sources.woocommerce.auth`.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from pydantic import SecretStr
 
 from syncd.destinations.base import Destination, Handler, Item, Op, Outcome, SyncTarget
 from syncd.http import ApiError, ServiceLimits
-from syncd.sources.woocommerce import API_ROOT
-from syncd.sources.woocommerce_auth import make_auth
+from syncd.sources.woocommerce.auth import make_auth
+from syncd.sources.woocommerce.client import API_ROOT
 
 __all__ = ["MAX_BATCH", "WooCommerceDestination", "meta_value"]
 

@@ -27,7 +27,7 @@ import orjson
 
 from syncd.sandbox.httpserver import SandboxHandler, ServedSandbox
 from syncd.sandbox.store import ORDER_STATUSES, IndexEntry, SandboxStore
-from syncd.sources.woocommerce_auth import (
+from syncd.sources.woocommerce.auth import (
     OAUTH_TIMESTAMP_WINDOW,
     PhpValue,
     check_oauth1,

@@ -38,7 +38,7 @@ import orjson
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
 
-from syncd.sources.woocommerce import record_key
+from syncd.sources.base import record_key
 from syncd.store.models import EVENTS, QUARANTINE
 from syncd.store.types import payload_problem, stand_in
 from syncd.store.upsert import upsert
@@ -48,6 +48,9 @@ JOURNAL_KEEP: Final = timedelta(days=2)  # duplicate detection window for moved 
 PRUNE_EVERY_SECONDS: Final = 3600.0
 
 Key = tuple[str, str, str]  # (source, delivery_id, body_sha256): the events table's unique key
+# The stream a delivery's resource belongs to, by source name (the source's webhook spec
+# knows it): the quarantine keeps a refused delivery under that stream, as a polled record.
+StreamOf = Callable[[str, str], str]
 Number = int | None | Exception  # what ``_write`` answers for one row
 _Row = TypeVar("_Row")
 
@@ -69,7 +72,8 @@ class Inbox(ABC):
     journal id for a JournalInbox) or None when the delivery is stored already.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stream_of: StreamOf | None = None) -> None:
+        self.stream_of = stream_of or _resource_is_stream
         # One writer thread: commits are serial anyway, and a dedicated thread is never
         # queued behind the default executor's other work.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="syncd-inbox")
@@ -131,8 +135,8 @@ class Inbox(ABC):
 class StoreInbox(Inbox):
     """Deliveries go straight into the store's ``events`` table."""
 
-    def __init__(self, engine: Engine) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine, stream_of: StreamOf | None = None) -> None:
+        super().__init__(stream_of)
         self.engine = engine
         # One connection kept by the writer thread, in autocommit: a group is a single
         # INSERT … RETURNING (atomic on its own), so one round trip to the server instead
@@ -216,8 +220,8 @@ _INSERT = (
 class JournalInbox(Inbox):
     """Deliveries go to a SQLite journal beside the store; ``take`` moves them in."""
 
-    def __init__(self, engine: Engine, path: Path) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine, path: Path, stream_of: StreamOf | None = None) -> None:
+        super().__init__(stream_of)
         self.engine = engine
         self.path = path
         # Two connections: the writer's (the inbox thread's alone) and the mover's (take,
@@ -336,7 +340,7 @@ class JournalInbox(Inbox):
                 ids += _pending_ids(conn, keys)
                 duplicates = offered - len(set(ids))
             for row, reason in refused:
-                quarantine_delivery(conn, row, reason)
+                quarantine_delivery(conn, row, reason, self.stream_of)
         # Committed in the store first: a crash here moves the rows again, and the unique
         # key of events makes that a no-op. A refused row is moved too (into the
         # quarantine), so it never holds back the rows behind it.
@@ -368,13 +372,17 @@ class JournalInbox(Inbox):
             self._mover.close()
 
 
-def open_inbox(engine: Engine) -> Inbox:
+def open_inbox(engine: Engine, stream_of: StreamOf | None = None) -> Inbox:
     """The inbox for this store: a journal beside a SQLite file, else the store itself."""
     database = engine.url.database
     if engine.dialect.name == "sqlite" and database and database != ":memory:":
         store = Path(database)
-        return JournalInbox(engine, store.with_name(f"{store.stem}-webhooks.db"))
-    return StoreInbox(engine)
+        return JournalInbox(engine, store.with_name(f"{store.stem}-webhooks.db"), stream_of)
+    return StoreInbox(engine, stream_of)
+
+
+def _resource_is_stream(source: str, resource: str) -> str:
+    return resource
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -488,7 +496,9 @@ def _reason(exc: BaseException) -> str:
     return f"the store refused it: {type(cause).__name__}: {text[0] if text else ''}"[:2000]
 
 
-def quarantine_delivery(conn: Connection, row: dict[str, Any], reason: str) -> None:
+def quarantine_delivery(
+    conn: Connection, row: dict[str, Any], reason: str, stream_of: StreamOf
+) -> None:
     """Keep a webhook delivery the store cannot take in the quarantine, with the reason:
     keyed like a polled record (its id), so a valid copy arriving later releases it."""
     # The value itself may be what the store cannot keep: a stand-in always (id, reason,
@@ -497,7 +507,7 @@ def quarantine_delivery(conn: Connection, row: dict[str, Any], reason: str) -> N
     kept = stand_in(payload, reason, row["body"])
     key = f"sha256:{row['body_sha256']}" if payload is None else record_key(payload)
     now = datetime.now(UTC)
-    stream = f"{row['resource']}s"  # coupon -> coupons … (as webhooks.RESOURCE_STREAMS)
+    stream = stream_of(row["source"], row["resource"])
     log_reason = f"webhook {row['topic']} delivery {row['delivery_id']}: {reason}"[:2000]
     upsert(
         conn,

@@ -1,24 +1,10 @@
-"""WooCommerce webhooks: verify, store and answer at once; apply off the request.
+"""Webhooks from sources: verify, store and answer at once; apply off the request.
 
-What WooCommerce sends (WooCommerce core ``includes/class-wc-webhook.php``):
-
-* a delivery is a POST, ``Content-Type: application/json``, body ``trim(wp_json_encode(payload))``,
-  with headers ``X-WC-Webhook-Source`` (home URL), ``-Topic`` (``order.updated``), ``-Resource``,
-  ``-Event``, ``-Signature``, ``-ID`` (the webhook's id) and ``-Delivery-ID``;
-* ``X-WC-Webhook-Signature`` is ``base64(HMAC-SHA256(raw body, secret))``;
-* the payload is the REST resource as ``GET /wc/v3/{resource}s/{id}`` returns it, except for
-  ``deleted`` events, which send ``{"id": N}`` (N is the hook's argument: a number, or a
-  string of digits for some post hooks); ``order.deleted`` and ``product.deleted`` fire on
-  *trash* (a permanent delete sends nothing), ``customer.deleted`` on user deletion;
-* ``order.updated`` also fires on ``woocommerce_order_refunded``, with the order's
-  ``refunds`` list (``{id, reason, total}``) but not the refunds themselves;
-* on creation (and activation) WooCommerce pings the URL with the form body ``webhook_id=N``
-  and no X-WC headers; anything but exactly 200 makes the creation report an error;
-* each event is delivered once, never redelivered (and a webhook is disabled after more
-  than 5 consecutive failures): polling stays the safety net;
-* ``X-WC-Webhook-Delivery-ID`` is ``wp_hash(webhook id . current unix second)``: two
-  different deliveries of one webhook within a second share it. Deliveries are therefore
-  de-duplicated on the delivery id *and* a digest of the body (see ``Event`` in the models).
+Which requests are deliveries, how they are signed and which stream a payload goes through
+is the source's (``Source.webhooks``, e.g. :mod:`syncd.sources.woocommerce.webhooks`); this
+module is the intake every source shares. Deliveries are de-duplicated on the delivery id
+*and* a digest of the body (see ``Event`` in the models): a source's delivery id need not
+be unique on its own (WooCommerce's is not).
 
 The request path only verifies, validates and stores (through ``syncd.sources.inbox``: group
 commit, and on SQLite a journal beside the store, so a job holding the store's writer never
@@ -35,11 +21,9 @@ are applied on the next ``start()``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import itertools
-import re
 import sqlite3
 import time
 from collections import Counter, deque
@@ -55,9 +39,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from syncd.config import Settings, WooCommerceSourceSettings
+from syncd.config import Settings, SourceSettings
 from syncd.ingest import AppliedBatch, SourceSync
 from syncd.log import get_logger
+from syncd.sources import source_class
+from syncd.sources.base import WebhookSpec
 from syncd.sources.inbox import Unstorable, open_inbox, quarantine_delivery
 from syncd.store.engine import writer_lock
 from syncd.store.models import EVENTS
@@ -65,29 +51,14 @@ from syncd.store.types import payload_problem
 
 log = get_logger("syncd.webhooks")
 
-# WooCommerce's default topics (WC_Webhook::get_default_topic_hooks) this intake applies, and
-# the stream each resource's payloads go through.
-RESOURCE_EVENTS: dict[str, frozenset[str]] = {
-    "coupon": frozenset({"created", "updated", "deleted", "restored"}),
-    "customer": frozenset({"created", "updated", "deleted"}),
-    "order": frozenset({"created", "updated", "deleted", "restored"}),
-    "product": frozenset({"created", "updated", "deleted", "restored", "published"}),
-}
-RESOURCE_STREAMS = {
-    "coupon": "coupons",
-    "customer": "customers",
-    "order": "orders",
-    "product": "products",
-}
-
 MAX_BODY_BYTES = 8 * 1024 * 1024  # an order with hundreds of lines is a few hundred KB
 # Bytes of webhook bodies held at once across all requests in flight: a body is kept until
 # its signature is known (at its end), so this bounds what unsigned senders can make the
 # process hold. A request that would go over it gets 503 and the store's poll covers it.
 MAX_BUFFERED_BYTES = 64 * 1024 * 1024
-PING_MAX_BYTES = 64  # the creation ping's body is "webhook_id=N"
+PING_MAX_BYTES = 64  # a ping's body is short (WooCommerce's is "webhook_id=N")
 REJECT_LOG_EVERY = 10.0  # seconds between two log lines of one kind of rejection
-MAX_DELIVERY_ID = 128  # WooCommerce's is 32 hex characters (an MD5 HMAC)
+MAX_DELIVERY_ID = 128  # the longest delivery id kept (WooCommerce's is 32 hex characters)
 BATCH_EVENTS = 200  # deliveries applied per transaction when they arrive faster than applied
 MAX_ATTEMPTS = 8  # a delivery failing this often is marked failed (polling still covers it)
 RETRY_BASE_SECONDS = 2.0
@@ -99,8 +70,6 @@ APPLY_MAX_ATTEMPTS = 3
 APPLY_MAX_RETRY_SECONDS = 15.0
 
 _ARRIVED = 0  # queued for a journal inbox: move what it holds (events ids are positive)
-_PING = re.compile(rb"webhook_id=\d{1,20}")
-_MAX_BIGINT = 2**63 - 1
 # A delivery past the store's limits (syncd.store.types.payload_problem): the rejection
 # reason and status. 422, not 400: the body is signed, valid JSON, just past what the store
 # keeps; 413 for one too large, as for a body over the cap.
@@ -148,14 +117,8 @@ class _Pending:
     payload: Any
     received_at: datetime
     attempts: int
-
-    @property
-    def stream(self) -> str:
-        return RESOURCE_STREAMS[self.resource]
-
-    @property
-    def deleted(self) -> bool:
-        return self.event == "deleted"
+    stream: str
+    deleted: bool
 
 
 class _TooLarge(Exception):
@@ -188,7 +151,7 @@ class _Budget:
 
 
 class WebhookIntake:
-    """``POST /webhooks/{source}``: the WooCommerce webhook receiver and its apply worker."""
+    """``POST /webhooks/{source}``: the webhook receiver and its apply worker."""
 
     def __init__(
         self,
@@ -207,7 +170,15 @@ class WebhookIntake:
             for name, src in settings.sources.items()
             if src.webhook_secret is not None and src.webhook_secret.get_secret_value()
         }
-        self.inbox = open_inbox(engine)
+        # What each source's deliveries look like (a source type without webhooks takes none).
+        self._specs: dict[str, WebhookSpec] = {}
+        for name, src in settings.sources.items():
+            spec = source_class(src.type).webhooks
+            if spec is not None:
+                self._specs[name] = spec
+            else:
+                self._secrets.pop(name, None)
+        self.inbox = open_inbox(engine, self._stream_of)
         self._syncs: dict[str, SourceSync] = {}
         self._queue: asyncio.Queue[int | None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -219,6 +190,11 @@ class WebhookIntake:
         self.in_flight = 0  # signed requests being read or answered
         self._reject_logged: dict[tuple[str | None, str], float] = {}
         self._reject_skipped: Counter[tuple[str | None, str]] = Counter()
+
+    def _stream_of(self, source: str, resource: str) -> str:
+        spec = self._specs.get(source)
+        stream = spec.stream_of(resource) if spec is not None else None
+        return stream or resource
 
     @property
     def backlog(self) -> int:
@@ -237,23 +213,26 @@ class WebhookIntake:
                 None, "unknown_source", 404, "no source with this name takes webhooks"
             )
         headers = request.headers
-        signature = headers.get("x-wc-webhook-signature")
+        spec = self._specs[source]
+        signature = headers.get(spec.signature_header)
         if signature is None:
-            # Only the creation ping comes unsigned: no X-WC headers and the form body
-            # "webhook_id=N"; anything else is refused before its body is read.
-            if headers.get("x-wc-webhook-topic") is None:
+            # Only the source's ping comes unsigned; anything else is refused before its
+            # body is read.
+            if spec.is_ping_request(headers):
                 try:
                     ping = await _read_body(request, PING_MAX_BYTES, mac=None, budget=self.buffered)
                 except (_TooLarge, ClientDisconnect):
                     ping = b""
                 self.buffered.give(len(ping))
-                if _PING.fullmatch(ping.strip()):
-                    # WooCommerce needs exactly 200 here. Nothing is stored.
+                if spec.is_ping_body(ping):
+                    # The source needs exactly 200 here (WooCommerce does). Nothing is stored.
                     self.stats.pings += 1
                     self.stats.by_source[(source, "ping")] += 1
                     log.info("webhook ping", source=source, webhook=ping.strip().decode())
                     return JSONResponse({"status": "ok"}, status_code=200)
-            return self._reject(source, "unsigned", 401, "X-WC-Webhook-Signature is missing")
+            return self._reject(
+                source, "unsigned", 401, f"{spec.signature_header} is missing", spec=spec
+            )
         if self.in_flight >= self.max_requests:
             return self._reject(
                 source, "busy", 503, f"{self.max_requests} deliveries are being read already"
@@ -262,7 +241,7 @@ class WebhookIntake:
         body = b""
         try:
             # The signature is checked as the body streams in (it covers the raw body).
-            mac = hmac.new(secret, digestmod=hashlib.sha256)
+            mac = hmac.new(secret, digestmod=spec.digest)
             try:
                 body = await _read_body(request, MAX_BODY_BYTES, mac=mac, budget=self.buffered)
             except _TooLarge:
@@ -271,42 +250,39 @@ class WebhookIntake:
                 return self._reject(source, "busy", 503, "too many bodies are being read")
             except ClientDisconnect:
                 return self._reject(source, "disconnected", 400, "the client went away")
-            expected = base64.b64encode(mac.digest())
-            # Starlette decodes header values as latin-1: encoding back gives the bytes sent.
-            if not hmac.compare_digest(expected, signature.strip().encode("latin-1")):
-                return self._reject(source, "bad_signature", 401, "the signature does not match")
-            return await self._signed(request, source, body, received_at)
+            if not spec.signature_matches(mac, signature):
+                return self._reject(
+                    source, "bad_signature", 401, "the signature does not match", spec=spec
+                )
+            return await self._signed(request, source, spec, body, received_at)
         finally:
             self.buffered.give(len(body))
             self.in_flight -= 1
 
     async def _signed(
-        self, request: Request, source: str, body: bytes, received_at: datetime
+        self, request: Request, source: str, spec: WebhookSpec, body: bytes, received_at: datetime
     ) -> Response:
         """A delivery whose signature matched: validate it, store it, answer."""
         headers = request.headers
         # Signed by the store from here on; headers are not signed, so they are checked too.
-        resource, event = _topic(headers)
-        if resource is None or event is None:
+        topic = spec.topic(headers)
+        if topic is None:
             return self._reject(
-                source,
-                "unknown_topic",
-                400,
-                "expected a topic among "
-                + ", ".join(f"{r}.{e}" for r, es in RESOURCE_EVENTS.items() for e in sorted(es)),
+                source, "unknown_topic", 400, "expected a topic among " + ", ".join(spec.topics())
             )
+        resource, event = topic
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
             return self._reject(source, "malformed", 400, "the body is not valid JSON")
-        if _record_id(payload, deleted=event == "deleted") is None:
+        if spec.record_id(payload, deleted=spec.is_deletion(event)) is None:
             return self._reject(
                 source, "malformed", 400, 'expected a JSON object with a positive integer "id"'
             )
         digest = hashlib.sha256(body).hexdigest()
-        delivery_id = headers.get("x-wc-webhook-delivery-id") or f"sha256:{digest[:48]}"
+        delivery_id = spec.delivery_id(headers) or f"sha256:{digest[:48]}"
         if len(delivery_id) > MAX_DELIVERY_ID:
-            return self._reject(source, "malformed", 400, "X-WC-Webhook-Delivery-ID is too long")
+            return self._reject(source, "malformed", 400, f"{spec.delivery_id_header} is too long")
         row = {
             "source": source,
             "delivery_id": delivery_id,
@@ -314,7 +290,7 @@ class WebhookIntake:
             "topic": f"{resource}.{event}",
             "resource": resource,
             "event": event,
-            "webhook_id": _webhook_id(headers.get("x-wc-webhook-id")),
+            "webhook_id": spec.webhook_id(headers),
             "received_at": received_at,
             "payload": payload,
             "body": body,
@@ -360,9 +336,17 @@ class WebhookIntake:
     def _quarantine(self, row: dict[str, Any], reason: str) -> None:
         # In turn with the jobs (see WriterLock), as _mark.
         with writer_lock(self.engine), self.engine.begin() as conn:
-            quarantine_delivery(conn, row, reason)
+            quarantine_delivery(conn, row, reason, self._stream_of)
 
-    def _reject(self, source: str | None, reason: str, status: int, message: str) -> Response:
+    def _reject(
+        self,
+        source: str | None,
+        reason: str,
+        status: int,
+        message: str,
+        *,
+        spec: WebhookSpec | None = None,
+    ) -> Response:
         self.stats.rejected[reason] += 1
         if source is not None:
             self.stats.by_source[(source, "rejected")] += 1
@@ -383,8 +367,10 @@ class WebhookIntake:
             self._reject_skipped[key] += 1
         # Close the connection: the rest of an unread body is not worth reading.
         headers = {"Connection": "close"}
-        if status == 401:
-            headers["WWW-Authenticate"] = 'HMAC-SHA256 header="X-WC-Webhook-Signature"'
+        if status == 401 and spec is not None:
+            headers["WWW-Authenticate"] = (
+                f'HMAC-{spec.digest.upper()} header="{spec.signature_header}"'
+            )
         if status == 503:
             headers["Retry-After"] = "5"
         return JSONResponse(
@@ -494,11 +480,27 @@ class WebhookIntake:
                 .where(EVENTS.c.id.in_(ids), EVENTS.c.status == "pending")
                 .order_by(EVENTS.c.id)
             ).all()
-        return [
-            _Pending(r.id, r.source, r.resource, r.event, r.payload, r.received_at, r.attempts)
-            for r in rows
-            if r.resource in RESOURCE_STREAMS
-        ]
+        pending = []
+        for r in rows:
+            spec = self._specs.get(r.source)
+            stream = spec.stream_of(r.resource) if spec is not None else None
+            if spec is None or stream is None:
+                continue  # not a source or resource this intake applies: left pending
+            deleted = spec.is_deletion(r.event)
+            pending.append(
+                _Pending(
+                    r.id,
+                    r.source,
+                    r.resource,
+                    r.event,
+                    r.payload,
+                    r.received_at,
+                    r.attempts,
+                    stream,
+                    deleted,
+                )
+            )
+        return pending
 
     async def _apply_group(self, group: list[_Pending]) -> None:
         head = group[0]
@@ -518,7 +520,8 @@ class WebhookIntake:
             # SourceSync takes its turn with the jobs on SQLite (one writer: see WriterLock)
             # for each write, not while it asks the store's API.
             if head.deleted:
-                ids = [_record_id(p.payload, deleted=True) for p in group]
+                spec = self._specs[source]
+                ids = [spec.record_id(p.payload, deleted=True) for p in group]
                 result = await sync.apply_deletions(stream, [i for i in ids if i is not None])
             else:
                 result = await sync.apply_payloads(stream, [p.payload for p in group])
@@ -543,7 +546,7 @@ class WebhookIntake:
             except Exception:
                 log.exception("the webhook change notification failed", source=source)
 
-    def _sync_for(self, source: str, settings: WooCommerceSourceSettings) -> SourceSync:
+    def _sync_for(self, source: str, settings: SourceSettings) -> SourceSync:
         sync = self._syncs.get(source)
         if sync is None:
             fast = settings.model_copy(
@@ -631,40 +634,3 @@ async def _read_body(request: Request, limit: int, *, mac: Any, budget: _Budget)
         budget.give(held)
         raise
     return body
-
-
-def _topic(headers: Any) -> tuple[str | None, str | None]:
-    """The (resource, event) of a delivery, when WooCommerce's topic headers agree on one
-    this intake applies."""
-    topic = headers.get("x-wc-webhook-topic")
-    resource_header = headers.get("x-wc-webhook-resource")
-    event_header = headers.get("x-wc-webhook-event")
-    if topic is None:
-        if resource_header is None or event_header is None:
-            return None, None
-        topic = f"{resource_header}.{event_header}"
-    resource, _, event = topic.strip().partition(".")
-    if resource not in RESOURCE_EVENTS or event not in RESOURCE_EVENTS[resource]:
-        return None, None
-    if resource_header not in (None, resource) or event_header not in (None, event):
-        return None, None
-    return resource, event
-
-
-def _record_id(payload: Any, *, deleted: bool) -> int | None:
-    """The record's id: a positive integer (a deletion's may come as a string of digits)."""
-    if not isinstance(payload, dict):
-        return None
-    value = payload.get("id")
-    if deleted and isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_BIGINT:
-        return None
-    return value
-
-
-def _webhook_id(value: str | None) -> int | None:
-    if value is None or not value.isascii() or not value.isdigit():
-        return None
-    number = int(value)
-    return number if number <= _MAX_BIGINT else None

@@ -26,11 +26,36 @@ _UTC = syncd.store.types.UTCDateTime(timezone=True)
 _JSON = sa.JSON().with_variant(postgresql.JSONB(astext_type=Text()), "postgresql")
 
 
+# A frozen copy of how the WooCommerce parser read order attribution when this revision
+# was written (WooCommerce >= 8.5 keeps it in order meta, e.g.
+# _wc_order_attribution_source_type = "organic"). A migration imports no live code: a
+# later change to the parser must never change what this revision does to a store.
+_ATTRIBUTION_META = "_wc_order_attribution_"
+_ATTRIBUTION_FIELDS = ("source_type", "utm_source")
+
+
+def _attribution(meta: object) -> dict[str, str]:
+    """The order-attribution fields present in an order's ``meta_data`` (others ignored)."""
+    found: dict[str, str] = {}
+    if not isinstance(meta, list):
+        return found
+    for entry in meta:
+        if not isinstance(entry, dict):
+            continue
+        key = entry.get("key")
+        if not isinstance(key, str) or not key.startswith(_ATTRIBUTION_META):
+            continue
+        field = key[len(_ATTRIBUTION_META) :]
+        value = entry.get("value")
+        text = value.strip() if isinstance(value, str) else None
+        if field in _ATTRIBUTION_FIELDS and text:
+            found[field] = text[:100]
+    return found
+
+
 def _backfill_attribution() -> None:
     # Orders synced before this revision keep their payload in `raw`: read the
-    # attribution from it, as the parser now does for new orders.
-    from syncd.sources.woocommerce import _attribution
-
+    # attribution from it, as the parser did for new orders then.
     conn = op.get_bind()
     orders = sa.table(
         "orders",

@@ -17,7 +17,7 @@ from syncd.sandbox.store import SandboxStore
 from syncd.store.engine import open_store
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.models import ORDERS
-from tests.test_sync_e2e import settings_for, sync, wait_next_second
+from tests.test_ingest_e2e import settings_for, sync, wait_next_second
 
 pytestmark = pytest.mark.slow
 
