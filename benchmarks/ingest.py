@@ -84,7 +84,7 @@ from syncd.config import WooCommerceSourceSettings
 from syncd.ingest import SourceSync, SyncResult
 from syncd.log import configure_logging
 from syncd.sources.base import Stream
-from syncd.sources.woocommerce.client import API_ROOT
+from syncd.sources.woocommerce.auth import API_ROOT
 from syncd.sources.woocommerce.parse import parse_order
 from syncd.store.engine import open_store
 

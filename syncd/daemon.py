@@ -69,9 +69,9 @@ from syncd.ingest import SourceSync
 from syncd.log import get_logger
 from syncd.mapping import LoadedMapping, LoadedSync
 from syncd.push import push
+from syncd.runs import iso
 from syncd.schedule import ANCHOR, SlotTrigger, parse_schedule
 from syncd.segments.recompute import recompute
-from syncd.status import iso
 from syncd.store.engine import writer_lock
 from syncd.store.models import JOB_LEASES
 from syncd.store.models import SYNC_RUNS as RUNS

@@ -50,11 +50,11 @@ from syncd.http import ServiceLimits
 from syncd.identity import e164, hash_hex
 from syncd.money import exponent
 from syncd.schedule import parse_schedule
-from syncd.sources.woocommerce_columns import WOOCOMMERCE_COLUMNS
+from syncd.sources import SOURCE_TYPES, source_class
 from syncd.store.models import PROFILES
 
 if TYPE_CHECKING:
-    from syncd.push.rows import PushColumns
+    from syncd.sources.base import PushColumns
 
 __all__ = [
     "PII_COLUMNS",
@@ -68,9 +68,12 @@ __all__ = [
     "parse_field",
 ]
 
-# The columns each source type contributes to segment syncs, by the config's source
-# ``type`` (to become part of the sources registry).
-SOURCE_COLUMNS: Final[Mapping[str, PushColumns]] = {"woocommerce": WOOCOMMERCE_COLUMNS}
+# The columns each source type contributes to segment syncs, by the config's source ``type``.
+SOURCE_COLUMNS: Final[Mapping[str, PushColumns]] = {
+    name: columns
+    for name in SOURCE_TYPES
+    if (columns := source_class(name).push_columns) is not None
+}
 # Columns a segment sync can read: the profile, when the member entered the segment,
 # the person's contact details from `customers`, every segment the person is in, and the
 # columns of the sources (see syncd.push.rows for how each is read).

@@ -20,6 +20,11 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def iso(value: datetime | None) -> str | None:
+    """A time as syncd prints it: ISO 8601 in UTC with a ``Z``; None for None."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
 def start_run(engine: Engine, kind: str, name: str) -> int:
     """Record a run as started; a run of the same kind and name still "running" was cut off
     (killed, power loss) and is marked "abandoned": its committed work stands."""

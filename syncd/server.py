@@ -68,7 +68,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from syncd.config import Settings
 from syncd.log import get_logger, redact_processor
 from syncd.metrics import Metrics
-from syncd.status import collect_status, iso
+from syncd.runs import iso
+from syncd.status import collect_status
 from syncd.store.models import SYNC_RUNS as RUNS
 
 __all__ = [

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, func, select
 
 from syncd.config import Settings, mask_url_password
 from syncd.ingest import TABLE_OF_ENTITY
+from syncd.runs import iso
 from syncd.sources import SOURCE_TYPES, source_class
 from syncd.sources.base import Stream
 from syncd.store.migrate import current_revision
@@ -28,10 +29,6 @@ from syncd.store.models import SYNC_RUNS as RUNS
 from syncd.store.models import SYNC_STATE as STATE
 
 STATUS_VERSION = 1
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 def _run_json(row: Any) -> dict[str, Any] | None:

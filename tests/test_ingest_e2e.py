@@ -22,8 +22,8 @@ from syncd.http import ServiceClient, ServiceLimits
 from syncd.ingest import SourceSync, SyncResult
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
-from syncd.sources.woocommerce.auth import make_auth
-from syncd.sources.woocommerce.client import API_ROOT, WooCommerceClient
+from syncd.sources.woocommerce.auth import API_ROOT, make_auth
+from syncd.sources.woocommerce.client import WooCommerceClient
 from syncd.status import collect_status
 from syncd.store.engine import open_store
 from syncd.store.models import CUSTOMER_RECORDS as RECORDS

@@ -19,7 +19,8 @@ from syncd.config import WooCommerceSourceSettings
 from syncd.ingest import SourceSync, SyncResult
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
-from syncd.sources.woocommerce.client import API_ROOT, WooCommerceClient
+from syncd.sources.woocommerce.auth import API_ROOT
+from syncd.sources.woocommerce.client import WooCommerceClient
 from syncd.store.engine import open_store
 from syncd.store.models import COUPONS, ORDERS, PRODUCTS, REFUNDS
 from tests.test_ingest_e2e import settings_for, wait_next_second

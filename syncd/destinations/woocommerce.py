@@ -47,8 +47,7 @@ from pydantic import SecretStr
 
 from syncd.destinations.base import Destination, Handler, Item, Op, Outcome, SyncTarget
 from syncd.http import ApiError, ServiceLimits
-from syncd.sources.woocommerce.auth import make_auth
-from syncd.sources.woocommerce.client import API_ROOT
+from syncd.sources.woocommerce.auth import API_ROOT, make_auth
 
 __all__ = ["MAX_BATCH", "WooCommerceDestination", "meta_value"]
 

@@ -13,16 +13,17 @@ is known unchanged without being mapped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator
 from datetime import datetime
 from typing import Any, Final, Protocol, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Engine, select, text
+from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.exc import DBAPIError
 
-from syncd.mapping import PERSON_COLUMNS, LoadedSync, SyncSpec
-from syncd.status import iso
+from syncd.mapping import PERSON_COLUMNS, LoadedSync
+from syncd.runs import iso
+from syncd.sources.base import PushColumns
 from syncd.store.models import CUSTOMERS, MEMBERSHIPS, PROFILES
 
 __all__ = [
@@ -43,30 +44,6 @@ READ_CHUNK: Final = 2000
 
 class PushError(Exception):
     """A sync that cannot run (its SQL model fails, a key column is missing)."""
-
-
-# A column for one member, as SQL: given the member's ``customer_profiles.customer_id``
-# column (to correlate a subquery with) and the sync's settings.
-ColumnBuilder = Callable[[ColumnElement[Any], SyncSpec], ColumnElement[Any]]
-# The members for whom a true/false column is true, read once per push: given a
-# connection, the sync's settings and the customers in scope (None: everyone).
-FlagQuery = Callable[[Connection, SyncSpec, Collection[int] | None], set[int]]
-
-
-class PushColumns(Protocol):
-    """The row columns a source contributes to segment syncs, beyond the profile's: how
-    the source knows a person (an id there) and what it holds about them (an opt-in).
-
-    ``expressions`` are read per member in the members' query; ``flags`` are true for
-    the members in a set read once per push (one pass over the source's records is
-    cheaper than a subquery per member). Their order is the order of the row's values,
-    which the content hash covers: a new column goes last."""
-
-    @property
-    def expressions(self) -> Mapping[str, ColumnBuilder]: ...
-
-    @property
-    def flags(self) -> Mapping[str, FlagQuery]: ...
 
 
 def quote(value: str) -> str:
@@ -295,5 +272,5 @@ def check_model(engine: Engine, sync: LoadedSync) -> None:
 
 
 def _iso(value: Any) -> str:
-    # status.iso gives None only for None, never for a datetime.
+    # runs.iso gives None only for None, never for a datetime.
     return cast(str, iso(value)) if isinstance(value, datetime) else str(value)

@@ -13,19 +13,47 @@ from __future__ import annotations
 import hashlib
 import hmac
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import orjson
+from sqlalchemy import ColumnElement, Connection
 
 from syncd.http import ServiceClient
 from syncd.identity import PersonAttrs
 from syncd.store.types import storable_copy
 
+if TYPE_CHECKING:
+    from syncd.mapping import SyncSpec
+
 # The store entities a stream's rows can land in (the engine knows how to commit each).
 ENTITIES = ("customers", "orders", "products", "coupons", "refunds")
+
+
+# A column for one member, as SQL: given the member's ``customer_profiles.customer_id``
+# column (to correlate a subquery with) and the sync's settings.
+ColumnBuilder = Callable[[ColumnElement[Any], "SyncSpec"], ColumnElement[Any]]
+# The members for whom a true/false column is true, read once per push: given a
+# connection, the sync's settings and the customers in scope (None: everyone).
+FlagQuery = Callable[[Connection, "SyncSpec", Collection[int] | None], set[int]]
+
+
+class PushColumns(Protocol):
+    """The row columns a source contributes to segment syncs, beyond the profile's: how
+    the source knows a person (an id there) and what it holds about them (an opt-in).
+
+    ``expressions`` are read per member in the members' query; ``flags`` are true for
+    the members in a set read once per push (one pass over the source's records is
+    cheaper than a subquery per member). Their order is the order of the row's values,
+    which the content hash covers: a new column goes last."""
+
+    @property
+    def expressions(self) -> Mapping[str, ColumnBuilder]: ...
+
+    @property
+    def flags(self) -> Mapping[str, FlagQuery]: ...
 
 
 class BadRecord(ValueError):
@@ -187,6 +215,8 @@ class Source(ABC):
     # Every stream, in the order a run reads them (a stream's rows may need an earlier one's).
     streams: ClassVar[Mapping[str, Stream]]
     webhooks: ClassVar[WebhookSpec | None] = None
+    # The columns it adds to a segment sync's rows (syncd.push reads them).
+    push_columns: ClassVar[PushColumns | None] = None
 
     def __init__(self, name: str, settings: Any, client: SourceClient | None = None) -> None:
         self.name = name

@@ -10,6 +10,7 @@ from syncd.config import WooCommerceSourceSettings
 from syncd.sources.base import Source, SourceClient
 from syncd.sources.woocommerce import parse
 from syncd.sources.woocommerce.client import WooCommerceClient, variations_path
+from syncd.sources.woocommerce.columns import WOOCOMMERCE_COLUMNS
 from syncd.sources.woocommerce.streams import STREAMS
 from syncd.sources.woocommerce.webhooks import WooCommerceWebhooks
 
@@ -20,6 +21,7 @@ class WooCommerceSource(Source):
     type = "woocommerce"
     streams = STREAMS
     webhooks = WooCommerceWebhooks()
+    push_columns = WOOCOMMERCE_COLUMNS
 
     settings: WooCommerceSourceSettings
     client: WooCommerceClient

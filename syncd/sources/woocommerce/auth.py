@@ -20,6 +20,7 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 import httpx
 
 __all__ = [
+    "API_ROOT",
     "OAUTH1_SIGNATURE_METHODS",
     "OAUTH_TIMESTAMP_WINDOW",
     "AuthError",
@@ -34,6 +35,11 @@ __all__ = [
     "parse_php_query",
     "verify_oauth1",
 ]
+
+# The REST API's root under the site URL (https://woocommerce.github.io/woocommerce-rest-api-docs/#requestresponse-format).
+# Here, beside the auth, so the WooCommerce write-back can address the store without the
+# source's client.
+API_ROOT = "/wp-json/wc/v3"
 
 # WooCommerce rejects a timestamp more than 15 minutes away from the server clock and remembers
 # nonces for the same window (check_oauth_timestamp_and_nonce).

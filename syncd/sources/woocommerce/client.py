@@ -17,9 +17,8 @@ from typing import Any
 from syncd.config import WooCommerceSourceSettings
 from syncd.http import ApiError, ServiceClient, ServiceLimits
 from syncd.sources.base import Page
-from syncd.sources.woocommerce.auth import make_auth
+from syncd.sources.woocommerce.auth import API_ROOT, make_auth
 
-API_ROOT = "/wp-json/wc/v3"
 MAX_PER_PAGE = 100  # WooCommerce's schema maximum: per_page > 100 is a 400 rest_invalid_param
 
 

@@ -1,5 +1,5 @@
 """The columns a WooCommerce source contributes to segment syncs (see
-``syncd.push.rows.PushColumns``):
+``syncd.sources.base.PushColumns``):
 
 ``woocommerce_id``
     the person's registered customer id in the store (the lowest, should one person have
