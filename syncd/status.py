@@ -13,6 +13,7 @@ from sqlalchemy import Engine, func, select
 
 from syncd.config import Settings, mask_url_password
 from syncd.ingest import TABLE_OF_STREAM
+from syncd.privacy import pending_steps
 from syncd.sources.woocommerce import STREAM_ORDER
 from syncd.store.migrate import current_revision
 from syncd.store.models import (
@@ -134,6 +135,9 @@ def collect_status(
             }
         out["segments"] = _segments(conn, settings)
         out["destinations"] = _destinations(conn)
+        # Erasure steps not yet done, with their reason: each is tried again by the next
+        # `syncd forget` of the person or the service's retry.
+        out["privacy"] = {"pending_steps": pending_steps(conn)}
         out["totals"] = {
             "customers": conn.execute(select(func.count()).select_from(CUSTOMERS)).scalar(),
             "orders": conn.execute(

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +28,7 @@ from syncd.destinations.klaviyo import KlaviyoDestination
 from syncd.identity import e164
 from syncd.mapping import LoadedMapping, load_mappings
 from syncd.sandbox.destinations import DestinationSandbox
-from syncd.sandbox.server import SandboxServer
+from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.segments.recompute import recompute
 from syncd.store.engine import open_store
@@ -45,8 +49,10 @@ from syncd.store.models import (
     SYNC_RUNS,
 )
 from syncd.sync import push, select_syncs
+from tests.test_cli import Run, base_env, syncd
 
 SECRET = "privacy-webhook-secret"
+TOKEN = "privacy-server-token"
 AUDIENCE = "aud-1"
 FIRST, LAST = "Zebediah", "Quonsetworth"
 EMAIL = "zebediah.quonsetworth@example.org"
@@ -188,6 +194,9 @@ rule = "orders_count >= 1"
 
 [destinations]
 mappings = ["klaviyo.toml", "mailchimp.toml", "webhook.toml", "woocommerce.toml"]
+
+[server]
+token = "{TOKEN}"
 """
         )
         settings = load_settings(config)
@@ -451,6 +460,147 @@ def test_forget_of_an_unknown_customer_id_is_refused(world: World) -> None:
         asyncio.run(privacy.forget(world.engine, world.mappings, customer_id=987654))
     with world.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(PRIVACY_REQUESTS)).scalar() == 0
+
+
+# -- the command line and the HTTP endpoint ----------------------------------------------------
+
+
+def _cli(world: World, *args: str, timeout: float = 120) -> Run:
+    return syncd("--config", str(world.config), *args, env=base_env(), timeout=timeout)
+
+
+def test_cli_forget_prints_a_receipt_per_step_and_exits_1_while_one_is_pending(
+    world: World,
+) -> None:
+    exported = _cli(world, "export", EMAIL)
+    assert exported.returncode == 0, exported.stderr
+    document = json.loads(exported.stdout)
+    with world.engine.connect() as conn:
+        totals = conn.execute(
+            select(ORDERS.c.source_id, ORDERS.c.total_minor)
+            .where(ORDERS.c.customer_id == world.cid)
+            .order_by(ORDERS.c.created_at)
+        ).all()
+    assert [(o["source_id"], o["total_minor"]) for o in document["orders"]] == [
+        tuple(t) for t in totals
+    ]
+    assert {s["destination"] for s in document["sent_to"]} == {
+        "klaviyo",
+        "mailchimp",
+        "webhook",
+        "woocommerce",
+    }
+
+    receiver = world.box.webhooks["crm"]
+    receiver.reject = lambda record: "the CRM is read-only today"
+    first = _cli(world, "forget", EMAIL)
+    assert first.returncode == 1, first.stderr
+    lines = first.stdout.splitlines()
+    with world.engine.connect() as conn:
+        rid = conn.execute(
+            select(PRIVACY_REQUESTS.c.id).where(PRIVACY_REQUESTS.c.kind == "forget")
+        ).scalar_one()
+    assert lines[0] == f"privacy request {rid}:"
+    assert any(
+        line.startswith("  destination:klaviyo: done: profile deletion requested by email")
+        for line in lines
+    )
+    assert "  destination:crm: failed: " in first.stdout
+    assert "the CRM is read-only today" in first.stdout
+    status = _cli(world, "status", "--json")
+    pending = json.loads(status.stdout)["privacy"]["pending_steps"]
+    assert [(p["request"], p["step"], p["status"]) for p in pending] == [
+        (rid, "destination:crm", "failed")
+    ]
+    text = _cli(world, "status")
+    assert f"privacy request {rid} (cli," in text.stdout
+    assert "destination:crm failed after 1 attempt(s)" in text.stdout
+
+    receiver.reject = None
+    world.box.reset_logs()
+    second = _cli(world, "forget", EMAIL)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "  destination:crm: done [receipt " in second.stdout
+    # Only the receiver that had not confirmed is asked again.
+    assert _deletion_requests(world.box) == {"klaviyo": 0, "mailchimp": 0, "webhook": 1}
+    assert json.loads(_cli(world, "status", "--json").stdout)["privacy"]["pending_steps"] == []
+    usage = _cli(world, "forget")
+    assert usage.returncode == 2 and "give an EMAIL or --customer ID" in usage.stderr
+
+
+@pytest.mark.slow
+def test_forget_killed_between_destinations_is_completed_by_the_next_call(world: World) -> None:
+    # Mailchimp (the second step) answers slowly: the kill lands after Klaviyo confirmed.
+    world.box.set_faults(FaultConfig(latency_ms=4000), vendor="mailchimp")
+    cmd = [sys.executable, "-m", "syncd", "--config", str(world.config), "forget", EMAIL]
+    proc = subprocess.Popen(
+        cmd, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with world.engine.connect() as conn:
+                done = (
+                    conn.execute(
+                        select(PRIVACY_STEPS.c.name).where(PRIVACY_STEPS.c.status == "done")
+                    )
+                    .scalars()
+                    .all()
+                )
+            if done:
+                break
+            time.sleep(0.05)
+        assert done == ["destination:klaviyo"]
+        time.sleep(0.3)  # Mailchimp's request is in flight
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    asked = _deletion_requests(world.box)
+    assert asked["klaviyo"] == 2 and asked["webhook"] == 0
+    world.box.set_faults(FaultConfig(), vendor="mailchimp")
+    again = _cli(world, "forget", EMAIL)
+    assert again.returncode == 0, again.stdout + again.stderr
+    asked = _deletion_requests(world.box)
+    # Klaviyo confirmed before the kill: never asked again. The rest were asked once
+    # (Mailchimp's in-flight request may have been answered before the kill: a second
+    # ask then gets 404, which is done too).
+    assert asked["klaviyo"] == 2 and asked["webhook"] == 1 and asked["mailchimp"] in (1, 2)
+    assert _text_hits(world.engine, [EMAIL, FIRST, LAST, PHONE, PHONE_TYPED]) == []
+
+
+def test_http_forget_needs_the_token_and_answers_202(world: World) -> None:
+    from starlette.testclient import TestClient
+
+    from syncd.metrics import Metrics
+    from syncd.server import create_app
+
+    engine, settings = world.engine, world.settings
+    untokened = settings.model_copy(
+        update={"server": settings.server.model_copy(update={"token": None})}
+    )
+    with TestClient(create_app(engine, untokened, Metrics(engine, untokened))) as client:
+        refused = client.post("/privacy/forget", json={"email": EMAIL})
+    assert refused.status_code == 403
+    app = create_app(engine, settings, Metrics(engine, settings), mappings=world.mappings)
+    with TestClient(app) as client:
+        assert client.post("/privacy/forget", json={"email": EMAIL}).status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        bad = client.post("/privacy/forget", json={"email": EMAIL, "customer_id": 3}, headers=auth)
+        assert bad.status_code == 400
+        unknown = client.post("/privacy/forget", json={"customer_id": 987654}, headers=auth)
+        assert unknown.status_code == 400 and "no customer 987654" in unknown.json()["detail"]
+        accepted = client.post("/privacy/forget", json={"email": EMAIL}, headers=auth)
+    assert accepted.status_code == 202
+    assert accepted.json() == {"request": 1, "status": "pending"}
+    with engine.connect() as conn:
+        request = conn.execute(select(PRIVACY_REQUESTS)).one()
+        steps = conn.execute(select(PRIVACY_STEPS.c.status)).scalars().all()
+    # The steps ran after the answer.
+    assert request.requested_by == "http" and request.status == "done"
+    assert set(steps) == {"done"}
+    assert EMAIL not in world.box.mailchimp.lists[AUDIENCE].members
 
 
 # -- export ----------------------------------------------------------------------------------
