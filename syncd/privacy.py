@@ -22,7 +22,7 @@ import hmac
 import secrets
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -71,6 +71,7 @@ __all__ = [
     "is_suppressed",
     "open_request",
     "pending_steps",
+    "retry_delay",
     "retry_pending",
     "run_request",
     "scrub_suppressed",
@@ -87,6 +88,8 @@ DESTINATION_STEP: Final = "destination:"
 OPEN: Final = ("pending", "failed")
 SETTLED: Final = ("done", "not_applicable")
 ERASED: Final = "[erased]"
+RETRY_FIRST: Final = timedelta(minutes=5)
+RETRY_MAX: Final = timedelta(hours=6)
 # Raw values shorter than this are not searched for across the store (a 3-digit phone
 # typo would match unrelated rows); the person's own rows are cleared by their ids.
 MIN_NEEDLE: Final = 6
@@ -463,35 +466,61 @@ async def _run_destination(
     return receipt.status, receipt.detail, receipt.receipt
 
 
+def retry_delay(attempts: int) -> timedelta:
+    """How long a failed step waits before the service tries it again: 5 minutes after
+    the first failure, doubling, at most 6 hours (a destination that is down, or a
+    mapping with a revoked key, is not asked every cycle)."""
+    return min(RETRY_FIRST * (1 << min(max(attempts - 1, 0), 16)), RETRY_MAX)
+
+
+def _due_steps(conn: Connection, request_id: int, now: datetime | None) -> list[str]:
+    """The open steps of a request; with ``now``, only those whose retry is due."""
+    rows = conn.execute(
+        select(PRIVACY_STEPS.c.name, PRIVACY_STEPS.c.attempts, PRIVACY_STEPS.c.updated_at)
+        .where(PRIVACY_STEPS.c.request_id == request_id, PRIVACY_STEPS.c.status.in_(OPEN))
+        .order_by(PRIVACY_STEPS.c.id)
+    ).all()
+    return [
+        r.name
+        for r in rows
+        if now is None
+        or r.attempts == 0
+        or r.updated_at is None
+        or r.updated_at + retry_delay(r.attempts) <= now
+    ]
+
+
 async def run_request(
     engine: Engine,
     mappings: Sequence[LoadedMapping],
     request_id: int,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    due_at: datetime | None = None,
 ) -> ForgetResult:
-    """Run the open steps of a forget request, each outcome committed as it comes; the
+    """Run the open steps of a forget request (with ``due_at``, only failed steps whose
+    :func:`retry_delay` has passed by then), each outcome committed as it comes; the
     request is done (and its identifiers dropped) once every step is."""
     writer = writer_lock(engine)
     with engine.connect() as conn:
         row = conn.execute(
             select(PRIVACY_REQUESTS).where(PRIVACY_REQUESTS.c.id == request_id)
         ).one()
-        open_steps = [s.name for s in _steps(conn, request_id) if s.status in OPEN]
+        open_steps = _due_steps(conn, request_id, due_at)
     identifiers = dict(row.identifiers or {})
     person = _person(request_id, identifiers)
     by_name = {m.name: m for m in mappings}
     # Destinations first, while the store still holds what they may need; the store
     # step works from the recorded identifiers either way.
     for name in sorted(open_steps, key=lambda n: n == STORE_STEP):
-        if name == STORE_STEP:
-            async with writer.held():
-                with engine.begin() as conn:
-                    detail = erase_person(conn, identifiers, request_id=request_id)
-                    _settle_step(conn, request_id, name, "done", detail=detail)
-            continue
-        mapping = by_name.get(name.removeprefix(DESTINATION_STEP))
         try:
+            if name == STORE_STEP:
+                async with writer.held():
+                    with engine.begin() as conn:
+                        detail = erase_person(conn, identifiers, request_id=request_id)
+                        _settle_step(conn, request_id, name, "done", detail=detail)
+                continue
+            mapping = by_name.get(name.removeprefix(DESTINATION_STEP))
             if mapping is None:
                 raise PrivacyError(
                     f"mapping {name.removeprefix(DESTINATION_STEP)!r} is not configured "
@@ -549,8 +578,10 @@ async def retry_pending(
     mappings: Sequence[LoadedMapping],
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    now: datetime | None = None,
 ) -> list[ForgetResult]:
-    """Run every open forget request again (the daemon, once a cycle)."""
+    """Run the due steps of every open forget request (the service, once a cycle): steps
+    never tried, and failed ones whose :func:`retry_delay` has passed."""
     with engine.connect() as conn:
         ids = (
             conn.execute(
@@ -561,7 +592,10 @@ async def retry_pending(
             .scalars()
             .all()
         )
-    return [await run_request(engine, mappings, rid, transport=transport) for rid in ids]
+    due_at = now or _now()
+    return [
+        await run_request(engine, mappings, rid, transport=transport, due_at=due_at) for rid in ids
+    ]
 
 
 def pending_steps(conn: Connection) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -431,7 +431,12 @@ def test_an_interrupted_forget_resumes_without_asking_a_confirmed_destination_ag
     monkeypatch.setattr(KlaviyoDestination, "forget", real)
     # The daemon's retry (and a second `syncd forget` of the same person) resume the
     # request: only Klaviyo is asked.
-    again = asyncio.run(privacy.retry_pending(engine, world.mappings))
+    # Not at once: a failed step waits privacy.retry_delay (5 minutes after the first).
+    early = asyncio.run(privacy.retry_pending(engine, world.mappings))
+    assert [r.done for r in early] == [False]
+    assert _deletion_requests(box)["klaviyo"] == 0
+    later = datetime.now(UTC) + timedelta(minutes=6)
+    again = asyncio.run(privacy.retry_pending(engine, world.mappings, now=later))
     assert len(again) == 1 and again[0].done and again[0].request == first.request
     assert _deletion_requests(box) == {"klaviyo": 2, "mailchimp": 1, "webhook": 1}
     with engine.connect() as conn:
@@ -769,6 +774,48 @@ def test_the_salt_is_made_once_and_hashes_do_not_reveal_the_address(engine: Engi
     assert hashed != hashlib.sha256(b"ann@example.com").hexdigest()
     assert privacy.phone_hash(salt, "not a phone") is None
     assert privacy.phone_hash(salt, e164("+49 30 901820")) == privacy.phone_hash(salt, PHONE)
+
+
+def test_the_webhook_sandbox_checks_an_erasure_record_as_the_wire_format_says() -> None:
+    import httpx
+    import orjson
+
+    from syncd.destinations.webhook import signature
+
+    with DestinationSandbox() as box:
+        receiver = box.webhooks.add("crm", SECRET)
+
+        def post(data: dict[str, Any]) -> httpx.Response:
+            body = orjson.dumps(
+                {
+                    "sync": "crm",
+                    "mode": "erasure",
+                    "action": "erasure",
+                    "batch_id": "a" * 64,
+                    "sent_at": "2026-12-07T10:00:00.000Z",
+                    "records": [{"key": "privacy-request-1", "id": None, "data": data}],
+                }
+            )
+            headers = {
+                "Content-Type": "application/json",
+                "X-Syncd-Signature": signature(SECRET, body),
+            }
+            return httpx.post(box.webhook_url("crm"), content=body, headers=headers)
+
+        refused = post({"email": EMAIL})
+        assert refused.status_code == 400 and "erasure" in refused.json()["message"]
+        good = {"email": EMAIL, "phone": None, "record_keys": {}, "dest_ids": {}}
+        assert post(good).status_code == 200
+        assert [r["action"] for r in receiver.records] == ["erasure"]
+
+
+def test_failed_steps_back_off_up_to_six_hours() -> None:
+    assert [privacy.retry_delay(n) for n in (1, 2, 3)] == [
+        timedelta(minutes=5),
+        timedelta(minutes=10),
+        timedelta(minutes=20),
+    ]
+    assert privacy.retry_delay(50) == timedelta(hours=6)
 
 
 def test_woocommerce_erased_payloads_are_recognized() -> None:
