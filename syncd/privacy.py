@@ -54,6 +54,7 @@ from syncd.store.models import (
     SUPPRESSIONS,
     SYNC_RECORDS,
 )
+from syncd.store.upsert import upsert
 
 if TYPE_CHECKING:
     from syncd.mapping import LoadedMapping
@@ -121,25 +122,12 @@ def store_salt(conn: Connection) -> bytes:
     """
     salt = conn.execute(select(PRIVACY_SECRET.c.salt).where(PRIVACY_SECRET.c.id == 1)).scalar()
     if salt is None:
-        insert = _insert(conn)
-        conn.execute(
-            insert(PRIVACY_SECRET)
-            .values(id=1, salt=secrets.token_hex(32), created_at=_now())
-            .on_conflict_do_nothing(index_elements=["id"])
-        )
+        # DO NOTHING on a conflict: of two processes making it at once, one salt wins.
+        row = {"id": 1, "salt": secrets.token_hex(32), "created_at": _now()}
+        upsert(conn, PRIVACY_SECRET, [row], keys=["id"], update=[])
         salt = conn.execute(select(PRIVACY_SECRET.c.salt).where(PRIVACY_SECRET.c.id == 1)).scalar()
     assert salt is not None
     return bytes.fromhex(salt)
-
-
-def _insert(conn: Connection) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert
 
 
 def _hash(salt: bytes, kind: str, value: str) -> str:
