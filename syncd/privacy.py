@@ -72,6 +72,7 @@ __all__ = [
     "is_suppressed",
     "open_request",
     "pending_steps",
+    "request_for_erased",
     "retry_delay",
     "retry_pending",
     "run_request",
@@ -906,6 +907,45 @@ def scrub_suppressed(conn: Connection, customer_ids: Iterable[int] | None = None
             erase_person(conn, _identifiers(conn, row.email, {row.id}), request_id=None)
             erased += 1
     return erased
+
+
+def request_for_erased(
+    conn: Connection,
+    mapping_names: Iterable[str],
+    *,
+    source: str,
+    order_id: int | None = None,
+    customer_id: int | None = None,
+) -> int | None:
+    """Open a forget request for the person behind an order WooCommerce's eraser
+    anonymized (``order_id``) or an account it deleted (``customer_id``), both the
+    source's ids, as the store still knows them; the request's id, or None when the store
+    knows no one there or already forgot them. Call it before the anonymized payload is
+    written: afterwards the order no longer says whose it was."""
+    if order_id is not None:
+        query = select(ORDERS.c.customer_id).where(
+            ORDERS.c.source == source, ORDERS.c.source_id == order_id
+        )
+    elif customer_id is not None:
+        query = select(IDENTITIES.c.customer_id).where(
+            IDENTITIES.c.source == source,
+            IDENTITIES.c.kind == "customer_id",
+            IDENTITIES.c.value == str(customer_id),
+        )
+    else:
+        raise ValueError("name the erased order or account")
+    cid = conn.execute(query).scalar()
+    if cid is None:
+        return None
+    known = conn.execute(
+        select(CUSTOMERS.c.id).where(
+            CUSTOMERS.c.id == cid,
+            or_(CUSTOMERS.c.email.is_not(None), CUSTOMERS.c.phone.is_not(None)),
+        )
+    ).first()
+    if known is None:
+        return None
+    return open_request(conn, mapping_names, store_customer=cid, requested_by="woocommerce-eraser")
 
 
 def erased_by_woocommerce(raw: Mapping[str, Any]) -> bool:

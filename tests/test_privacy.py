@@ -460,6 +460,32 @@ def test_a_forget_by_customer_id_and_a_resynced_person_is_anonymized_again(world
     assert _text_hits(engine, [EMAIL, FIRST, LAST, PHONE, PHONE_TYPED]) == []
 
 
+def test_an_order_erased_by_woocommerce_opens_a_request_the_service_completes(
+    world: World,
+) -> None:
+    engine = world.engine
+    with engine.connect() as conn:
+        order_id = conn.execute(
+            select(ORDERS.c.source_id).where(ORDERS.c.customer_id == world.cid).limit(1)
+        ).scalar_one()
+    names = [m.name for m in world.mappings]
+    with engine.begin() as conn:
+        rid = privacy.request_for_erased(conn, names, source="shop", order_id=order_id)
+        assert privacy.request_for_erased(conn, names, source="shop", order_id=10**9) is None
+    assert rid is not None
+    results = asyncio.run(privacy.retry_pending(engine, world.mappings))
+    assert [(r.request, r.done) for r in results] == [(rid, True)]
+    with engine.connect() as conn:
+        request = conn.execute(select(PRIVACY_REQUESTS)).one()
+    assert request.requested_by == "woocommerce-eraser"
+    assert EMAIL not in world.box.mailchimp.lists[AUDIENCE].members
+    assert _text_hits(engine, [EMAIL, FIRST, LAST, PHONE, PHONE_TYPED]) == []
+    # Already forgotten: the next anonymized order of theirs opens nothing.
+    with engine.begin() as conn:
+        again = privacy.request_for_erased(conn, names, source="shop", customer_id=world.woo_id)
+        assert again is None
+
+
 def test_forget_of_an_unknown_customer_id_is_refused(world: World) -> None:
     with pytest.raises(privacy.PrivacyError, match="no customer 987654"):
         asyncio.run(privacy.forget(world.engine, world.mappings, customer_id=987654))
