@@ -38,6 +38,7 @@ from syncd.destinations.base import Person
 from syncd.identity import e164, email_key, normalize_email
 from syncd.store.engine import writer_lock
 from syncd.store.models import (
+    COUPONS,
     CUSTOMER_RECORDS,
     CUSTOMERS,
     EVENTS,
@@ -48,6 +49,7 @@ from syncd.store.models import (
     PRIVACY_REQUESTS,
     PRIVACY_SECRET,
     PRIVACY_STEPS,
+    PRODUCTS,
     PROFILES,
     QUARANTINE,
     REFUNDS,
@@ -72,6 +74,7 @@ __all__ = [
     "is_suppressed",
     "open_request",
     "pending_steps",
+    "prune_raw_payloads",
     "request_for_erased",
     "retry_delay",
     "retry_pending",
@@ -946,6 +949,38 @@ def request_for_erased(
     if known is None:
         return None
     return open_request(conn, mapping_names, store_customer=cid, requested_by="woocommerce-eraser")
+
+
+def prune_raw_payloads(
+    conn: Connection, days: int, *, now: datetime | None = None
+) -> dict[str, int]:
+    """Drop raw payloads of source rows last changed more than ``days`` ago, and of
+    webhook deliveries applied that long ago; the parsed rows stay. Quarantined payloads
+    are kept: they have not been parsed yet. Returns the rows cleared per table."""
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    cutoff = (now or _now()) - timedelta(days=days)
+    cleared: dict[str, int] = {}
+    for table, when in (
+        (CUSTOMER_RECORDS, CUSTOMER_RECORDS.c.modified_at),
+        (ORDERS, ORDERS.c.modified_at),
+        (REFUNDS, REFUNDS.c.created_at),
+        (PRODUCTS, PRODUCTS.c.modified_at),
+        (COUPONS, COUPONS.c.modified_at),
+    ):
+        cleared[table.name] = conn.execute(
+            table.update().where(when < cutoff, table.c.raw.is_not(None)).values(raw=None)
+        ).rowcount
+    cleared[EVENTS.name] = conn.execute(
+        EVENTS.update()
+        .where(
+            EVENTS.c.status == "applied",
+            EVENTS.c.received_at < cutoff,
+            EVENTS.c.payload.is_not(None),
+        )
+        .values(payload=None)
+    ).rowcount
+    return cleared
 
 
 def erased_by_woocommerce(raw: Mapping[str, Any]) -> bool:

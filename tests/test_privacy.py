@@ -835,6 +835,34 @@ def test_the_webhook_sandbox_checks_an_erasure_record_as_the_wire_format_says() 
         assert [r["action"] for r in receiver.records] == ["erasure"]
 
 
+def test_raw_payloads_older_than_the_retention_are_dropped_and_the_rows_stay(
+    engine: Engine,
+) -> None:
+    _export_fixture(engine)
+    now = datetime(2026, 12, 7, tzinfo=UTC)
+    with engine.begin() as conn:
+        for oid, modified in ((10, datetime(2026, 10, 1, tzinfo=UTC)), (11, now)):
+            conn.execute(
+                ORDERS.update()
+                .where(ORDERS.c.id == oid)
+                .values(raw={"billing": {"email": "ann@example.com"}}, modified_at=modified)
+            )
+        cleared = privacy.prune_raw_payloads(conn, 30, now=now)
+    assert cleared["orders"] == 1
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(ORDERS.c.id, ORDERS.c.raw, ORDERS.c.total_minor)
+            .where(ORDERS.c.id.in_((10, 11)))
+            .order_by(ORDERS.c.id)
+        ).all()
+    assert [(r.id, r.raw is None, r.total_minor) for r in rows] == [
+        (10, True, 12345),
+        (11, False, 999),
+    ]
+    with pytest.raises(ValueError), engine.begin() as conn:
+        privacy.prune_raw_payloads(conn, 0)
+
+
 def test_failed_steps_back_off_up_to_six_hours() -> None:
     assert [privacy.retry_delay(n) for n in (1, 2, 3)] == [
         timedelta(minutes=5),
