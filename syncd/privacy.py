@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import httpx
 import structlog
-from sqlalchemy import ColumnElement, Engine, Select, Text, cast, func, or_, select
+from sqlalchemy import ColumnElement, Engine, Select, Text, and_, cast, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.schema import Table
 from sqlalchemy.types import JSON, String
@@ -247,7 +247,42 @@ def _customers_of(
     return ids
 
 
-def _identifiers(conn: Connection, email: str | None, cids: set[int]) -> dict[str, Any]:
+def _keys_of(mappings: Sequence[LoadedMapping]) -> dict[str, str]:
+    """Per sync, the column its record keys come from (``customer_id`` for a segment)."""
+    return {sync.name: sync.spec.key for mapping in mappings for sync in mapping.syncs}
+
+
+def _records_of(
+    conn: Connection, email: str | None, cids: Collection[int], keys_of: Mapping[str, str]
+) -> list[tuple[str, str, str | None]]:
+    """(sync, record key, vendor id) of every sync record of the person: syncs keyed on
+    the customer id or the email, and any record whose vendor id is their address (a
+    Mailchimp member). A sync keyed on another column (an order id) never matches a
+    customer id that happens to be the same number."""
+    values = {"customer_id": {str(c) for c in cids}, "email": {email} if email else set()}
+    # A sync no longer configured is taken as keyed on the customer id, the default.
+    syncs = conn.execute(select(SYNC_RECORDS.c.sync).distinct()).scalars().all()
+    keys = {sync: keys_of.get(sync, "customer_id") for sync in syncs}
+    tests: list[ColumnElement[bool]] = [
+        and_(SYNC_RECORDS.c.sync == sync, SYNC_RECORDS.c.record_key.in_(values[key]))
+        for sync, key in keys.items()
+        if values.get(key)
+    ]
+    if email:
+        tests.append(SYNC_RECORDS.c.dest_id == email)
+    if not tests:
+        return []
+    rows = conn.execute(
+        select(SYNC_RECORDS.c.sync, SYNC_RECORDS.c.record_key, SYNC_RECORDS.c.dest_id)
+        .where(or_(*tests))
+        .order_by(SYNC_RECORDS.c.sync, SYNC_RECORDS.c.record_key)
+    ).all()
+    return [(r.sync, r.record_key, r.dest_id) for r in rows]
+
+
+def _identifiers(
+    conn: Connection, email: str | None, cids: set[int], keys_of: Mapping[str, str]
+) -> dict[str, Any]:
     """What the destination steps need to reach the person, read before the store forgets."""
     people = conn.execute(
         select(CUSTOMERS.c.email, CUSTOMERS.c.phone).where(CUSTOMERS.c.id.in_(cids))
@@ -255,27 +290,17 @@ def _identifiers(conn: Connection, email: str | None, cids: set[int]) -> dict[st
     if email is None:
         email = next((p.email for p in people if p.email), None)
     phone = next((p.phone for p in people if p.phone), None)
-    keys = {str(c) for c in cids} | ({email} if email else set())
-    match: ColumnElement[bool] = SYNC_RECORDS.c.record_key.in_(keys)
-    if email:
-        match = or_(match, SYNC_RECORDS.c.dest_id == email)
-    records = conn.execute(
-        select(SYNC_RECORDS.c.sync, SYNC_RECORDS.c.record_key, SYNC_RECORDS.c.dest_id)
-        .where(match)
-        .order_by(SYNC_RECORDS.c.sync, SYNC_RECORDS.c.record_key)
-    ).all()
     return {
         "email": email,
         "phone": phone,
         "customer_ids": sorted(cids),
-        "record_keys": {r.sync: r.record_key for r in records},
-        "dest_ids": {r.sync: r.dest_id for r in records if r.dest_id},
+        "records": [list(r) for r in _records_of(conn, email, cids, keys_of)],
     }
 
 
 def open_request(
     conn: Connection,
-    mapping_names: Iterable[str],
+    mappings: Sequence[LoadedMapping],
     *,
     email: str | None = None,
     customer_id: int | None = None,
@@ -298,7 +323,7 @@ def open_request(
     if address is None and customer_id is None and store_customer is None:
         raise PrivacyError("name the person by email or customer id")
     cids = _customers_of(conn, address, customer_id, source, store_customer)
-    identifiers = _identifiers(conn, address, cids)
+    identifiers = _identifiers(conn, address, cids, _keys_of(mappings))
     salt = store_salt(conn)
     subject = email_hash(salt, identifiers["email"]) or _hash(
         salt, "customer", ",".join(map(str, sorted(cids)))
@@ -324,7 +349,7 @@ def open_request(
             )
             .returning(PRIVACY_REQUESTS.c.id)
         ).scalar_one()
-    names = [f"{DESTINATION_STEP}{name}" for name in mapping_names] + [STORE_STEP]
+    names = [f"{DESTINATION_STEP}{m.name}" for m in mappings] + [STORE_STEP]
     have = set(
         conn.execute(
             select(PRIVACY_STEPS.c.name).where(PRIVACY_STEPS.c.request_id == request_id)
@@ -427,12 +452,13 @@ def _settle_step(
 
 
 def _person(request_id: int, identifiers: Mapping[str, Any]) -> Person:
+    records = identifiers.get("records") or []
     return Person(
         request=request_id,
         email=identifiers.get("email"),
         phone=identifiers.get("phone"),
-        dest_ids=dict(identifiers.get("dest_ids") or {}),
-        record_keys=dict(identifiers.get("record_keys") or {}),
+        dest_ids={sync: dest_id for sync, _, dest_id in records if dest_id},
+        record_keys={sync: key for sync, key, _ in records},
     )
 
 
@@ -556,7 +582,7 @@ async def forget(
         with engine.begin() as conn:
             request_id = open_request(
                 conn,
-                [m.name for m in mappings],
+                mappings,
                 email=email,
                 customer_id=customer_id,
                 source=source,
@@ -850,11 +876,13 @@ def erase_person(
         .where(PROFILES.c.customer_id.in_(cids))
         .values(email=None, first_name=None, last_name=None, country=None)
     )
-    keys = {str(c) for c in cids} | ({email} if email else set())
-    record_match: ColumnElement[bool] = SYNC_RECORDS.c.record_key.in_(keys)
-    if email:
-        record_match = or_(record_match, SYNC_RECORDS.c.dest_id == email)
-    forgotten_records = conn.execute(SYNC_RECORDS.delete().where(record_match)).rowcount
+    forgotten_records = 0
+    for sync, key, _ in identifiers.get("records") or []:
+        forgotten_records += conn.execute(
+            SYNC_RECORDS.delete().where(
+                SYNC_RECORDS.c.sync == sync, SYNC_RECORDS.c.record_key == key
+            )
+        ).rowcount
     events = quarantined = swept = 0
     if needles:
         for table, column in ((EVENTS, EVENTS.c.payload), (QUARANTINE, QUARANTINE.c.payload)):
@@ -892,10 +920,16 @@ def erase_person(
     )
 
 
-def scrub_suppressed(conn: Connection, customer_ids: Iterable[int] | None = None) -> int:
+def scrub_suppressed(
+    conn: Connection,
+    customer_ids: Iterable[int] | None = None,
+    mappings: Sequence[LoadedMapping] = (),
+) -> int:
     """Erase, again, people a source re-synced after they were forgotten (their order or
     account came back with their address): the customers among ``customer_ids`` (None:
-    every customer) whose email or phone is suppressed. Returns how many."""
+    every customer) whose email or phone is suppressed; with ``mappings``, the sync
+    records a push made of them meanwhile go too. Returns how many."""
+    keys_of = _keys_of(mappings)
     suppressions = SuppressionList.load(conn)
     if not suppressions.email_hashes and not suppressions.phone_hashes:
         return 0
@@ -907,14 +941,15 @@ def scrub_suppressed(conn: Connection, customer_ids: Iterable[int] | None = None
     erased = 0
     for row in conn.execute(query).all():
         if suppressions.covers(email=row.email, phone=row.phone):
-            erase_person(conn, _identifiers(conn, row.email, {row.id}), request_id=None)
+            identifiers = _identifiers(conn, row.email, {row.id}, keys_of)
+            erase_person(conn, identifiers, request_id=None)
             erased += 1
     return erased
 
 
 def request_for_erased(
     conn: Connection,
-    mapping_names: Iterable[str],
+    mappings: Sequence[LoadedMapping],
     *,
     source: str,
     order_id: int | None = None,
@@ -948,7 +983,7 @@ def request_for_erased(
     ).first()
     if known is None:
         return None
-    return open_request(conn, mapping_names, store_customer=cid, requested_by="woocommerce-eraser")
+    return open_request(conn, mappings, store_customer=cid, requested_by="woocommerce-eraser")
 
 
 def prune_raw_payloads(
@@ -1042,13 +1077,16 @@ def export(
         )
         for order in orders:
             order["items"] = [i for i in items if i["order_id"] == order["id"]]
-        keys = {str(c) for c in cids} | {address}
-        records = _rows(
-            conn,
-            select(SYNC_RECORDS)
-            .where(SYNC_RECORDS.c.record_key.in_(keys) | (SYNC_RECORDS.c.dest_id == address))
-            .order_by(SYNC_RECORDS.c.sync),
-        )
+        records = [
+            row
+            for sync, key, _ in _records_of(conn, address, cids, _keys_of(mappings))
+            for row in _rows(
+                conn,
+                select(SYNC_RECORDS).where(
+                    SYNC_RECORDS.c.sync == sync, SYNC_RECORDS.c.record_key == key
+                ),
+            )
+        ]
         suppressed = is_suppressed(conn, email=address)
         document = {
             "subject": {"email": address},

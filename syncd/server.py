@@ -389,7 +389,7 @@ def create_app(
             with writer_lock(engine), engine.begin() as conn:
                 return open_request(
                     conn,
-                    [m.name for m in mappings],
+                    mappings,
                     email=email,
                     customer_id=customer_id,
                     source=source,

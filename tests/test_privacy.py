@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -468,7 +469,7 @@ def test_an_order_erased_by_woocommerce_opens_a_request_the_service_completes(
         order_id = conn.execute(
             select(ORDERS.c.source_id).where(ORDERS.c.customer_id == world.cid).limit(1)
         ).scalar_one()
-    names = [m.name for m in world.mappings]
+    names = world.mappings
     with engine.begin() as conn:
         rid = privacy.request_for_erased(conn, names, source="shop", order_id=order_id)
         assert privacy.request_for_erased(conn, names, source="shop", order_id=10**9) is None
@@ -757,11 +758,44 @@ def _export_fixture(engine: Engine) -> None:
         )
 
 
+@dataclass
+class _FakeMapping:
+    """The parts of a LoadedMapping export reads: name, destination type, syncs' keys."""
+
+    name: str
+    destination: str
+    keys: dict[str, str]
+
+    @property
+    def spec(self) -> Any:
+        return SimpleNamespace(destination=self.destination)
+
+    @property
+    def syncs(self) -> list[Any]:
+        return [SimpleNamespace(name=n, spec=SimpleNamespace(key=k)) for n, k in self.keys.items()]
+
+
 def test_export_returns_the_orders_with_exact_amounts_and_where_they_were_sent(
     engine: Engine,
 ) -> None:
     _export_fixture(engine)
-    document = privacy.export(engine, " Ann@Example.com ")
+    with engine.begin() as conn:
+        # A sync keyed on order ids: its record "1" is an order, not customer 1.
+        conn.execute(
+            insert(SYNC_RECORDS).values(
+                sync="orders-model",
+                record_key="1",
+                content_hash=4,
+                status="sent",
+                in_destination=True,
+                sent_at=T0,
+                updated_at=T0,
+            )
+        )
+    mappings = [
+        _FakeMapping("crm", "webhook", {"orders-model": "order_id", "hook-everyone": "customer_id"})
+    ]
+    document = privacy.export(engine, " Ann@Example.com ", mappings=mappings)
     json.dumps(document)  # JSON-able as is
     assert document["subject"] == {"email": "ann@example.com"}
     assert [c["id"] for c in document["customers"]] == [1]
@@ -781,6 +815,12 @@ def test_export_returns_the_orders_with_exact_amounts_and_where_they_were_sent(
     sent = {s["sync"]: s for s in document["sent_to"]}
     assert set(sent) == {"klaviyo-everyone", "hook-everyone"}
     assert sent["klaviyo-everyone"]["destination_id"] == "01KPROFILE"
+    # klaviyo-everyone is no longer configured: taken as keyed on the customer id.
+    assert sent["klaviyo-everyone"]["mapping"] is None
+    assert (sent["hook-everyone"]["mapping"], sent["hook-everyone"]["destination"]) == (
+        "crm",
+        "webhook",
+    )
     assert sent["hook-everyone"]["last_sent_at"] == T0.isoformat()
     assert document["suppressed"] is False
     with engine.connect() as conn:
