@@ -319,6 +319,13 @@ def print_status(data: dict[str, Any]) -> None:
             )
             line += "; " + _run_line("last run", run) + f" [{counts}]"
         say(line)
+    for step in data.get("privacy", {}).get("pending_steps", []):
+        say(
+            f"privacy request {step['request']} ({step['requested_by']}, "
+            f"{step['requested_at']}): {step['step']} {step['status']} after "
+            f"{step['attempts']} attempt(s)"
+            + (f": {step['last_error']}" if step["last_error"] else "")
+        )
 
 
 def _run_line(what: str, run: dict[str, Any]) -> str:
@@ -381,6 +388,74 @@ def push(
     else:
         print_push(results)
     raise typer.Exit(1 if any(r.status == "failed" for r in results) else 0)
+
+
+@app.command()
+def forget(
+    email: Annotated[str | None, typer.Argument(help="The person's email address.")] = None,
+    customer: Annotated[
+        int | None,
+        typer.Option("--customer", help="The person's customer id at the source (WooCommerce)."),
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="The source the --customer id belongs to.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Erase a person: a deletion at every destination, their personal data removed from
+    the store (orders keep their amounts), and a suppression entry so no sync re-adds
+    them. Prints a receipt per step; exits 1 while a step is pending (run it again, or
+    let the service retry), 0 when all are done."""
+    from syncd.privacy import PrivacyError
+    from syncd.privacy import forget as run_forget
+
+    if (email is None) == (customer is None):
+        err.print("forget: give an EMAIL or --customer ID (one of them)", markup=False)
+        raise typer.Exit(2)
+    settings = load()
+    mappings = load_mappings_or_exit(settings)
+    engine = open_engine(settings)
+    try:
+        result = asyncio.run(
+            run_forget(engine, mappings, email, customer, source=source, requested_by="cli")
+        )
+    except PrivacyError as exc:
+        err.print(f"forget: {exc}", markup=False)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    if json_output:
+        print(json.dumps(result.as_json(), indent=2, sort_keys=True))
+    else:
+        say(f"privacy request {result.request}:")
+        for step in result.steps:
+            text = step.detail if step.status in ("done", "not_applicable") else step.last_error
+            receipt = f" [receipt {step.receipt}]" if step.receipt else ""
+            say(f"  {step.name}: {step.status}{receipt}: {text or '-'}")
+        if not result.done:
+            say("some steps are pending: run syncd forget again, or let syncd run retry them")
+    raise typer.Exit(0 if result.done else 1)
+
+
+@app.command()
+def export(
+    email: Annotated[str, typer.Argument(help="The person's email address.")],
+) -> None:
+    """Print everything the store holds about a person as JSON, and where it was sent."""
+    from syncd.privacy import PrivacyError
+    from syncd.privacy import export as run_export
+
+    settings = load()
+    mappings = load_mappings_or_exit(settings)
+    engine = open_engine(settings)
+    try:
+        document = run_export(engine, email, mappings=mappings, requested_by="cli")
+    except PrivacyError as exc:
+        err.print(f"export: {exc}", markup=False)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    print(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False))
 
 
 def print_push(results: Sequence[Any]) -> None:

@@ -31,6 +31,14 @@ Endpoints:
     The WooCommerce webhook intake. No token: deliveries are signed and the intake
     checks the signature.
 
+``POST /privacy/forget``
+    An erasure request (``syncd forget``) by JSON ``{"email": "..."}`` or
+    ``{"customer_id": 17, "source": "shop"}`` (``source`` only when several sources have
+    the id). Always needs the token: without ``[server] token`` configured it is refused
+    with 403, as personal data must not be erasable by whoever reaches the port. Answers
+    202 ``{"request": id, "status": "pending"}`` once the request and its steps are
+    recorded; the steps run after the answer (``syncd status`` shows those pending).
+
 When ``[server] token`` is set, every endpoint but ``/healthz`` and the webhooks needs
 ``Authorization: Bearer <token>``; a missing or wrong token gets 401 with a
 ``WWW-Authenticate: Bearer`` header.
@@ -50,15 +58,16 @@ import hmac
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.to_thread
 import uvicorn
 from sqlalchemy import Engine, func, select, text
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -70,7 +79,11 @@ from syncd.log import get_logger, redact_processor
 from syncd.metrics import Metrics
 from syncd.runs import iso
 from syncd.status import collect_status
+from syncd.store.engine import writer_lock
 from syncd.store.models import SYNC_RUNS as RUNS
+
+if TYPE_CHECKING:
+    from syncd.mapping import LoadedMapping
 
 __all__ = [
     "STORE_CHECK_TIMEOUT",
@@ -241,13 +254,15 @@ def create_app(
     *,
     readiness: Callable[[], Readiness] | None = None,
     webhook: Endpoint | None = None,
+    mappings: Sequence[LoadedMapping] = (),
     clock: Clock = _utcnow,
 ) -> Starlette:
     """The service's ASGI app.
 
     ``readiness`` is the daemon's state for /readyz (without it, /readyz checks only
     the store and the sources); ``webhook`` answers ``POST /webhooks/{source}`` (without
-    it the route does not exist). ``clock`` is injectable for tests.
+    it the route does not exist); ``mappings`` are the destinations an erasure request
+    reaches. ``clock`` is injectable for tests.
     """
     guard = _bearer_guard(settings)
     started_at = clock()
@@ -338,8 +353,65 @@ def create_app(
             )
         return JSONResponse(data)
 
+    async def privacy_forget(request: Request) -> Response:
+        from syncd.privacy import PrivacyError, open_request, run_request
+
+        if settings.server.token is None:
+            return JSONResponse(
+                {
+                    "error": "forbidden",
+                    "detail": "privacy requests need [server] token to be set",
+                },
+                status_code=403,
+            )
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        email = body.get("email") if isinstance(body, dict) else None
+        customer_id = body.get("customer_id") if isinstance(body, dict) else None
+        source = body.get("source") if isinstance(body, dict) else None
+        if (
+            (email is None) == (customer_id is None)
+            or (email is not None and not isinstance(email, str))
+            or (customer_id is not None and (type(customer_id) is not int or customer_id < 1))
+            or (source is not None and not isinstance(source, str))
+        ):
+            return JSONResponse(
+                {
+                    "error": "bad request",
+                    "detail": 'expected {"email": "..."} or {"customer_id": <id>, '
+                    '"source": "<name>" (optional)}',
+                },
+                status_code=400,
+            )
+
+        def record() -> int:
+            with writer_lock(engine), engine.begin() as conn:
+                return open_request(
+                    conn,
+                    mappings,
+                    email=email,
+                    customer_id=customer_id,
+                    source=source,
+                    requested_by="http",
+                )
+
+        try:
+            request_id = await run_in_threadpool(record)
+        except PrivacyError as exc:
+            return JSONResponse({"error": "bad request", "detail": str(exc)}, status_code=400)
+        # The steps run after the answer; one that fails stays pending with its reason and
+        # is tried again (syncd forget, or the service's retry).
+        return JSONResponse(
+            {"request": request_id, "status": "pending"},
+            status_code=202,
+            background=BackgroundTask(run_request, engine, list(mappings), request_id),
+        )
+
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/privacy/forget", _protected(guard, privacy_forget), methods=["POST"]),
         Route("/readyz", _protected(guard, readyz), methods=["GET"]),
         Route("/metrics", _protected(guard, metrics_endpoint), methods=["GET"]),
         Route("/status", _protected(guard, status), methods=["GET"]),

@@ -52,7 +52,14 @@ async def serve(engine: Engine, settings: Settings, mappings: Sequence[LoadedMap
     alerts = Alerts(settings.alerts)
     daemon = Daemon(engine, settings, list(mappings), metrics=metrics, alerts=alerts)
     intake = WebhookIntake(engine, settings, on_applied=daemon.customers_changed)
-    app = create_app(engine, settings, metrics, readiness=daemon.readiness, webhook=intake.endpoint)
+    app = create_app(
+        engine,
+        settings,
+        metrics,
+        readiness=daemon.readiness,
+        webhook=intake.endpoint,
+        mappings=mappings,
+    )
     server = _Server(uvicorn_config(app, settings))
 
     stopping = asyncio.Event()

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, func, select
 
 from syncd.config import Settings, mask_url_password
 from syncd.ingest import TABLE_OF_ENTITY
+from syncd.privacy import pending_steps
 from syncd.runs import iso
 from syncd.sources import SOURCE_TYPES, source_class
 from syncd.sources.base import Stream
@@ -140,6 +141,9 @@ def collect_status(
             }
         out["segments"] = _segments(conn, settings)
         out["destinations"] = _destinations(conn)
+        # Erasure steps not yet done, with their reason: each is tried again by the next
+        # `syncd forget` of the person or the service's retry.
+        out["privacy"] = {"pending_steps": pending_steps(conn)}
         out["totals"] = {
             "customers": conn.execute(select(func.count()).select_from(CUSTOMERS)).scalar(),
             "orders": conn.execute(

@@ -25,6 +25,9 @@ Operations the engine asks for, by sync mode:
   ``remove`` (take out of the audience; never delete the person);
 * ``event`` mode: ``event`` (one event per segment entry, idempotent by ``Item.event_id``);
 * ``delete`` mode: ``delete`` (privacy erasure).
+
+Apart from syncs, :meth:`Destination.forget` carries out one erasure request
+(``syncd forget``) for the whole destination account; the default says it does not apply.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ __all__ = [
     "Op",
     "Outcome",
     "PaginationLoop",
+    "Person",
+    "Receipt",
     "SyncTarget",
     "byte_chunks",
     "cursor_pages",
@@ -175,6 +180,42 @@ class SyncTarget:
     mode: Mode
     object: str | None  # list / audience / tag / event name; meaning is the adapter's
     options: BaseModel  # the adapter's SyncOptions, validated
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """Whom an erasure request is about, as each destination may know them.
+
+    ``email`` is normalized, ``phone`` E.164 (either may be None); ``dest_ids`` and
+    ``record_keys`` are, per sync name, the vendor's id for the person returned by an
+    earlier send and the record key the person was sent under. ``request`` is the
+    privacy request's id: a stable reference the receiver may echo.
+    """
+
+    request: int
+    email: str | None
+    phone: str | None
+    dest_ids: Mapping[str, str]
+    record_keys: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a destination did about an erasure: ``done`` (``detail`` says what, ``receipt``
+    is the vendor's own reference when it gives one) or ``not_applicable`` (``detail``
+    says why). A deletion that failed raises instead, and is tried again later."""
+
+    status: Literal["done", "not_applicable"]
+    detail: str
+    receipt: str | None = None
+
+    @classmethod
+    def done(cls, detail: str, receipt: str | None = None) -> Receipt:
+        return cls("done", detail, receipt)
+
+    @classmethod
+    def not_applicable(cls, detail: str) -> Receipt:
+        return cls("not_applicable", detail)
 
 
 Handler = Callable[[SyncTarget, Sequence[Item]], Awaitable[list[Outcome]]]
@@ -341,6 +382,17 @@ class Destination(ABC):
                 f"{self.type}: at most {limit} items per {op} batch (max_batch), got {len(items)}"
             )
         return await handler(target, items)
+
+    # -- erasure --------------------------------------------------------------------------
+
+    async def forget(
+        self, person: Person, targets: Sequence[SyncTarget], fields: Collection[str]
+    ) -> Receipt:
+        """Erase ``person`` from this destination account; ``targets`` are the mapping's
+        syncs, ``fields`` every destination field they write (dotted names). Must be safe
+        to call again: a request interrupted before its outcome was recorded is repeated.
+        The default: this destination has no deletion to ask for."""
+        return Receipt.not_applicable(f"{self.type} has no deletion syncd can ask for")
 
     # -- the call helper ----------------------------------------------------------------
 

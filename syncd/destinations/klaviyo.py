@@ -22,6 +22,10 @@ Operations
   trigger a flow twice.
 * ``delete`` — ``POST /api/data-privacy-deletion-jobs``, one request per row.
 
+Erasure (``syncd forget``, :meth:`KlaviyoDestination.forget`) uses the same endpoint
+("Request Profile Deletion", operationId ``request_profile_deletion``): one request by
+email and one by phone number, else one per Klaviyo profile id syncd was given.
+
 Payload conventions (the mapping's destination field names)
 -----------------------------------------------------------
 
@@ -63,7 +67,7 @@ profile that matches.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 import orjson
@@ -76,6 +80,8 @@ from syncd.destinations.base import (
     Item,
     Op,
     Outcome,
+    Person,
+    Receipt,
     SyncTarget,
     byte_chunks,
     next_link_pages,
@@ -533,6 +539,45 @@ class KlaviyoDestination(Destination):
             self.deletion_client, "/api/data-privacy-deletion-jobs", orjson.dumps(body)
         )
         return Outcome.accepted()
+
+    async def forget(
+        self, person: Person, targets: Sequence[SyncTarget], fields: Collection[str]
+    ) -> Receipt:
+        # request_profile_deletion takes exactly one of email, phone_number or id and
+        # deletes every profile matching it, asynchronously; it answers 202 without a
+        # body, so there is no job id to keep (klaviyo/openapi stable.json,
+        # operationId request_profile_deletion). Its own pace: 3/s burst, 60/m steady
+        # (DELETION_LIMITS, deletion_client). A profile known by phone only (an SMS
+        # sign-up) is not matched by the email: both are asked for.
+        asked: list[tuple[str, dict[str, Any]]] = []  # (what it is, the profile reference)
+        if person.email:
+            asked.append(("email", {"attributes": {"email": person.email}}))
+        if person.phone:
+            asked.append(("phone number", {"attributes": {"phone_number": person.phone}}))
+        if not asked:
+            asked = [
+                (f"profile id {profile_id}", {"id": profile_id, "attributes": {}})
+                for profile_id in sorted(set(person.dest_ids.values()))
+            ]
+        if not asked:
+            return Receipt.not_applicable(
+                "no email, phone number or Klaviyo profile id known for this person"
+            )
+        for _, profile in asked:
+            body = {
+                "data": {
+                    "type": "data-privacy-deletion-job",
+                    "attributes": {"profile": {"data": {"type": "profile", **profile}}},
+                }
+            }
+            await self._post(
+                self.deletion_client, "/api/data-privacy-deletion-jobs", orjson.dumps(body)
+            )
+        by = [label for label, _ in asked]
+        return Receipt.done(
+            f"profile deletion requested by {', '.join(by)} (202 Accepted); Klaviyo deletes "
+            "every matching profile and lists it under Deleted Profiles"
+        )
 
     # -- HTTP helpers -----------------------------------------------------------------------
 

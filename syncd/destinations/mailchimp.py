@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import builtins
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar, Final, Literal
 from urllib.parse import quote
 
@@ -75,6 +75,8 @@ from syncd.destinations.base import (
     Item,
     Op,
     Outcome,
+    Person,
+    Receipt,
     SyncTarget,
     offset_pages,
 )
@@ -454,6 +456,44 @@ class MailchimpDestination(Destination):
                 return Outcome.rejected(_problem_text(exc))
             raise
         return Outcome.accepted(email)
+
+    async def forget(
+        self, person: Person, targets: Sequence[SyncTarget], fields: Collection[str]
+    ) -> Receipt:
+        """Permanently delete the person from every audience the mapping's syncs use.
+
+        ``POST /lists/{list_id}/members/{subscriber_hash}/actions/delete-permanent``
+        (Mailchimp Marketing API reference, List members, "Delete list member"; 204 No
+        Content): the member and their data go for good, unlike an archive
+        (``DELETE /lists/{id}/members/{hash}``). 404 means the audience does not hold the
+        address (never added or already deleted): for erasure, that is done too.
+        """
+        emails = {person.email} if person.email else set()
+        # Mailchimp's dest_id is the member's lower-cased address (see _delete).
+        emails |= {email_key(v) for v in person.dest_ids.values() if normalize_email(v)}
+        lists = sorted({t.object.strip() for t in targets if t.object and t.object.strip()})
+        if not emails or not lists:
+            return Receipt.not_applicable(
+                "no email address known for this person"
+                if lists
+                else "the mapping names no audience"
+            )
+        said: list[str] = []
+        for list_id in lists:
+            for email in sorted(emails):
+                path = (
+                    f"/lists/{_path(list_id)}/members/{subscriber_hash(email)}"
+                    "/actions/delete-permanent"
+                )
+                try:
+                    await self.client.request("POST", path)
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                    said.append(f"audience {list_id}: not a member")
+                else:
+                    said.append(f"audience {list_id}: permanently deleted")
+        return Receipt.done("; ".join(said))
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -17,6 +17,12 @@ or ``delete``. ``data`` is the mapped record as is (``{}`` for ``remove``). ``ba
 depends only on the action, keys and event ids, so a batch re-sent after a crash or a
 retry carries the same ``Idempotency-Key``.
 
+An erasure request (``syncd forget``) arrives in the same envelope with ``mode`` and
+``action`` ``"erasure"``, ``sync`` the mapping's name and one record: ``key``
+``"privacy-request-<id>"`` and ``data`` ``{"email", "phone", "record_keys": {sync: key},
+"dest_ids": {sync: id}}`` (unknown values null or empty): the receiver deletes what it
+holds about that person and answers 2xx.
+
 A receiver verifies the signature over the raw body bytes, before parsing them, with
 :func:`verify_signature` (or the same HMAC in any language), and answers:
 
@@ -40,7 +46,7 @@ import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import ClassVar, Final
 from urllib.parse import urlsplit
@@ -50,7 +56,17 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from syncd.destinations.base import ALL_OPS, Destination, Handler, Item, Op, Outcome, SyncTarget
+from syncd.destinations.base import (
+    ALL_OPS,
+    Destination,
+    Handler,
+    Item,
+    Op,
+    Outcome,
+    Person,
+    Receipt,
+    SyncTarget,
+)
 from syncd.http import ApiError, ServiceLimits, redact_url, vendor_message
 
 __all__ = [
@@ -198,14 +214,43 @@ class WebhookDestination(Destination):
             return exc.message
         return f"HTTP {exc.status} {exc.message}".strip()
 
+    async def forget(
+        self, person: Person, targets: Sequence[SyncTarget], fields: Collection[str]
+    ) -> Receipt:
+        data = {
+            "email": person.email,
+            "phone": person.phone,
+            "record_keys": dict(person.record_keys),
+            "dest_ids": dict(person.dest_ids),
+        }
+        record = Item(f"privacy-request-{person.request}", data)
+        outcomes = await self._deliver(self.name, "erasure", "erasure", [record])
+        if not outcomes[0].ok:
+            raise ApiError(
+                self.client.service,
+                None,
+                "POST",
+                redact_url(self.url),
+                f"the receiver refused the erasure record: {outcomes[0].error}",
+            )
+        # The batch id is the Idempotency-Key the receiver saw: its reference for it.
+        return Receipt.done(
+            "signed erasure record delivered", batch_id(self.name, "erasure", [record])
+        )
+
     async def _post(self, op: Op, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        return await self._deliver(target.name, target.mode, op, items)
+
+    async def _deliver(
+        self, sync: str, mode: str, action: str, items: Sequence[Item]
+    ) -> list[Outcome]:
         options = self.options
         assert isinstance(options, WebhookOptions)
-        bid = batch_id(target.name, op, items)
+        bid = batch_id(sync, action, items)
         document = {
-            "sync": target.name,
-            "mode": target.mode,
-            "action": op,
+            "sync": sync,
+            "mode": mode,
+            "action": action,
             "batch_id": bid,
             "sent_at": utc_now(),
             "records": [

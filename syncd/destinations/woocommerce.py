@@ -27,6 +27,12 @@ message, data}}]}`` in the order sent; each item is matched to its answer by id,
 accepted ones get ``dest_id = str(id)``. A 400 or 413 for the whole request becomes
 :class:`~syncd.destinations.base.BatchRejected`; any other refusal fails the run.
 
+Erasure (``syncd forget``): the meta keys the mapping writes are removed from each
+customer syncd wrote to (a ``null`` value deletes the meta row when WooCommerce saves the
+customer: ``WC_Data::save_meta_data``). The account, its orders and addresses are the
+store owner's own records, not syncd's: WooCommerce's eraser (Tools > Erase Personal
+Data) removes them, and the receipt says so.
+
 Set-up: the mapping's ``base_url`` is required and is the store's site URL
 (``https://shop.example.com``, as in the source's ``url``); ``/wp-json/wc/v3`` is
 appended here as the source does. Credentials ``consumer_key``/``consumer_secret`` of a
@@ -45,7 +51,16 @@ import httpx
 import orjson
 from pydantic import SecretStr
 
-from syncd.destinations.base import Destination, Handler, Item, Op, Outcome, SyncTarget
+from syncd.destinations.base import (
+    Destination,
+    Handler,
+    Item,
+    Op,
+    Outcome,
+    Person,
+    Receipt,
+    SyncTarget,
+)
 from syncd.http import ApiError, ServiceLimits
 from syncd.sources.woocommerce.auth import API_ROOT, make_auth
 
@@ -190,6 +205,50 @@ class WooCommerceDestination(Destination):
 
     def handlers(self) -> Mapping[Op, Handler]:
         return {"upsert": self._upsert}
+
+    async def forget(
+        self, person: Person, targets: Sequence[SyncTarget], fields: Collection[str]
+    ) -> Receipt:
+        # The customers syncd wrote to are the ids its syncs got back (dest_id); never a
+        # guess from an id of another store.
+        syncs = {t.name for t in targets}
+        ids = sorted(
+            {
+                number
+                for sync, dest_id in person.dest_ids.items()
+                if sync in syncs and (number := customer_id(dest_id)) is not None
+            }
+        )
+        keys = sorted({f.split(".", 1)[1] for f in fields if f.startswith("meta.")})
+        owner = (
+            "the customer account, its orders and addresses are the store's own records: "
+            "erase them with WooCommerce's Tools > Erase Personal Data"
+        )
+        if not ids or not keys:
+            why = (
+                "the mapping writes no customer meta"
+                if not keys
+                else "syncd never wrote to a customer account of this person"
+            )
+            return Receipt.not_applicable(f"{why}; {owner}")
+        updates = [
+            {"id": number, "meta_data": [{"key": key, "value": None} for key in keys]}
+            for number in ids
+        ]
+        body, response = await self.call_json("POST", "customers/batch", json={"update": updates})
+        failed = [o.error for o in self._outcomes(ids, body, response) if not o.ok]
+        if failed:
+            raise ApiError(
+                self.client.service,
+                response.status_code,
+                "POST",
+                str(response.request.url),
+                f"WooCommerce refused the meta removal: {failed[0]}",
+            )
+        return Receipt.done(
+            f"removed syncd's meta ({', '.join(keys)}) from customer "
+            f"{', '.join(map(str, ids))}; {owner}"
+        )
 
     async def _upsert(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         ids = [customer_id(item.payload.get("id")) for item in items]

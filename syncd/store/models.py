@@ -439,6 +439,83 @@ class JobLease(SQLModel, table=True):
     claimed_at: datetime = _utc(nullable=False, index=True)
 
 
+class PrivacySecret(SQLModel, table=True):
+    """The store's own random salt for privacy hashes, created once (see syncd.privacy).
+
+    Kept in the store and nowhere else: a suppression's hash of an address can be checked
+    by whoever holds the store, but not reversed with a dictionary of addresses by anyone
+    who sees only a hash (a log line, a copied table) without this salt.
+    """
+
+    __tablename__ = "privacy_secret"
+
+    id: int = Field(default=1, primary_key=True, sa_column_kwargs={"autoincrement": False})
+    salt: str = Field(sa_type=String(64))  # hex of 32 random bytes
+    created_at: datetime = _utc(nullable=False)
+
+
+class PrivacyRequest(SQLModel, table=True):
+    """An erasure (``forget``) or access (``export``) request and who made it.
+
+    The person appears only as ``subject_hash`` (salted). ``identifiers`` holds what the
+    pending steps still need to reach the destinations (the address, the vendor ids): it is
+    emptied once no step is pending.
+    """
+
+    __tablename__ = "privacy_requests"
+    __table_args__ = (Index("ix_privacy_requests_subject", "subject_hash", "kind"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str  # forget | export
+    subject_hash: str = Field(sa_type=String(64))
+    requested_by: str  # cli | http | woocommerce-eraser
+    requested_at: datetime = _utc(nullable=False)
+    status: str  # pending | done
+    finished_at: datetime | None = _utc()
+    identifiers: Any = _json()
+
+
+class PrivacyStep(SQLModel, table=True):
+    """One step of a forget request: a destination mapping's deletion, or the store's own."""
+
+    __tablename__ = "privacy_steps"
+    __table_args__ = (UniqueConstraint("request_id", "name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: int = Field(
+        sa_column=Column(
+            Integer, ForeignKey("privacy_requests.id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    name: str  # "store" or "destination:<mapping name>"
+    status: str  # pending | done | failed | not_applicable
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_type=Text)
+    detail: str | None = Field(default=None, sa_type=Text)  # what was done, or why not
+    receipt: str | None = None  # the vendor's own reference for the deletion, when it gives one
+    done_at: datetime | None = _utc()
+    updated_at: datetime | None = _utc()
+
+
+class Suppression(SQLModel, table=True):
+    """People who asked to be forgotten: no sync may re-add them anywhere.
+
+    Salted hashes only (``syncd.privacy.subject_hash``): of the normalized email and of
+    the E.164 phone when known. ``customer_id`` is the store's anonymized row left in
+    place of the person, so order totals stay right.
+    """
+
+    __tablename__ = "privacy_suppressions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email_hash: str | None = Field(default=None, sa_type=String(64), index=True)
+    phone_hash: str | None = Field(default=None, sa_type=String(64), index=True)
+    customer_id: int | None = Field(default=None, index=True)
+    reason: str
+    request_id: int | None = None
+    created_at: datetime = _utc(nullable=False)
+
+
 def _table(model: type[SQLModel]) -> Table:
     table: Table = model.__table__  # type: ignore[attr-defined]
     return table
@@ -462,3 +539,7 @@ MODEL_FITS = _table(ModelFit)
 SYNC_RECORDS = _table(SyncRecord)
 EVENTS = _table(Event)
 JOB_LEASES = _table(JobLease)
+PRIVACY_SECRET = _table(PrivacySecret)
+PRIVACY_REQUESTS = _table(PrivacyRequest)
+PRIVACY_STEPS = _table(PrivacyStep)
+SUPPRESSIONS = _table(Suppression)

@@ -58,7 +58,10 @@ _WEBHOOK_ACTIONS: Final = {
     "mirror": ("add", "remove"),
     "event": ("event",),
     "delete": ("delete",),
+    # An erasure request for one person (syncd forget), outside any sync.
+    "erasure": ("erasure",),
 }
+_ERASURE_DATA: Final = frozenset({"email", "phone", "record_keys", "dest_ids"})
 
 
 class WebhookSandbox(_Vendor):
@@ -197,4 +200,8 @@ def _webhook_shape(body: object) -> str | None:
             return f"records[{n}].id must be a string or null"
         if not isinstance(record["data"], dict):
             return f"records[{n}].data must be an object"
+        if body["mode"] == "erasure" and set(record["data"]) != _ERASURE_DATA:
+            return f"records[{n}].data of an erasure must have exactly " + ", ".join(
+                sorted(_ERASURE_DATA)
+            )
     return None
