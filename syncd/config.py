@@ -68,6 +68,7 @@ __all__ = [
     "ConfigError",
     "DestinationsSettings",
     "LogSettings",
+    "PrivacySettings",
     "SecretRef",
     "SecretReferenceError",
     "SegmentSettings",
@@ -646,6 +647,27 @@ class AlertSettings(BaseModel):
     rejected_share: Annotated[float, Field(gt=0, le=1)] = 0.05
 
 
+class PrivacySettings(BaseModel):
+    """Privacy requests and retention (README, "Privacy requests")."""
+
+    model_config = _MODEL_CONFIG
+
+    # Raw payloads of source rows and webhook deliveries older than this many days are
+    # dropped once parsed (the parsed rows stay). Unset: raw payloads are kept.
+    raw_payload_days: Annotated[int, Field(ge=1)] | None = None
+    # How often `syncd run` runs the due steps of open forget requests (each failed step
+    # also waits its own back-off) and applies the retention.
+    schedule: str = "every 5m"
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        try:
+            return parse_schedule(value).text
+        except ScheduleError as exc:
+            raise PydanticCustomError("schedule", "{message}", {"message": str(exc)}) from None
+
+
 class LogSettings(BaseModel):
     model_config = _MODEL_CONFIG
 
@@ -852,6 +874,7 @@ class Settings(BaseSettings):
     segments: dict[Name, SegmentSettings] = Field(default_factory=dict)
     destinations: DestinationsSettings = Field(default_factory=DestinationsSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
     # Not a settings key: where these settings were loaded from (None when built in code).
     _config_path: Path | None = PrivateAttr(default=None)

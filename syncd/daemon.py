@@ -68,6 +68,7 @@ from syncd.config import Settings
 from syncd.ingest import SourceSync
 from syncd.log import get_logger
 from syncd.mapping import LoadedMapping, LoadedSync
+from syncd.privacy import prune_raw_payloads, retry_pending
 from syncd.push import push
 from syncd.runs import iso
 from syncd.schedule import ANCHOR, SlotTrigger, parse_schedule
@@ -174,8 +175,8 @@ class _Outcome:
 
 @dataclass
 class _Job:
-    id: str  # "source:<name>", "segments", "destination:<sync>"
-    kind: str  # the sync_runs kind: source | segments | destination
+    id: str  # "source:<name>", "segments", "destination:<sync>", "privacy"
+    kind: str  # the sync_runs kind: source | segments | destination | privacy
     name: str  # the sync_runs name
     trigger: SlotTrigger | None
     mapping: LoadedMapping | None = None
@@ -277,6 +278,9 @@ class Daemon:
             self._add(_Job(f"source:{name}", "source", name, trigger))
         segments_trigger = parse_schedule(recompute_every).trigger() if recompute_every else None
         self._add(_Job("segments", "segments", "segments", segments_trigger))
+        # Open forget requests' due steps, and the raw-payload retention.
+        privacy_trigger = parse_schedule(settings.privacy.schedule).trigger()
+        self._add(_Job("privacy", "privacy", "privacy", privacy_trigger))
         for mapping in mappings:
             for sync in mapping.syncs:
                 schedule = sync.spec.schedule
@@ -767,6 +771,8 @@ class Daemon:
                 outcome = asyncio.run(self._cancellable(job, self._source(job.name)))
             elif job.kind == "segments":
                 outcome = self._recompute(job.scope)
+            elif job.kind == "privacy":
+                outcome = asyncio.run(self._cancellable(job, self._privacy()))
             else:
                 assert job.mapping is not None and job.sync is not None
                 pushing = self._push(job.mapping, job.sync, job.scope)
@@ -817,6 +823,22 @@ class Daemon:
         counts["requests"] = result.requests
         stored = any(c.stored or c.deleted for c in result.counts.values())
         return _Outcome(result.status, counts, result.error, stored=stored)
+
+    async def _privacy(self) -> _Outcome:
+        """The due steps of open forget requests (each failed one waits its back-off), then
+        the raw-payload retention when ``[privacy] raw_payload_days`` is set."""
+        results = await retry_pending(self.engine, self.mappings)
+        pending = sum(not r.done for r in results)
+        counts: dict[str, Any] = {"requests": len(results), "pending": pending}
+        days = self.settings.privacy.raw_payload_days
+        if days is not None:
+            async with self._store_writer.held():
+                with self.engine.begin() as conn:
+                    cleared = prune_raw_payloads(conn, days)
+            counts["raw_payloads_dropped"] = sum(cleared.values())
+        if pending:
+            return _Outcome("partial", counts, f"{pending} forget request(s) still pending")
+        return _Outcome("success", counts)
 
     def _recompute(self, scope: set[int] | None) -> _Outcome:
         try:

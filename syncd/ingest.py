@@ -45,6 +45,7 @@ from syncd.people import (
     resolve_guests,
     resolve_registered,
 )
+from syncd.privacy import request_for_erased, scrub_suppressed
 from syncd.runs import finish_run, start_run
 from syncd.sources import source_class
 from syncd.sources.base import (
@@ -822,6 +823,7 @@ class SourceSync:
     def _commit_customers(self, conn: Connection, payloads: list[Any]) -> None:
         counts = self.counts["customers"]
         ok: list[int] = []
+        people: set[int] = set()
         for payload in payloads:
             try:
                 if not isinstance(payload, Mapping):
@@ -830,6 +832,9 @@ class SourceSync:
             except BadRecord as exc:
                 self._quarantine(conn, "customers", payload, str(exc))
                 continue
+            if self.source.erased(payload):
+                # Before the anonymized record replaces the one that says whose it was.
+                request_for_erased(conn, (), source=self.name, customer_id=row.source_id)
             person = resolve_registered(conn, self.name, row.source_id, row.person)
             if self._known is not None:
                 self._known.add(row.source_id)
@@ -837,11 +842,18 @@ class SourceSync:
                 conn, RECORDS, [{**row.record, "customer_id": person}], keys=("source", "source_id")
             )
             ok.append(row.source_id)
+            people.add(person)
         counts.wrote(ok)
         self._release(conn, "customers", ok)
+        # Someone forgotten whose account the source still has is erased again at once.
+        scrub_suppressed(conn, people)
 
     def _mark_customers_deleted(self, ids: list[int]) -> None:
         with self._writer, self.engine.begin() as conn:
+            # A deleted account is erased here too (WordPress deletes an account that asked
+            # to be forgotten): the same flow as `syncd forget`, run by the service.
+            for source_id in ids:
+                request_for_erased(conn, (), source=self.name, customer_id=source_id)
             conn.execute(
                 update(RECORDS)
                 .where(RECORDS.c.source == self.name, RECORDS.c.source_id.in_(ids))
@@ -916,6 +928,23 @@ class SourceSync:
         parsed = batch.orders
         if not parsed:
             return
+        # An order the source's eraser anonymized no longer says whose it was: the request
+        # is opened from the stored order, and the order stays with that (soon anonymous)
+        # person so totals do not move.
+        erased = [o.row["source_id"] for o in parsed if self.source.erased(o.row["raw"])]
+        for source_id in erased:
+            request_for_erased(conn, (), source=self.name, order_id=source_id)
+        kept = (
+            dict(
+                conn.execute(
+                    select(ORDERS.c.source_id, ORDERS.c.customer_id).where(
+                        ORDERS.c.source == self.name, ORDERS.c.source_id.in_(erased)
+                    )
+                ).all()
+            )
+            if erased
+            else {}
+        )
         registered = registered_people(
             conn, self.name, [o.customer_source_id for o in parsed if o.customer_source_id]
         )
@@ -930,7 +959,9 @@ class SourceSync:
         for o in parsed:
             cid = o.customer_source_id
             person: int | None
-            if cid and cid in registered:
+            if o.row["source_id"] in kept:
+                person = kept[o.row["source_id"]]
+            elif cid and cid in registered:
                 person = registered[cid]
             else:
                 person = by_email.get(o.row["email"] or "")
@@ -953,6 +984,8 @@ class SourceSync:
         self._link_refunds(conn, list(order_ids))
         self._release(conn, "orders", list(order_ids))
         counts.wrote(r["source_id"] for r in rows)
+        # Someone forgotten whose orders the source still has is erased again at once.
+        scrub_suppressed(conn, {r["customer_id"] for r in rows if r["customer_id"] is not None})
 
     def _link_refunds(self, conn: Connection, order_source_ids: list[int]) -> None:
         """Refunds read before their order get its id and currency (amounts re-read if needed)."""

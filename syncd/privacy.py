@@ -68,7 +68,6 @@ __all__ = [
     "PrivacyError",
     "StepResult",
     "SuppressionList",
-    "erased_by_woocommerce",
     "export",
     "forget",
     "is_suppressed",
@@ -168,6 +167,9 @@ class SuppressionList:
         rows = conn.execute(
             select(SUPPRESSIONS.c.email_hash, SUPPRESSIONS.c.phone_hash, SUPPRESSIONS.c.customer_id)
         ).all()
+        if not rows:
+            # Nobody to suppress: no salt needed (reading it would make it, a write).
+            return cls(b"", frozenset(), frozenset(), frozenset())
         return cls(
             store_salt(conn),
             frozenset(r.email_hash for r in rows if r.email_hash),
@@ -180,6 +182,8 @@ class SuppressionList:
     ) -> bool:
         """Whether a person with this email, phone or store customer id asked to be
         forgotten."""
+        if not (self.email_hashes or self.phone_hashes or self.customer_ids):
+            return False
         if customer_id is not None and customer_id in self.customer_ids:
             return True
         hashed = email_hash(self.salt, email)
@@ -349,6 +353,17 @@ def open_request(
             )
             .returning(PRIVACY_REQUESTS.c.id)
         ).scalar_one()
+    _add_missing_steps(conn, request_id, mappings, now)
+    log.info("privacy.forget_requested", request=request_id, requested_by=requested_by)
+    return int(request_id)
+
+
+def _add_missing_steps(
+    conn: Connection, request_id: int, mappings: Sequence[LoadedMapping], now: datetime
+) -> None:
+    """A step for the store and for each mapping the request has none for yet. A request
+    opened during a sync (WooCommerce's eraser) is opened without the mappings: its
+    destination steps are added here when the service first runs it."""
     names = [f"{DESTINATION_STEP}{m.name}" for m in mappings] + [STORE_STEP]
     have = set(
         conn.execute(
@@ -370,8 +385,6 @@ def open_request(
                 for name in missing
             ],
         )
-    log.info("privacy.forget_requested", request=request_id, requested_by=requested_by)
-    return int(request_id)
 
 
 # -- running a request -----------------------------------------------------------------------
@@ -520,11 +533,14 @@ async def run_request(
     :func:`retry_delay` has passed by then), each outcome committed as it comes; the
     request is done (and its identifiers dropped) once every step is."""
     writer = writer_lock(engine)
-    with engine.connect() as conn:
-        row = conn.execute(
-            select(PRIVACY_REQUESTS).where(PRIVACY_REQUESTS.c.id == request_id)
-        ).one()
-        open_steps = _due_steps(conn, request_id, due_at)
+    async with writer.held():
+        with engine.begin() as conn:
+            row = conn.execute(
+                select(PRIVACY_REQUESTS).where(PRIVACY_REQUESTS.c.id == request_id)
+            ).one()
+            if row.status == "pending":
+                _add_missing_steps(conn, request_id, mappings, _now())
+            open_steps = _due_steps(conn, request_id, due_at)
     identifiers = dict(row.identifiers or {})
     person = _person(request_id, identifiers)
     by_name = {m.name: m for m in mappings}
@@ -1016,16 +1032,6 @@ def prune_raw_payloads(
         .values(payload=None)
     ).rowcount
     return cleared
-
-
-def erased_by_woocommerce(raw: Mapping[str, Any]) -> bool:
-    """Whether an order or customer payload is one WooCommerce's eraser anonymized: its
-    (billing) email replaced by WordPress's ``deleted@site.invalid``."""
-    billing = raw.get("billing")
-    emails = [raw.get("email")]
-    if isinstance(billing, Mapping):
-        emails.append(billing.get("email"))
-    return any(isinstance(e, str) and e.strip().lower() == WORDPRESS_ERASED_EMAIL for e in emails)
 
 
 # -- access -------------------------------------------------------------------------------------

@@ -428,6 +428,7 @@ def test_a_sync_that_stored_rows_chains_the_recompute_and_only_the_moved_segment
             assert set(jobs) == {
                 "source:wc",
                 "segments",
+                "privacy",
                 "destination:to-everyone",
                 "destination:to-nobody",
             }
@@ -799,7 +800,7 @@ def test_readiness_reports_the_scheduler_and_overdue_jobs(
             later = datetime.now(UTC) + timedelta(hours=2)
             assert "source:wc" in daemon.readiness(later)["overdue_jobs"]
             found = await daemon.check(later + timedelta(days=1))
-            assert found["overdue_jobs"] == ["source:wc", "segments"]
+            assert found["overdue_jobs"] == ["source:wc", "segments", "privacy"]
             assert "wc" in found["stale_sources"]  # never synced, freshness 3 h
             assert (await daemon.check())["stale_sources"] == {}
         finally:

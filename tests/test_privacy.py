@@ -33,6 +33,7 @@ from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.server import FaultConfig, SandboxServer
 from syncd.sandbox.store import SandboxStore
 from syncd.segments.recompute import recompute
+from syncd.sources.woocommerce.parse import erased_by_eraser
 from syncd.store.engine import open_store
 from syncd.store.models import (
     CUSTOMER_RECORDS,
@@ -453,11 +454,89 @@ def test_a_forget_by_customer_id_and_a_resynced_person_is_anonymized_again(world
     engine = world.engine
     result = asyncio.run(privacy.forget(engine, world.mappings, customer_id=world.woo_id))
     assert result.done
-    # The store's next full sync brings their account and orders back, address and all.
+    # The store's next full sync brings their account and orders back, address and all:
+    # ingest erases them again in the same transactions, before anyone can read them.
     asyncio.run(run_sources(world.settings, engine, ["shop"], True))
-    assert _text_hits(engine, [EMAIL]) != []
+    assert _text_hits(engine, [EMAIL, FIRST, LAST, PHONE, PHONE_TYPED]) == []
     with engine.begin() as conn:
-        assert privacy.scrub_suppressed(conn) == 1
+        assert privacy.scrub_suppressed(conn) == 0
+    assert _text_hits(engine, [EMAIL, FIRST, LAST, PHONE, PHONE_TYPED]) == []
+
+
+def _mentions(box: DestinationSandbox) -> list[str]:
+    """Requests any destination sandbox received that carry the person's email, names or
+    phone."""
+    needles = [EMAIL.lower(), FIRST.lower(), LAST.lower(), PHONE, PHONE_TYPED]
+    return [
+        f"{r.vendor} {r.method} {r.path}"
+        for r in box.requests
+        if any(n in json.dumps(r.body).lower() for n in needles)
+    ]
+
+
+def test_after_forget_a_full_resync_and_push_send_them_nowhere(world: World) -> None:
+    engine, box = world.engine, world.box
+    assert asyncio.run(privacy.forget(engine, world.mappings, email=EMAIL)).done
+    box.reset_logs()
+    # The store still has them: a full re-read brings their account and orders back.
+    results = asyncio.run(run_sources(world.settings, engine, ["shop"], True))
+    assert not any(r.error for r in results)
+    recompute(engine, world.settings, None)
+    pushed = asyncio.run(push(engine, select_syncs(world.mappings, None), full=True))
+    assert all(r.status == "success" for r in pushed), [r.as_json() for r in pushed]
+    assert box.requests, "the full push sent the others again"
+    assert _mentions(box) == []
+    # Nor did the write-back tag their account again.
+    meta = world.shop.store.payload("customers", world.woo_id)["meta_data"]
+    assert [m for m in meta if str(m.get("key", "")).startswith("syncd_")] == []
+    assert EMAIL not in box.mailchimp.lists[AUDIENCE].members
+    assert box.klaviyo.profile_by_email(EMAIL) is None
+    assert _text_hits(engine, [EMAIL, FIRST, LAST, PHONE, PHONE_TYPED]) == []
+
+
+def test_an_order_the_eraser_anonymized_opens_a_request_during_the_sync(world: World) -> None:
+    engine, store = world.engine, world.shop.store
+    with engine.connect() as conn:
+        order_id, total = conn.execute(
+            select(ORDERS.c.source_id, ORDERS.c.total_minor)
+            .where(ORDERS.c.customer_id == world.cid)
+            .order_by(ORDERS.c.source_id)
+            .limit(1)
+        ).one()
+    # What WooCommerce's eraser leaves of an order (WC_Privacy_Erasers::
+    # remove_order_personal_data): the address anonymized, the amounts kept.
+    with store.lock:
+        order = store.orders[order_id]
+        order["billing"].update(first_name="", last_name="", phone="", email="deleted@site.invalid")
+        order["shipping"].update(first_name="", last_name="")
+        store._reindex("orders", order_id)
+    results = asyncio.run(run_sources(world.settings, engine, ["shop"], True))
+    assert not any(r.error for r in results)
+    with engine.connect() as conn:
+        request = conn.execute(select(PRIVACY_REQUESTS)).one()
+        # Opened without the mappings: only the store step so far.
+        steps = conn.execute(select(PRIVACY_STEPS.c.name)).scalars().all()
+        # The order stays with its buyer, amount and all; the placeholder is no email.
+        kept = conn.execute(
+            select(ORDERS.c.customer_id, ORDERS.c.total_minor, ORDERS.c.email).where(
+                ORDERS.c.source_id == order_id
+            )
+        ).one()
+    assert request.requested_by == "woocommerce-eraser" and request.status == "pending"
+    assert steps == ["store"]
+    assert tuple(kept) == (world.cid, total, None)
+    # The service's next privacy run adds a step per destination and completes them all.
+    (done,) = asyncio.run(privacy.retry_pending(engine, world.mappings))
+    assert done.done
+    assert {s.name for s in done.steps} == {
+        "store",
+        "destination:klaviyo",
+        "destination:mailchimp",
+        "destination:crm",
+        "destination:woocommerce",
+    }
+    # Klaviyo once by email, once by phone (one identifier per deletion request).
+    assert _deletion_requests(world.box) == {"klaviyo": 2, "mailchimp": 1, "webhook": 1}
     assert _text_hits(engine, [EMAIL, FIRST, LAST, PHONE, PHONE_TYPED]) == []
 
 
@@ -913,5 +992,5 @@ def test_failed_steps_back_off_up_to_six_hours() -> None:
 
 
 def test_woocommerce_erased_payloads_are_recognized() -> None:
-    assert privacy.erased_by_woocommerce({"billing": {"email": "deleted@site.invalid"}})
-    assert not privacy.erased_by_woocommerce({"billing": {"email": "ann@example.com"}})
+    assert erased_by_eraser({"billing": {"email": "deleted@site.invalid"}})
+    assert not erased_by_eraser({"billing": {"email": "ann@example.com"}})

@@ -40,7 +40,8 @@ import structlog
 from sqlalchemy import Connection, Engine, delete, select
 
 from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome
-from syncd.mapping import PII_COLUMNS, LoadedMapping, LoadedSync, nest
+from syncd.mapping import PII_COLUMNS, LoadedMapping, LoadedSync, SyncSpec, nest
+from syncd.privacy import SuppressionList
 from syncd.push.rows import (
     READ_CHUNK,
     ModelRows,
@@ -63,6 +64,8 @@ RECORDS = SYNC_RECORDS
 _T = TypeVar("_T")
 _KEY_CHUNK: Final = 500
 _SAMPLES: Final = 3
+# Why a row of someone who asked to be forgotten is not sent.
+FORGOTTEN: Final = "forgotten (a privacy request)"
 # Columns written for an accepted record / a refused or skipped one (the latter keeps
 # in_destination, dest_id and sent_at as they were: the destination's copy is unchanged).
 _ACCEPTED_UPDATE: Final = (
@@ -336,6 +339,7 @@ class _Run:
         if not self.dry_run:
             await self.adapter.prepare(sync.target)
         with self.engine.connect() as conn:
+            self.suppressed = SuppressionList.load(conn)
             # A segment sync outside event mode keys its records by customer id: integers
             # on both sides make the million-row comparison cheaper.
             int_keys = spec.sql is None and spec.mode != "event"
@@ -394,6 +398,13 @@ class _Run:
         batch: list[_Entry] = []
         for p in pending:
             row = source.row(p.raw)
+            if self.suppressed.covers(
+                email=row.get("email"), phone=row.get("phone"), customer_id=_customer_of(spec, p)
+            ):
+                # Someone who asked to be forgotten is sent nowhere again. No record either:
+                # its key may be their address.
+                self._count_skip(FORGOTTEN)
+                continue
             payload = sync.payload(row)
             reason = self.adapter.check(sync.target, op, payload)
             if reason is not None:
@@ -702,6 +713,15 @@ class _Run:
         delays = self.sync.retry_delays
         wait = delays[min(attempts, len(delays)) - 1] if delays else 0
         return self.clock() + timedelta(seconds=wait)
+
+
+def _customer_of(spec: SyncSpec, pending: _Pending) -> int | None:
+    """The store customer a planned row is about, when the sync says: a segment sync's keys
+    are customer ids (``<id>@<time>`` for events)."""
+    if spec.sql is not None:
+        return None
+    head = pending.key.partition("@")[0]
+    return int(head) if head.isdigit() else None
 
 
 def _chunks(keys: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:

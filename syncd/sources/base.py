@@ -227,6 +227,11 @@ class Source(ABC):
     def stream_names(cls) -> tuple[str, ...]:
         return tuple(cls.streams)
 
+    def erased(self, payload: Mapping[str, Any]) -> bool:
+        """Whether an order or customer payload is one the source's own privacy eraser
+        anonymized: the engine then opens a forget request for the person it was."""
+        return False
+
     @staticmethod
     @abstractmethod
     def make_client(name: str, settings: Any) -> SourceClient: ...

@@ -52,6 +52,9 @@ class WooCommerceSource(Source):
     def parse_coupon(self, payload: Mapping[str, Any], currency: str) -> dict[str, Any]:
         return parse.parse_coupon(payload, self.name, currency)
 
+    def erased(self, payload: Mapping[str, Any]) -> bool:
+        return parse.erased_by_eraser(payload)
+
     def account_of(self, order: Any) -> int | None:
         # Guests have customer_id 0.
         if isinstance(order, Mapping):

@@ -93,6 +93,29 @@ def modified_of(payload: Mapping[str, Any]) -> datetime | None:
         return None
 
 
+# What WordPress puts in place of an erased email: wp_privacy_anonymize_data('email')
+# returns "deleted@site.invalid" (WordPress core, wp-includes/functions.php), and
+# WooCommerce's personal data eraser writes it into an order's billing email
+# (WC_Privacy_Erasers::remove_order_personal_data).
+ERASED_EMAIL = "deleted@site.invalid"
+
+
+def erased_by_eraser(payload: Mapping[str, Any]) -> bool:
+    """Whether an order or customer payload is one WooCommerce's eraser anonymized."""
+    billing = payload.get("billing")
+    emails = [payload.get("email")]
+    if isinstance(billing, Mapping):
+        emails.append(billing.get("email"))
+    return any(isinstance(e, str) and e.strip().lower() == ERASED_EMAIL for e in emails)
+
+
+def _email(value: object) -> str | None:
+    """An address as the store keeps it; None for the eraser's placeholder, which would
+    otherwise make every erased order one person's."""
+    email = normalize_email(value)
+    return None if email == ERASED_EMAIL else email
+
+
 @dataclass
 class OrderRow:
     row: dict[str, Any]
@@ -105,7 +128,7 @@ class OrderRow:
         raw = self.row["raw"]
         billing = raw.get("billing") or {}
         return PersonAttrs.from_address(
-            billing, billing.get("email"), self.row["created_at"], RANK_ORDER
+            billing, _email(billing.get("email")), self.row["created_at"], RANK_ORDER
         )
 
 
@@ -182,7 +205,7 @@ def parse_order(payload: Mapping[str, Any], source: str) -> OrderRow:
         for c in payload.get("coupon_lines") or ()
         if isinstance(c, Mapping) and c.get("code")
     ]
-    email = normalize_email(billing.get("email"))
+    email = _email(billing.get("email"))
     attribution = _attribution(payload.get("meta_data"))
     row = {
         "source": source,
@@ -227,7 +250,7 @@ def parse_customer(payload: Mapping[str, Any], source: str) -> CustomerRow:
         raise BadRecord("billing: expected an object")
     created = parse_gmt(payload.get("date_created_gmt"), "date_created_gmt")
     modified = parse_gmt(payload.get("date_modified_gmt"), "date_modified_gmt") or created
-    email = normalize_email(payload.get("email")) or normalize_email(billing.get("email"))
+    email = _email(payload.get("email")) or _email(billing.get("email"))
     # The account's own names win over the billing address's.
     address = dict(billing)
     for key in ("first_name", "last_name"):
