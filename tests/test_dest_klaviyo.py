@@ -153,7 +153,12 @@ def test_registry_and_documented_batch_limits() -> None:
         "remove": 1_000,
         "event": 1_000,
         "delete": 1,
+        # bulk_unsubscribe_profiles: "Maximum number of profiles per call: 100".
+        "unsubscribe": 100,
     }
+    assert KlaviyoDestination.consent_channel == "email"
+    assert klaviyo_module.MAX_SUBSCRIBE_PROFILES == 1_000
+    assert klaviyo_module.SUBSCRIPTION_LIMITS.requests_per_second == pytest.approx(12.5)
     assert KlaviyoDestination.credential_names == ("api_key",)
     assert KlaviyoDestination.object_required == {"mirror", "event"}
     # Steady limits: 150/min for import jobs, lists and bulk events, 60/min for deletion.

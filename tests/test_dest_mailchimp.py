@@ -107,7 +107,9 @@ def test_registry_and_limits() -> None:
         "add": 500,
         "remove": 500,
         "delete": 1,
+        "unsubscribe": 500,  # the batch subscribe again, status "unsubscribed"
     }
+    assert MailchimpDestination.consent_channel == "email"
     limits = MailchimpDestination.default_limits
     assert limits.concurrency < 10  # Mailchimp: 10 simultaneous connections per account
     assert limits.requests_per_second is None

@@ -33,12 +33,18 @@ MailChimp.Net#567), while ``status`` itself is optional in the batch member sche
 (AddListMembers; POST /members requires it), and a member update without ``status``
 leaves the status alone (brandonseydel/MailChimp.Net#80). So, per member:
 
+A sync's ``consent`` (email by default) sends only people whose profile's
+``consent_email`` is true, so each of them is consent true below; the consent field is
+then optional. A person who withdraws is set ``"unsubscribed"`` on the next run (mirror:
+then untagged; upsert: the ``unsubscribe`` operation). The per-row consent field decides
+alone only in a sync with ``consent = "none"``.
+
 * consent true -> ``"subscribed"``. This cannot re-subscribe someone who unsubscribed:
   Mailchimp refuses to subscribe an address "in a compliance state due to unsubscribe,
   bounce, or compliance review" through the API ("Member In Compliance State",
   ibericode/mailchimp-for-wordpress#798, aelvan/mailchimp-subscribe-craft#115; the
-  batch endpoint ignores it, strangerstudios/pmpro-mailchimp#152), and syncd itself
-  never unsubscribes anyone (a mirror exit only removes the tag).
+  batch endpoint ignores it, strangerstudios/pmpro-mailchimp#152), and syncd
+  unsubscribes only on a withdrawn consent (a mirror exit only removes the tag).
 * consent not true, record never accepted here before (``Item.dest_id`` is None):
   ``"transactional"`` (Mailchimp's non-subscribed contact: order mail, no marketing),
   or the row is skipped with ``without_consent = "skip"``.
@@ -154,7 +160,10 @@ class MailchimpDestination(Destination):
         "remove": MAX_MEMBERS,
         # POST …/members/{hash}/actions/delete-permanent takes one member per call.
         "delete": 1,
+        # The same batch subscribe, with status "unsubscribed".
+        "unsubscribe": MAX_MEMBERS,
     }
+    consent_channel: ClassVar[str] = "email"
     credential_names: ClassVar[tuple[str, ...]] = ("api_key",)
     # "each user account is permitted up to 10 simultaneous connections" and no
     # request-rate limit (Mailchimp Marketing API fundamentals, "Throttling"). 5 leaves
@@ -224,7 +233,11 @@ class MailchimpDestination(Destination):
             if owned:
                 return f"{', '.join(owned)} is set by the adapter, not by a mapping"
             return f"not a Mailchimp member field: {', '.join(unknown)}"
-        if payload.get(options.consent_field) is not True and options.without_consent == "skip":
+        if (
+            target.consent == "none"
+            and payload.get(options.consent_field) is not True
+            and options.without_consent == "skip"
+        ):
             return "no marketing consent"
         return None
 
@@ -282,6 +295,7 @@ class MailchimpDestination(Destination):
             "add": self._add,
             "remove": self._untag,
             "delete": self._delete_each,
+            "unsubscribe": self._unsubscribe,
         }
 
     def refusal_message(self, exc: ApiError) -> str:
@@ -307,7 +321,7 @@ class MailchimpDestination(Destination):
                 # The same address twice in one batch is one member: Mailchimp would
                 # refuse the repeat as a duplicate. The later record wins; both rows
                 # share the outcome.
-                members[email] = self._member(item, email, options)
+                members[email] = self._member(target, item, email, options)
         if not members:
             return [Outcome.rejected("invalid email_address") for _ in items]
 
@@ -346,9 +360,14 @@ class MailchimpDestination(Destination):
                 )
         return outcomes
 
-    def _member(self, item: Item, email: str, options: MailchimpSyncOptions) -> dict[str, Any]:
+    def _member(
+        self, target: SyncTarget, item: Item, email: str, options: MailchimpSyncOptions
+    ) -> dict[str, Any]:
         payload = dict(item.payload)
         consent = payload.pop(options.consent_field, None)
+        if target.consent != "none":
+            # A sync that needs consent sends only people who gave it (the engine's filter).
+            consent = True
         member: dict[str, Any] = {"email_address": email}
         for key, value in payload.items():
             if key == "email_address" or value is None:
@@ -385,9 +404,57 @@ class MailchimpDestination(Destination):
             for o in outcomes
         ]
 
+    async def _unsubscribe(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        """Members who withdrew the sync's consent: status "unsubscribed" (the batch
+        subscribe with update_existing replaces a member's status, see the module)."""
+        list_id = self._list_id(target)
+        emails = sorted({email_key(item.dest_id) for item in items if item.dest_id})
+        errors: dict[str, str] = {}
+        if emails:
+            body, _ = await self.call_json(
+                "POST",
+                f"/lists/{_path(list_id)}",
+                json={
+                    "members": [{"email_address": e, "status": "unsubscribed"} for e in emails],
+                    "update_existing": True,
+                },
+            )
+            for error in (body if isinstance(body, dict) else {}).get("errors") or []:
+                if isinstance(error, dict) and isinstance(error.get("email_address"), str):
+                    errors.setdefault(email_key(error["email_address"]), _member_error(error))
+        outcomes: list[Outcome] = []
+        for item in items:
+            if not item.dest_id:
+                outcomes.append(Outcome.rejected("no Mailchimp member recorded for this record"))
+            elif (message := errors.get(email_key(item.dest_id))) is not None:
+                outcomes.append(Outcome.rejected(message))
+            else:
+                outcomes.append(Outcome.accepted(email_key(item.dest_id)))
+        return outcomes
+
     async def _untag(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         """Take members out of the tag (the segment's members_to_remove). The member
-        stays in the audience with its status: a mirror exit never unsubscribes."""
+        stays in the audience with its status: leaving the segment never unsubscribes;
+        withdrawing the sync's consent does (``Item.withdrawn``), before the untag."""
+        withdrawn = [item for item in items if item.withdrawn and target.consent != "none"]
+        if withdrawn:
+            refused = {
+                item.key: outcome
+                for item, outcome in zip(
+                    withdrawn, await self._unsubscribe(target, withdrawn), strict=True
+                )
+                if not outcome.ok
+            }
+            if refused:
+                # Tried again with the record, untagged once the unsubscribe is through.
+                kept = [item for item in items if item.key not in refused]
+                done = dict(
+                    zip([i.key for i in kept], await self._untag_only(target, kept), strict=True)
+                )
+                return [refused.get(item.key) or done[item.key] for item in items]
+        return await self._untag_only(target, items)
+
+    async def _untag_only(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         list_id = self._list_id(target)
         emails = sorted({email_key(item.dest_id) for item in items if item.dest_id})
         failed: dict[str, str] = {}
