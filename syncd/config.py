@@ -827,11 +827,12 @@ class ConsentChannelSettings(BaseModel):
             from syncd.store.models import PROFILES
 
             column = PROFILES.c.get(self.column)
-            if column is None or self.column.startswith("consent_"):
+            boolean = column is not None and column.type.python_type is bool
+            if not boolean or self.column.startswith("consent_"):
                 raise PydanticCustomError(
                     "consent_column",
-                    "expected a customer_profiles column other than the consent columns, "
-                    "got {column!r}",
+                    "expected a boolean customer_profiles column other than the consent "
+                    "columns, got {column!r}",
                     {"column": self.column},
                 )
         return self

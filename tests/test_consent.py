@@ -163,6 +163,15 @@ email_address = "email"
 "merge_fields.FNAME" = "first_name"
 [sync.options]
 tag = "buyers"
+
+[[sync]]
+name = "mc-profiles"
+segment = "buyers"
+mode = "upsert"
+object = "{LIST}"
+[sync.fields]
+email_address = "email"
+"merge_fields.LNAME" = "last_name"
 """
     )
     return [str(klaviyo), str(mailchimp)]
@@ -302,6 +311,7 @@ def test_only_consenting_people_reach_the_esps_and_a_withdrawal_unsubscribes_nex
     assert second["kl-buyers"].counts.removed == 1
     assert second["kl-profiles"].counts.removed == 1  # unsubscribed
     assert second["mc-buyers"].counts.removed == 1
+    assert second["mc-profiles"].counts.removed == 1  # unsubscribed
     assert sandbox.klaviyo.members_of(klaviyo_list) == {TICKED.email, DAVE.email}
     assert sandbox.klaviyo.consent_of(WITHDRAWS.email) == "UNSUBSCRIBED"
     assert sandbox.mailchimp.segment_members(LIST, "buyers") == {TICKED.email, DAVE.email}
@@ -321,6 +331,93 @@ def test_only_consenting_people_reach_the_esps_and_a_withdrawal_unsubscribes_nex
         n: (c.added, c.updated, c.removed, c.failed, c.unchanged)
         for n, c in ((n, r.counts) for n, r in third.items())
     } == dict.fromkeys(third, (0, 0, 0, 0, 2))
+    unsubscribes = [
+        r.body["members"]
+        for r in sandbox.mailchimp.requests
+        if r.body and "unsubscribed" in json.dumps(r.body)
+    ]
+    # The mirror's removal and the upsert's unsubscribe: one member each, by address.
+    assert unsubscribes == [[{"email_address": WITHDRAWS.email, "status": "unsubscribed"}]] * 2
+
+
+def test_a_rule_or_a_column_is_a_channels_consent(engine: Engine) -> None:
+    sync(engine, build())
+    consent = ConsentSettings.model_validate(
+        {
+            **CONSENT.model_dump(),
+            "sms": {"rule": "country = 'DE'"},
+            "ads": {"column": "has_open_cart"},
+        }
+    )
+    result = recompute(engine, settings([]).model_copy(update={"consent": consent}), now=A)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                PROFILES.c.email,
+                PROFILES.c.consent_sms,
+                PROFILES.c.consent_sms_at,
+                PROFILES.c.consent_sms_source,
+                PROFILES.c.consent_ads,
+                PROFILES.c.consent_ads_source,
+            )
+        ).all()
+    german = {p.email for p in (TICKED, UNTICKED, SILENT)}  # the DE billing countries
+    # The rule over the profile, stated at the recompute's as-of; nobody has an open cart.
+    assert {tuple(r) for r in rows} == {
+        (
+            r.email,
+            r.email in german,
+            result.as_of,
+            "rule country = 'DE'",
+            False,
+            "column has_open_cart",
+        )
+        for r in rows
+    }
+    assert len(rows) == 6
+
+
+def test_a_sql_model_with_a_channel_keeps_to_consenting_people_and_needs_customer_id(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ConsentLedger.grant("email", *(p.email for p in CONSENTING))
+    sync(engine, build())
+    path = tmp_path / "mailchimp.toml"
+    path.write_text(
+        f"""
+destination = "mailchimp"
+base_url = "{sandbox.mailchimp_url}"
+allow_loopback = true
+[credentials]
+api_key = "{sandbox.mailchimp.api_key}"
+
+[[sync]]
+name = "mc-model"
+sql = "SELECT customer_id, email FROM customer_profiles"
+mode = "upsert"
+object = "{LIST}"
+[sync.fields]
+email_address = "email"
+
+[[sync]]
+name = "mc-model-no-person"
+sql = "SELECT email AS address FROM customer_profiles"
+key = "address"
+mode = "upsert"
+object = "{LIST}"
+[sync.fields]
+email_address = "address"
+"""
+    )
+    config = settings([str(path)])
+    recompute(engine, config, now=A)
+    results = run_push(config, engine)
+    assert results["mc-model"].counts.added == len(CONSENTING)
+    everyone = (TICKED, UNTICKED, SILENT, WITHDRAWS, DAVE, ERIN)
+    held = {p.email for p in everyone if sandbox.mailchimp.member(LIST, p.email) is not None}
+    assert held == {p.email for p in CONSENTING}
+    assert results["mc-model-no-person"].status == "failed"
+    assert "needs a customer_id column" in (results["mc-model-no-person"].error or "")
 
 
 def test_a_webhook_delivery_states_consent_through_the_same_parse_path(engine: Engine) -> None:
@@ -520,3 +617,78 @@ def test_consent_none_without_a_reason_exits_2(tmp_path: Path) -> None:
     assert "sync[klaviyo-champions].consent_reason" in run.stderr
     assert 'consent = "none" sends people who gave no marketing consent' in run.stderr
     assert run.stdout == ""
+
+
+def test_the_old_consent_meta_keys_of_a_mapping_are_read_into_the_email_channel(
+    tmp_path: Path,
+) -> None:
+    from syncd.config import load_settings
+
+    (tmp_path / "mailchimp.toml").write_text(
+        """
+destination = "mailchimp"
+[[sync]]
+name = "mc"
+segment = "champions"
+mode = "upsert"
+consent_meta_keys = ["newsletter", "mailchimp_woocommerce_is_subscribed"]
+"""
+    )
+    config = tmp_path / "config.toml"
+    config.write_text('[destinations]\nmappings = ["mailchimp.toml"]\n')
+    settings = load_settings(config, env={})
+    assert settings.consent.email.customer_meta_keys == [
+        "mailchimp_woocommerce_is_subscribed",
+        "newsletter",
+    ]
+    assert settings.consent.email.order_meta_keys == []
+    # A [consent] table is the whole answer: the mappings' old keys are not added.
+    config.write_text(
+        '[consent.email]\norder_meta_keys = ["_optin"]\n'
+        '[destinations]\nmappings = ["mailchimp.toml"]\n'
+    )
+    settings = load_settings(config, env={})
+    assert settings.consent.email.customer_meta_keys == []
+    assert settings.consent.email.order_meta_keys == ["_optin"]
+
+
+def test_a_consent_channel_is_one_kind_of_rule() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not several"):
+        ConsentSettings.model_validate({"email": {"order_meta_keys": ["a"], "rule": "x > 1"}})
+    with pytest.raises(ValidationError, match="cannot read the consent columns"):
+        ConsentSettings.model_validate({"sms": {"rule": "consent_email"}})
+    with pytest.raises(ValidationError, match="unknown column"):
+        ConsentSettings.model_validate({"sms": {"rule": "no_such_column = 1"}})
+    with pytest.raises(ValidationError, match="expected a boolean customer_profiles column"):
+        ConsentSettings.model_validate({"ads": {"column": "email"}})
+
+
+def test_statements_follow_people_when_they_merge(engine: Engine) -> None:
+    """A guest who later registers with the same address is one person: what either
+    record said about consent is theirs (people.py links the account to the guest)."""
+    shop = build()
+    sync(engine, shop)
+    # Tia ticked the box as a guest, then registers; her account says no, later.
+    registered = Person(16, TICKED.email, "Tia", "Tick", "DE")
+    shop.customers.append(account(registered, "2026-06-15T09:00:00", "0"))
+    sync(engine, shop)
+    recompute(engine, settings([]), now=A)
+    with engine.connect() as conn:
+        people = conn.execute(select(CUSTOMERS.c.id).where(CUSTOMERS.c.email == TICKED.email)).all()
+        owners = set(
+            conn.execute(
+                select(CONSENT_STATEMENTS.c.customer_id).where(
+                    CONSENT_STATEMENTS.c.source.in_(
+                        ["wc:order:4001:" + OPT_IN, "wc:customer:16:" + ACCOUNT_OPT_IN]
+                    )
+                )
+            ).scalars()
+        )
+    assert len(people) == 1 and owners == {people[0].id}
+    assert consent_of(engine)[TICKED.email] == (
+        False,
+        datetime(2026, 6, 15, 9, tzinfo=UTC),
+        "wc:customer:16:" + ACCOUNT_OPT_IN,
+    )
