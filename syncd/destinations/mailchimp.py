@@ -34,10 +34,11 @@ MailChimp.Net#567), while ``status`` itself is optional in the batch member sche
 leaves the status alone (brandonseydel/MailChimp.Net#80). So, per member:
 
 A sync's ``consent`` (email by default) sends only people whose profile's
-``consent_email`` is true, so each of them is consent true below; the consent field is
-then optional. A person who withdraws is set ``"unsubscribed"`` on the next run (mirror:
-then untagged; upsert: the ``unsubscribe`` operation). The per-row consent field decides
-alone only in a sync with ``consent = "none"``.
+``consent_email`` is true: each is sent ``"subscribed"`` the first time
+(``Item.held`` false) and without a status afterwards, so an unsubscribe made in
+Mailchimp stands. A person who withdraws is set ``"unsubscribed"`` on the next run
+(mirror: then untagged; upsert: the ``unsubscribe`` operation). The per-row consent
+field below decides only in a sync with ``consent = "none"``.
 
 * consent true -> ``"subscribed"``. This cannot re-subscribe someone who unsubscribed:
   Mailchimp refuses to subscribe an address "in a compliance state due to unsubscribe,
@@ -365,9 +366,6 @@ class MailchimpDestination(Destination):
     ) -> dict[str, Any]:
         payload = dict(item.payload)
         consent = payload.pop(options.consent_field, None)
-        if target.consent != "none":
-            # A sync that needs consent sends only people who gave it (the engine's filter).
-            consent = True
         member: dict[str, Any] = {"email_address": email}
         for key, value in payload.items():
             if key == "email_address" or value is None:
@@ -377,7 +375,13 @@ class MailchimpDestination(Destination):
             member[key] = value
         # See the module docstring: status replaces an existing member's status, so it
         # is sent only when it is safe for a member that already exists.
-        if consent is True:
+        if target.consent != "none":
+            # A sync that needs consent sends only people who gave it (the engine's
+            # filter): subscribed when first sent; afterwards Mailchimp keeps the status
+            # (an unsubscribe there stands; a withdrawal here unsubscribes, see _untag).
+            if not item.held:
+                member["status"] = "subscribed"
+        elif consent is True:
             member["status"] = "subscribed"
         elif item.dest_id is None:
             member["status"] = "transactional"
