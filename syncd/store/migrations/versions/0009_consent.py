@@ -25,7 +25,7 @@ from alembic import op
 import syncd.store.types
 
 revision: str = "0009"
-down_revision: str | None = "0007"  # TEMP: "0008" once merged
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
