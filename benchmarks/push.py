@@ -68,13 +68,14 @@ def fill(engine: Engine, members: int) -> float:
     started = time.perf_counter()
     with engine.begin() as conn:
         for chunk in rows(members):
+            # Every member has email consent: a Mailchimp sync sends only those.
             conn.execute(
                 text(
                     "INSERT INTO customer_profiles (customer_id, email, first_name, last_name, "
                     "country, orders_count, gross_revenue_minor, refunded_minor, "
                     "net_revenue_minor, currency, distinct_products, lifecycle_stage, "
-                    "has_open_cart) VALUES (:cid, :email, :first, :last, 'DE', 1, :net, 0, "
-                    ":net, 'EUR', 1, 'active', false)"
+                    "has_open_cart, consent_email) VALUES (:cid, :email, :first, :last, 'DE', "
+                    "1, :net, 0, :net, 'EUR', 1, 'active', false, true)"
                 ),
                 chunk,
             )

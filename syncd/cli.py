@@ -145,8 +145,12 @@ def validate() -> None:
     sources = ", ".join(settings.sources) or "none"
     syncs = ", ".join(s.name for m in mappings for s in m.syncs) or "none"
     say(f"{path}: ok (sources: {sources}; destination syncs: {syncs})")
+    from syncd.mapping import consent_rule
+
     for mapping in mappings:
         for sync in mapping.syncs:
+            # Whom each sync may reach: the consent it needs, and where that is read.
+            say(f"{sync.name}: {consent_rule(sync, settings)}")
             asked = sync.spec.batch_size
             if asked is not None and asked > sync.batch_size:
                 say(
@@ -197,7 +201,9 @@ async def run_sources(
 
     results = []
     for name in names:
-        sync = SourceSync(engine, name, settings.sources[name], progress=progress)
+        sync = SourceSync(
+            engine, name, settings.sources[name], progress=progress, consent=settings.consent
+        )
         try:
             results.append(await sync.run(full=full))
         finally:

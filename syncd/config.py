@@ -802,6 +802,100 @@ class ProfileSettings(BaseModel):
     clv: ClvSettings = Field(default_factory=ClvSettings)
 
 
+class ConsentChannelSettings(BaseModel):
+    """Where one channel's consent is read (``[consent.email]``, ``.sms``, ``.ads``).
+
+    Either statements in the source's records (``customer_meta_keys``: a registered
+    customer's meta entries; ``order_meta_keys``: an order's, which is where checkout
+    consent plugins write, so guests count), the latest of which wins; or a ``rule`` over
+    ``customer_profiles`` (the segment rule language); or a boolean profile ``column``.
+    """
+
+    model_config = _MODEL_CONFIG
+
+    customer_meta_keys: list[str] = Field(default_factory=list)
+    order_meta_keys: list[str] = Field(default_factory=list)
+    rule: str | None = None
+    column: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ConsentChannelSettings:
+        kinds = [
+            bool(self.customer_meta_keys or self.order_meta_keys),
+            self.rule is not None,
+            self.column is not None,
+        ]
+        if sum(kinds) > 1:
+            raise PydanticCustomError(
+                "consent_kind",
+                "expected meta keys, a rule or a column, not several (the latest statement "
+                "of the meta keys is the consent; a rule or a column replaces it)",
+            )
+        if self.rule is not None:
+            from syncd.segments.rules import RuleError, check_rule
+            from syncd.store.models import PROFILES
+
+            if re.search(r"\bconsent_", self.rule):
+                raise PydanticCustomError(
+                    "consent_rule", "a consent rule cannot read the consent columns it sets"
+                )
+            try:
+                check_rule(self.rule, PROFILES)
+            except RuleError as exc:
+                raise PydanticCustomError(
+                    "consent_rule", "{message}", {"message": str(exc)}
+                ) from None
+        if self.column is not None:
+            from syncd.store.models import PROFILES
+
+            column = PROFILES.c.get(self.column)
+            boolean = column is not None and column.type.python_type is bool
+            if not boolean or self.column.startswith("consent_"):
+                raise PydanticCustomError(
+                    "consent_column",
+                    "expected a boolean customer_profiles column other than the consent "
+                    "columns, got {column!r}",
+                    {"column": self.column},
+                )
+        return self
+
+    def describe(self) -> str:
+        """The channel's rule in words, for ``syncd validate``."""
+        if self.rule is not None:
+            return f"rule {self.rule}"
+        if self.column is not None:
+            return f"column {self.column}"
+        parts = []
+        if self.customer_meta_keys:
+            parts.append("customer meta " + ", ".join(self.customer_meta_keys))
+        if self.order_meta_keys:
+            parts.append("order meta " + ", ".join(self.order_meta_keys))
+        return "; ".join(parts) or "nothing configured: nobody consents"
+
+
+# The channels a consent is given for; a sync's `consent` names one (or "none").
+CONSENT_CHANNELS: Final = ("email", "sms", "ads")
+# Mailchimp for WooCommerce keeps a shopper's newsletter opt-in in this user meta: the
+# email channel's keys when the config says nothing (what syncd read before [consent]).
+LEGACY_EMAIL_META_KEY: Final = "mailchimp_woocommerce_is_subscribed"
+
+
+class ConsentSettings(BaseModel):
+    """``[consent]``: one table per channel."""
+
+    model_config = _MODEL_CONFIG
+
+    email: ConsentChannelSettings = Field(
+        default_factory=lambda: ConsentChannelSettings(customer_meta_keys=[LEGACY_EMAIL_META_KEY])
+    )
+    sms: ConsentChannelSettings = Field(default_factory=ConsentChannelSettings)
+    ads: ConsentChannelSettings = Field(default_factory=ConsentChannelSettings)
+
+    def channel(self, name: str) -> ConsentChannelSettings:
+        value: ConsentChannelSettings = getattr(self, name)
+        return value
+
+
 class DestinationsSettings(BaseModel):
     model_config = _MODEL_CONFIG
 
@@ -875,6 +969,7 @@ class Settings(BaseSettings):
     destinations: DestinationsSettings = Field(default_factory=DestinationsSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    consent: ConsentSettings = Field(default_factory=ConsentSettings)
 
     # Not a settings key: where these settings were loaded from (None when built in code).
     _config_path: Path | None = PrivateAttr(default=None)
@@ -1237,6 +1332,8 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         raise ConfigError(problems)
 
     settings._config_path = path
+    if "consent" not in settings.model_fields_set:
+        _legacy_consent_keys(settings)
     for secret in _secret_values(settings):
         register_secret(secret)
     try:
@@ -1246,6 +1343,27 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
     if db_password:
         register_secret(unquote(db_password))
     return settings
+
+
+def _legacy_consent_keys(settings: Settings) -> None:
+    """Without a ``[consent]`` table, the email channel reads the customer meta keys the
+    mappings name in the old form (``consent_meta_keys`` of a sync, default
+    ``mailchimp_woocommerce_is_subscribed``), so a store upgraded as it is keeps the
+    consent it had. Read here, not by the mapping loader, so every command (``syncd sync``
+    loads no mapping) extracts the same statements. A mapping that cannot be read is
+    skipped here: loading the mappings reports it."""
+    keys = list(settings.consent.email.customer_meta_keys)
+    for mapping in settings.mapping_paths():
+        try:
+            data = tomllib.loads(mapping.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        syncs = data.get("sync")
+        for sync in syncs if isinstance(syncs, list) else ():
+            named = sync.get("consent_meta_keys") if isinstance(sync, dict) else None
+            if isinstance(named, list):
+                keys += [k for k in named if isinstance(k, str) and k not in keys]
+    settings.consent.email.customer_meta_keys = keys
 
 
 def nothing_to_do(settings: Settings) -> tuple[str, str] | None:

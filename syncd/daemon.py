@@ -814,7 +814,9 @@ class Daemon:
             job.cancel = None
 
     async def _source(self, name: str) -> _Outcome:
-        runner = SourceSync(self.engine, name, self.settings.sources[name])
+        runner = SourceSync(
+            self.engine, name, self.settings.sources[name], consent=self.settings.consent
+        )
         try:
             result = await runner.run()
         finally:

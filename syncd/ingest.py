@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, select, update
 
-from syncd.config import SourceSettings
+from syncd.config import ConsentSettings, SourceSettings
 from syncd.http import ApiError, AuthError
 from syncd.log import get_logger, log_run
 from syncd.people import (
@@ -55,11 +55,14 @@ from syncd.sources.base import (
     ParsedOrder,
     Source,
     SourceClient,
+    Statement,
     Stream,
     record_key,
 )
 from syncd.store.engine import writer_lock
 from syncd.store.models import (
+    CONSENT_EXTRACTED,
+    CONSENT_STATEMENTS,
     COUPONS,
     IDENTITIES,
     ORDERS,
@@ -230,10 +233,13 @@ class SourceSync:
         *,
         progress: Callable[[str, int, int | None], None] | None = None,
         clock: Callable[[], datetime] = utcnow,
+        consent: ConsentSettings | None = None,
     ) -> None:
         self.engine = engine
         self.name = name
         self.settings = settings
+        # Where consent statements are read ([consent] of the config).
+        self.consent = consent if consent is not None else ConsentSettings()
         self.source: Source = source_class(settings.type)(name, settings, client)
         self.client = self.source.client
         self.streams = self.source.streams
@@ -274,6 +280,7 @@ class SourceSync:
         with self._writer:
             run_id = start_run(self.engine, "source", self.name)
         self._load_bookkeeping()
+        await asyncio.to_thread(self.extract_stored_consent)
         self._known = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-store-{self.name}")
         result = SyncResult(source=self.name, status="success", run_id=run_id)
@@ -824,6 +831,7 @@ class SourceSync:
         counts = self.counts["customers"]
         ok: list[int] = []
         people: set[int] = set()
+        stated: list[tuple[int, Statement]] = []
         for payload in payloads:
             try:
                 if not isinstance(payload, Mapping):
@@ -841,12 +849,91 @@ class SourceSync:
             upsert(
                 conn, RECORDS, [{**row.record, "customer_id": person}], keys=("source", "source_id")
             )
+            stated += self._statements(person, "customers", payload)
             ok.append(row.source_id)
             people.add(person)
+        self._store_statements(conn, stated)
         counts.wrote(ok)
         self._release(conn, "customers", ok)
         # Someone forgotten whose account the source still has is erased again at once.
         scrub_suppressed(conn, people)
+
+    # -- consent ----------------------------------------------------------------------
+
+    def _statements(self, person: int, entity: str, payload: Any) -> list[tuple[int, Statement]]:
+        if not isinstance(payload, Mapping):
+            return []
+        return [
+            (person, st) for st in self.source.consent_statements(entity, payload, self.consent)
+        ]
+
+    def _store_statements(self, conn: Connection, stated: Sequence[tuple[int, Statement]]) -> None:
+        """Store consent statements in the rows' transaction: a record read again replaces
+        its statement (one per channel and origin)."""
+        if not stated:
+            return
+        now = utcnow()
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for person, st in stated:
+            origin = f"{self.name}:{st.origin}"
+            rows[(st.channel, origin)] = {
+                "customer_id": person,
+                "channel": st.channel,
+                "granted": st.granted,
+                "stated_at": st.stated_at,
+                "source": origin,
+                "recorded_at": now,
+            }
+        upsert(conn, CONSENT_STATEMENTS, list(rows.values()), keys=("channel", "source"))
+
+    def _consent_digest(self) -> str:
+        return self.consent.model_dump_json()
+
+    def extract_stored_consent(self) -> int:
+        """Read the consent statements of the records already stored (their raw payloads),
+        once per consent configuration: after the upgrade that added consent, and after
+        ``[consent]`` changes. Records whose raw payload is gone are covered by their next
+        re-read. Returns the statements stored."""
+        digest = self._consent_digest()
+        with self.engine.connect() as conn:
+            done = conn.execute(
+                select(CONSENT_EXTRACTED.c.config).where(CONSENT_EXTRACTED.c.source == self.name)
+            ).scalar()
+        if done == digest:
+            return 0
+        stored = 0
+        for table, entity in ((RECORDS, "customers"), (ORDERS, "orders")):
+            last = 0
+            while True:
+                with self.engine.connect() as conn:
+                    batch = conn.execute(
+                        select(table.c.id, table.c.customer_id, table.c.raw)
+                        .where(
+                            table.c.source == self.name,
+                            table.c.id > last,
+                            table.c.customer_id.is_not(None),
+                        )
+                        .order_by(table.c.id)
+                        .limit(FLUSH_ROWS)
+                    ).all()
+                if not batch:
+                    break
+                last = batch[-1].id
+                stated = [
+                    pair for r in batch for pair in self._statements(r.customer_id, entity, r.raw)
+                ]
+                if stated:
+                    with self._writer, self.engine.begin() as conn:
+                        self._store_statements(conn, stated)
+                stored += len(stated)
+        with self._writer, self.engine.begin() as conn:
+            upsert(
+                conn,
+                CONSENT_EXTRACTED,
+                [{"source": self.name, "config": digest, "extracted_at": utcnow()}],
+                keys=("source",),
+            )
+        return stored
 
     def _mark_customers_deleted(self, ids: list[int]) -> None:
         with self._writer, self.engine.begin() as conn:
@@ -970,6 +1057,15 @@ class SourceSync:
                     link_identity(conn, person, self.name, "customer_id", str(cid))
             rows.append({**o.row, "customer_id": person})
         upsert(conn, ORDERS, rows, keys=("source", "source_id"))
+        self._store_statements(
+            conn,
+            [
+                pair
+                for row in rows
+                if row["customer_id"] is not None
+                for pair in self._statements(row["customer_id"], "orders", row.get("raw"))
+            ],
+        )
         order_ids: dict[int, int] = dict(
             conn.execute(
                 _ORDER_IDS, {"source": self.name, "ids": [o.row["source_id"] for o in parsed]}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import orjson
 from pydantic import (
@@ -63,6 +63,7 @@ __all__ = [
     "FieldMap",
     "LoadedMapping",
     "LoadedSync",
+    "consent_rule",
     "load_mapping",
     "load_mappings",
     "parse_field",
@@ -78,10 +79,14 @@ SOURCE_COLUMNS: Final[Mapping[str, PushColumns]] = {
 # the person's contact details from `customers`, every segment the person is in, and the
 # columns of the sources (see syncd.push.rows for how each is read).
 PERSON_COLUMNS: Final = ("phone", "city", "postcode")
+# Old names of profile columns, still read: `marketing_consent` was the WooCommerce opt-in
+# flag of a sync's consent_meta_keys; it is the email consent of the profile now.
+LEGACY_COLUMNS: Final[Mapping[str, str]] = {"marketing_consent": "consent_email"}
 VIRTUAL_COLUMNS: Final = (
     "entered_at",
     *PERSON_COLUMNS,
     "segments",
+    *LEGACY_COLUMNS,
     *dict.fromkeys(
         name
         for columns in SOURCE_COLUMNS.values()
@@ -335,10 +340,16 @@ class SyncSpec(BaseModel):
     # (the last delay repeats); None: the mapping's, else DEFAULT_RETRY_DELAYS.
     retry_delays: list[str] | None = None
     source: str | None = None  # the WooCommerce source woocommerce_id refers to
+    # The old form of consent, kept working: the registered customer meta keys the
+    # `marketing_consent` column reads. The config's [consent.email] is the new one.
     consent_meta_keys: list[str] = Field(
         # Mailchimp for WooCommerce keeps a shopper's newsletter opt-in in this user meta.
         default_factory=lambda: ["mailchimp_woocommerce_is_subscribed"]
     )
+    # The marketing consent every row needs: "email", "sms", "ads", or "none" (with a
+    # consent_reason). Unset: the destination's channel (Klaviyo, Mailchimp: email).
+    consent: Literal["email", "sms", "ads", "none"] | None = None
+    consent_reason: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -470,6 +481,11 @@ class LoadedSync:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def consent(self) -> str:
+        """The consent channel each row needs, or "none"."""
+        return self.target.consent
 
     @property
     def max_attempts(self) -> int:
@@ -687,9 +703,21 @@ def _load_sync(
     else:
         if problem := adapter.target_problem(sync.mode, sync_options):
             problems.append((where, f"{prefix}options", problem))
+    consent = _consent_of(sync, adapter)
+    if sync.consent == "none" and not (sync.consent_reason or "").strip():
+        problems.append(
+            (
+                where,
+                f"{prefix}consent_reason",
+                'consent = "none" sends people who gave no marketing consent: say why '
+                '(consent_reason = "order status updates", a transactional use)',
+            )
+        )
     if len(problems) > before:
         return None
-    target = SyncTarget(name=sync.name, mode=sync.mode, object=sync.object, options=sync_options)
+    target = SyncTarget(
+        name=sync.name, mode=sync.mode, object=sync.object, options=sync_options, consent=consent
+    )
     largest = max(adapter.max_batch.values())
     fingerprint = hashlib.blake2b(
         orjson.dumps(
@@ -704,6 +732,9 @@ def _load_sync(
                 "options": sync.options,
                 "source": sync.source,
                 "consent": sync.consent_meta_keys,
+                # Only when a channel applies: syncs without one keep their fingerprint,
+                # and a sync gaining one re-sends its rows (subscribed this time).
+                **({"consent_channel": consent} if consent != "none" else {}),
             },
             option=orjson.OPT_SORT_KEYS,
         ),
@@ -724,6 +755,24 @@ def _load_sync(
             )
         ),
     )
+
+
+def _consent_of(sync: SyncSpec, adapter: type[Destination]) -> str:
+    """The channel a sync's rows need: its own ``consent``, else its destination's. A
+    delete sync needs none: an erasure goes to everyone it names."""
+    if sync.mode == "delete":
+        return "none"
+    return sync.consent or adapter.consent_channel
+
+
+def consent_rule(sync: LoadedSync, settings: Settings) -> str:
+    """A sync's consent rule in words (``syncd validate``)."""
+    if sync.consent == "none":
+        if sync.spec.mode == "delete":
+            return "no consent needed (delete mode)"
+        reason = sync.spec.consent_reason
+        return f"consent none ({reason})" if reason else "consent none (not a marketing channel)"
+    return f"consent {sync.consent} ({settings.consent.channel(sync.consent).describe()})"
 
 
 def _source_columns(sync: SyncSpec, settings: Settings) -> tuple[PushColumns, ...]:

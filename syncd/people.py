@@ -18,12 +18,13 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
 
 from syncd.identity import RANK_CUSTOMER_RECORD, RANK_ORDER, PersonAttrs, clean_text
-from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.models import (
+    CONSENT_STATEMENTS,
     CUSTOMERS,
     IDENTITIES,
     ORDERS,
 )
+from syncd.store.models import CUSTOMER_RECORDS as RECORDS
 from syncd.store.upsert import upsert
 
 # Run for every page of orders: built once (see syncd.ingest).
@@ -116,6 +117,12 @@ def merge_people(conn: Connection, keep: int, drop: int) -> None:
     conn.execute(update(RECORDS).where(RECORDS.c.customer_id == drop).values(customer_id=keep))
     conn.execute(
         update(IDENTITIES).where(IDENTITIES.c.customer_id == drop).values(customer_id=keep)
+    )
+    # Consent said by either record is the merged person's (the latest still wins).
+    conn.execute(
+        update(CONSENT_STATEMENTS)
+        .where(CONSENT_STATEMENTS.c.customer_id == drop)
+        .values(customer_id=keep)
     )
     conn.execute(delete(CUSTOMERS).where(CUSTOMERS.c.id == drop))
     attrs = PersonAttrs(
@@ -256,7 +263,7 @@ def split_old_email(conn: Connection, source: str, person: int, old_email: str) 
     """An account left ``old_email``: the guest orders bought under it belong to whoever has
     that email now (a guest person, made if needed), exactly as a fresh sync would see it."""
     guest_orders = conn.execute(
-        select(ORDERS.c.id, ORDERS.c.raw, ORDERS.c.created_at).where(
+        select(ORDERS.c.id, ORDERS.c.source_id, ORDERS.c.raw, ORDERS.c.created_at).where(
             ORDERS.c.customer_id == person,
             ORDERS.c.email == old_email,
             ORDERS.c.customer_source_id == 0,
@@ -282,6 +289,18 @@ def split_old_email(conn: Connection, source: str, person: int, old_email: str) 
         .where(ORDERS.c.id.in_([o.id for o in guest_orders]))
         .values(customer_id=ids[old_email])
     )
+    # What those orders said about consent goes with them (origins "<source>:order:<id>:…").
+    for order in guest_orders:
+        conn.execute(
+            update(CONSENT_STATEMENTS)
+            .where(
+                CONSENT_STATEMENTS.c.customer_id == person,
+                CONSENT_STATEMENTS.c.source.startswith(
+                    f"{source}:order:{order.source_id}:", autoescape=True
+                ),
+            )
+            .values(customer_id=ids[old_email])
+        )
     refresh_people(conn, [person])
 
 

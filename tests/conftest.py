@@ -15,10 +15,35 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
+from syncd.sandbox.destinations import DestinationSandbox
 from syncd.store.engine import open_store
+from tests.consent_audit import ConsentLedger, violations
 
 FIXTURES = Path(__file__).parent / "fixtures" / "woocommerce"
 POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def consent_audit() -> Iterator[None]:
+    """The session's consent audit (tests/consent_audit.py): every destination sandbox
+    request is journaled, and at the end no ESP request may name a person without the
+    consent its sync needs."""
+    DestinationSandbox.journal = []
+    ConsentLedger.said = []
+    try:
+        yield
+        found = violations(DestinationSandbox.journal, ConsentLedger.said)
+        assert not found, "ESP requests without consent:\n" + "\n".join(found[:50])
+    finally:
+        DestinationSandbox.journal = None
+
+
+@pytest.fixture(autouse=True)
+def _journal_tag(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Journal each sandbox request under the test that made it."""
+    DestinationSandbox.journal_tag = request.node.nodeid
+    yield
+    DestinationSandbox.journal_tag = ""
 
 
 def fixture(name: str) -> Any:

@@ -321,6 +321,13 @@ def example_env(**secrets: str) -> dict[str, str]:
     return env
 
 
+# What validate says about the example's email consent (its [consent.email]).
+EMAIL_RULE = (
+    "consent email (customer meta mailchimp_woocommerce_is_subscribed; "
+    "order meta _wc_newsletter_optin)"
+)
+
+
 def test_validate_the_shipped_example_config(tmp_path: Path) -> None:
     # A user copying config.example.toml with its one listed mapping, secrets set.
     env = example_env(**EXAMPLE_SECRETS)
@@ -328,7 +335,10 @@ def test_validate_the_shipped_example_config(tmp_path: Path) -> None:
     assert run.returncode == 0, run.output
     assert run.stdout_lines() == [
         f"{EXAMPLE_CONFIG}: ok (sources: woocommerce; destination syncs: klaviyo-customers, "
-        "klaviyo-win-back-list, klaviyo-cart-abandoned)"
+        "klaviyo-win-back-list, klaviyo-cart-abandoned)",
+        f"klaviyo-customers: {EMAIL_RULE}",
+        f"klaviyo-win-back-list: {EMAIL_RULE}",
+        f"klaviyo-cart-abandoned: {EMAIL_RULE}",
     ]
     assert "pk_example" not in run.output
 
@@ -343,7 +353,14 @@ def test_validate_the_shipped_example_with_every_shipped_mapping(tmp_path: Path)
     assert run.stdout_lines() == [
         f"{EXAMPLE_CONFIG}: ok (sources: woocommerce; destination syncs: klaviyo-customers, "
         "klaviyo-win-back-list, klaviyo-cart-abandoned, mailchimp-customers, mailchimp-vip-tag, "
-        "woocommerce-meta, webhook-win-back)"
+        "woocommerce-meta, webhook-win-back)",
+        f"klaviyo-customers: {EMAIL_RULE}",
+        f"klaviyo-win-back-list: {EMAIL_RULE}",
+        f"klaviyo-cart-abandoned: {EMAIL_RULE}",
+        f"mailchimp-customers: {EMAIL_RULE}",
+        f"mailchimp-vip-tag: {EMAIL_RULE}",
+        "woocommerce-meta: consent none (not a marketing channel)",
+        "webhook-win-back: consent none (not a marketing channel)",
     ]
 
 

@@ -153,7 +153,12 @@ def test_registry_and_documented_batch_limits() -> None:
         "remove": 1_000,
         "event": 1_000,
         "delete": 1,
+        # bulk_unsubscribe_profiles: "Maximum number of profiles per call: 100".
+        "unsubscribe": 100,
     }
+    assert KlaviyoDestination.consent_channel == "email"
+    assert klaviyo_module.MAX_SUBSCRIBE_PROFILES == 1_000
+    assert klaviyo_module.SUBSCRIPTION_LIMITS.requests_per_second == pytest.approx(12.5)
     assert KlaviyoDestination.credential_names == ("api_key",)
     assert KlaviyoDestination.object_required == {"mirror", "event"}
     # Steady limits: 150/min for import jobs, lists and bulk events, 60/min for deletion.
@@ -948,3 +953,144 @@ def test_aclose_closes_every_client(fake: FakeTime, router: respx.MockRouter) ->
     asyncio.run(dest.aclose())
     for client in (dest.client, dest.lists_client, dest.events_client, dest.deletion_client):
         assert client._client.is_closed
+
+
+# --- consent: subscriptions ------------------------------------------------------------------
+
+SUBSCRIBE = f"{BASE}/api/profile-subscription-bulk-create-jobs"
+UNSUBSCRIBE = f"{BASE}/api/profile-subscription-bulk-delete-jobs"
+
+
+def consent_target(mode: str, obj: str | None = None, consent: str = "email") -> SyncTarget:
+    return SyncTarget(
+        name="vip",
+        mode=mode,  # type: ignore[arg-type]
+        object=obj,
+        options=KlaviyoOptions(),
+        consent=consent,
+    )
+
+
+def test_a_consenting_row_is_subscribed_once_when_first_sent(
+    fake: FakeTime, router: respx.MockRouter
+) -> None:
+    router.post(JOBS).respond(202, json=job("J1", "complete", total=2))
+    subscribe = router.post(SUBSCRIBE).respond(202)
+    dest, _ = make(fake, router)
+    items = [person(1), Item(key="2", payload={"email": "P2@Example.com "}, held=True)]
+    outcomes = run(dest, lambda: dest.send(consent_target("upsert"), "upsert", items))
+    assert outcomes == [Outcome.accepted(), Outcome.accepted()]
+    (call,) = subscribe.calls
+    assert_headers(call.request, with_body=True)
+    assert call.request.headers["X-Syncd-Consent"] == "email"
+    # SubscriptionCreateJobCreateQuery (bulk_subscribe_profiles), by hand: the row sent
+    # for the first time only; no list in an upsert (the account's opt-in setting).
+    assert body(call.request) == {
+        "data": {
+            "type": "profile-subscription-bulk-create-job",
+            "attributes": {
+                "profiles": {
+                    "data": [
+                        {
+                            "type": "profile",
+                            "attributes": {
+                                "email": "p1@example.com",
+                                "subscriptions": {
+                                    "email": {"marketing": {"consent": "SUBSCRIBED"}}
+                                },
+                            },
+                        }
+                    ]
+                },
+                "custom_source": "syncd (WooCommerce consent)",
+            },
+        }
+    }
+
+
+def test_a_transactional_sync_subscribes_nobody(fake: FakeTime, router: respx.MockRouter) -> None:
+    router.post(JOBS).respond(202, json=job("J1", "complete", total=1))
+    subscribe = router.post(SUBSCRIBE).respond(202)
+    dest, _ = make(fake, router)
+    outcomes = run(dest, lambda: dest.send(target("upsert"), "upsert", [person(1)]))
+    assert outcomes == [Outcome.accepted()]
+    assert not subscribe.called
+
+
+def test_a_refused_subscription_refuses_its_rows(fake: FakeTime, router: respx.MockRouter) -> None:
+    router.post(JOBS).respond(202, json=job("J1", "complete", total=1))
+    error = {"errors": [{"id": "e", "code": "invalid", "title": "Invalid input.", "detail": "no"}]}
+    router.post(SUBSCRIBE).respond(400, json=error)
+    dest, _ = make(fake, router)
+    (outcome,) = run(dest, lambda: dest.send(consent_target("upsert"), "upsert", [person(1)]))
+    assert not outcome.ok and (outcome.error or "").startswith("subscribing failed: ")
+
+
+def test_a_withdrawal_unsubscribes_with_the_mirrors_list_and_removes_nobody_else_by_id(
+    fake: FakeTime, router: respx.MockRouter
+) -> None:
+    unsubscribe = router.post(UNSUBSCRIBE).respond(202)
+    remove = router.delete(f"{BASE}/api/lists/L1/relationships/profiles").respond(204)
+    dest, _ = make(fake, router)
+    items = [
+        Item(key="1", payload={"email": "p1@example.com"}, dest_id="ID1", withdrawn=True),
+        Item(key="2", payload={}, dest_id="ID2"),  # left the segment: removed by id
+    ]
+    outcomes = run(dest, lambda: dest.send(consent_target("mirror", "L1"), "remove", items))
+    assert outcomes == [Outcome.accepted("ID1"), Outcome.accepted("ID2")]
+    # SubscriptionDeleteJobCreateQuery (bulk_unsubscribe_profiles), by hand.
+    assert body(unsubscribe.calls[0].request) == {
+        "data": {
+            "type": "profile-subscription-bulk-delete-job",
+            "attributes": {
+                "profiles": {
+                    "data": [
+                        {
+                            "type": "profile",
+                            "attributes": {
+                                "email": "p1@example.com",
+                                "subscriptions": {
+                                    "email": {"marketing": {"consent": "UNSUBSCRIBED"}}
+                                },
+                            },
+                        }
+                    ]
+                }
+            },
+            "relationships": {"list": {"data": {"type": "list", "id": "L1"}}},
+        }
+    }
+    assert body(remove.calls[0].request) == {"data": [{"type": "profile", "id": "ID2"}]}
+
+
+def test_an_upsert_withdrawal_unsubscribes_from_the_channel_in_batches_of_100(
+    fake: FakeTime, router: respx.MockRouter
+) -> None:
+    unsubscribe = router.post(UNSUBSCRIBE).respond(202)
+    dest, _ = make(fake, router)
+    items = [Item(key=str(n), payload={"email": f"p{n}@example.com"}) for n in range(100)]
+    outcomes = run(dest, lambda: dest.send(consent_target("upsert"), "unsubscribe", items))
+    assert all(o.ok for o in outcomes)
+    (call,) = unsubscribe.calls
+    sent = body(call.request)["data"]
+    assert "relationships" not in sent  # no list: the channel itself
+    assert len(sent["attributes"]["profiles"]["data"]) == 100
+    # An SMS sync unsubscribes by phone number; a row without one cannot be.
+    items = [
+        Item(key="1", payload={"phone_number": "+14155550123"}),
+        Item(key="2", payload={"email": "p2@example.com"}),
+    ]
+    dest, _ = make(fake, router)
+    outcomes = run(
+        dest, lambda: dest.send(consent_target("upsert", consent="sms"), "unsubscribe", items)
+    )
+    assert outcomes[0].ok and not outcomes[1].ok
+    assert body(unsubscribe.calls[1].request)["data"]["attributes"]["profiles"]["data"] == [
+        {
+            "type": "profile",
+            "attributes": {
+                "phone_number": "+14155550123",
+                "subscriptions": {"sms": {"marketing": {"consent": "UNSUBSCRIBED"}}},
+            },
+        }
+    ]

@@ -107,7 +107,9 @@ def test_registry_and_limits() -> None:
         "add": 500,
         "remove": 500,
         "delete": 1,
+        "unsubscribe": 500,  # the batch subscribe again, status "unsubscribed"
     }
+    assert MailchimpDestination.consent_channel == "email"
     limits = MailchimpDestination.default_limits
     assert limits.concurrency < 10  # Mailchimp: 10 simultaneous connections per account
     assert limits.requests_per_second is None
@@ -251,6 +253,65 @@ def test_upsert_request_body_field_by_field() -> None:
         Outcome.accepted("dee@example.com"),
         Outcome.accepted("eve@example.com"),
     ]
+
+
+def test_a_consent_sync_subscribes_when_first_sent_and_then_leaves_the_status() -> None:
+    from dataclasses import replace
+
+    sync = replace(target(), consent="email")
+    items = [
+        Item(key="1", payload={"email_address": "new@example.com"}),
+        # Held from an earlier send: no status, so an unsubscribe made in Mailchimp stands.
+        Item(
+            key="2",
+            payload={"email_address": "held@example.com", "marketing_consent": False},
+            dest_id="held@example.com",
+            held=True,
+        ),
+    ]
+    with respx.mock(base_url=BASE, assert_all_called=True) as router:
+        route = router.post(f"/lists/{LIST}").mock(side_effect=batch_answer())
+        run(_send(make(), sync, "upsert", items))
+    assert body_of(route.calls.last.request)["members"] == [
+        {"email_address": "new@example.com", "status": "subscribed"},
+        {"email_address": "held@example.com"},
+    ]
+
+
+def test_a_withdrawal_sets_unsubscribed_then_untags() -> None:
+    from dataclasses import replace
+
+    sync = replace(target("mirror", tag="VIP"), consent="email")
+    items = [
+        Item(key="1", payload={}, dest_id="gone@example.com", withdrawn=True),
+        Item(key="2", payload={}, dest_id="left@example.com"),
+    ]
+    with respx.mock(base_url=BASE) as router:
+        router.get(f"/lists/{LIST}/segments").respond(
+            200, json={"segments": [{"id": 7, "name": "VIP", "type": "static"}], "total_items": 1}
+        )
+        members = router.post(f"/lists/{LIST}").mock(side_effect=batch_answer())
+        untag = router.post(f"/lists/{LIST}/segments/7").respond(
+            200, json={"members_removed": [], "errors": []}
+        )
+
+        async def go() -> list[Outcome]:
+            dest = make()
+            try:
+                await dest.prepare(sync)
+                return await dest.send(sync, "remove", items)
+            finally:
+                await dest.aclose()
+
+        outcomes = run(go())
+    assert outcomes == [Outcome.accepted("gone@example.com"), Outcome.accepted("left@example.com")]
+    assert body_of(members.calls.last.request) == {
+        "members": [{"email_address": "gone@example.com", "status": "unsubscribed"}],
+        "update_existing": True,
+    }
+    assert body_of(untag.calls.last.request) == {
+        "members_to_remove": ["gone@example.com", "left@example.com"]
+    }
 
 
 def test_custom_consent_field_is_read_and_removed() -> None:

@@ -51,6 +51,7 @@ from syncd.store.models import (
     SYNC_RECORDS,
     SYNC_RUNS,
 )
+from tests.consent_audit import ConsentLedger
 from tests.test_cli import Run, base_env, syncd
 
 SECRET = "privacy-webhook-secret"
@@ -159,6 +160,12 @@ def _make_person_unique(store: SandboxStore) -> int:
         for block in (customer["billing"], customer["shipping"]):
             block.update(first_name=FIRST, last_name=LAST)
         customer["billing"].update(email=EMAIL, phone=PHONE_TYPED)
+        # They agreed to marketing email (the Mailchimp for WooCommerce plugin's opt-in,
+        # syncd's default email consent key), so every destination has them.
+        customer["meta_data"] = [
+            *customer.get("meta_data", []),
+            {"id": 90001, "key": "mailchimp_woocommerce_is_subscribed", "value": "1"},
+        ]
         store._reindex("customers", woo_id)
         for order in store.orders.values():
             if order["customer_id"] == woo_id:
@@ -203,6 +210,7 @@ token = "{TOKEN}"
         )
         settings = load_settings(config)
         mappings = load_mappings(settings, env={})
+        ConsentLedger.grant("email", EMAIL)
         engine = open_store(store_url)
         try:
             results = asyncio.run(run_sources(settings, engine, ["shop"], False))

@@ -18,6 +18,7 @@ from syncd.mapping import load_mappings
 from syncd.push import PushResult, push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.store.models import MEMBERSHIPS, PROFILES, SYNC_RECORDS, SYNC_RUNS
+from tests.consent_audit import ConsentLedger
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 LIST = "aud1"
@@ -33,8 +34,12 @@ def add_people(
     ids: Sequence[int],
     segment: str = "vip",
     emails: dict[int, str | None] | None = None,
+    consent: bool = True,
 ) -> None:
+    """Profiles and segment members; ``consent``: each has given email consent (at T0)."""
     emails = emails or {}
+    if consent:
+        ConsentLedger.grant("email", *(emails.get(cid, email(cid)) for cid in ids))
     with engine.begin() as conn:
         conn.execute(
             insert(PROFILES),
@@ -49,6 +54,9 @@ def add_people(
                     "net_revenue_minor": cid * 101,
                     "currency": "EUR",
                     "lifecycle_stage": "active",
+                    "consent_email": consent,
+                    "consent_email_at": T0 if consent else None,
+                    "consent_email_source": "test:granted" if consent else None,
                 }
                 for cid in ids
             ],
@@ -190,7 +198,8 @@ def test_a_failing_row_is_given_up_after_max_attempts(
     assert third.counts.requests == 0 and third.counts.failed == 0
     assert (third.counts.given_up, third.counts.skipped) == (1, 0)
     assert records(engine, "mc-vip")["2"].retry_after is None
-    # A change of the row's content is a new chance.
+    # A change of the row's content is a new chance (the person's consent stays).
+    ConsentLedger.grant("email", "ab@example.com")
     with engine.begin() as conn:
         conn.execute(
             update(PROFILES).where(PROFILES.c.customer_id == 2).values(email="ab@example.com")
@@ -535,50 +544,41 @@ id = "woocommerce_id"
         assert (again.counts.requests, again.counts.unchanged) == (0, len(registered))
 
 
-def test_marketing_consent_comes_from_the_registered_record_and_sets_the_status(
+def test_marketing_consent_is_the_profiles_email_consent_and_sets_the_status(
     engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
 ) -> None:
-    from syncd.store.models import CUSTOMER_RECORDS, CUSTOMERS
+    """The old column `marketing_consent` reads the profile's consent_email now (where the
+    latest statement of the [consent.email] keys lands, see test_consent.py); in a sync of
+    consent "none" it still decides each member's status."""
+    from syncd.store.models import CUSTOMERS
 
-    # person -> meta_data of their registered record (None: a guest, no record)
-    metas: dict[int, Any] = {
-        1: [{"id": 9, "key": "mailchimp_woocommerce_is_subscribed", "value": "1"}],
-        2: [{"id": 9, "key": "mailchimp_woocommerce_is_subscribed", "value": "0"}],
-        3: [{"key": "other", "value": "1"}],
-        4: [{"key": "mailchimp_woocommerce_is_subscribed", "value": True}],
-        5: {"not": "a list"},
-        6: None,
-    }
-    add_people(engine, list(metas))
+    # person -> consent_email of the profile (None: never stated)
+    given: dict[int, bool | None] = {1: True, 2: False, 3: None, 4: True, 5: None, 6: None}
+    add_people(engine, list(given), consent=False)
     with engine.begin() as conn:
         conn.execute(
             insert(CUSTOMERS),
             [
                 {"id": cid, "email": email(cid), "phone": "+4930901820" if cid == 1 else None}
-                for cid in metas
+                for cid in given
             ],
         )
-        conn.execute(
-            insert(CUSTOMER_RECORDS),
-            [
-                {
-                    "source": "wc",
-                    "source_id": 100 + cid,
-                    "customer_id": cid,
-                    "email": email(cid),
-                    "raw": {"id": 100 + cid, "meta_data": meta},
-                }
-                for cid, meta in metas.items()
-                if meta is not None
-            ],
-        )
-    mapping = mailchimp_mapping(sandbox).replace(
+        for cid, value in given.items():
+            if value is not None:
+                conn.execute(
+                    update(PROFILES)
+                    .where(PROFILES.c.customer_id == cid)
+                    .values(consent_email=value, consent_email_at=T0)
+                )
+    mapping = mailchimp_mapping(
+        sandbox, extra='consent = "none"\nconsent_reason = "the status follows the column"'
+    ).replace(
         '"merge_fields.FNAME" = "first_name"',
         '"merge_fields.FNAME" = "first_name"\nmarketing_consent = "marketing_consent"\n'
         '"merge_fields.PHONE" = "phone"',
     )
     assert run_push(settings_for(tmp_path, mapping), engine).counts.added == 6
-    statuses = {cid: sandbox.mailchimp.member(LIST, email(cid))["status"] for cid in metas}
+    statuses = {cid: sandbox.mailchimp.member(LIST, email(cid))["status"] for cid in given}
     assert statuses == {
         1: "subscribed",
         2: "transactional",

@@ -17,6 +17,8 @@ from syncd.store.upsert import upsert
 from tests.conftest import POSTGRES_URL, _drop_postgres_database, _fresh_postgres_database
 
 PUBLIC_TABLES = {
+    "consent_statements",
+    "consent_extracted",
     "customers",
     "customer_identities",
     "customer_records",

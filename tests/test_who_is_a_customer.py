@@ -244,6 +244,9 @@ name = "mc-everyone"
 segment = "everyone"
 mode = "mirror"
 object = "{LIST}"
+# Who is a customer is the subject here, not consent (tests/test_consent.py).
+consent = "none"
+consent_reason = "tests who is a customer"
 [sync.fields]
 email_address = "email"
 "merge_fields.FNAME" = "first_name"

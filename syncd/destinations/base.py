@@ -46,6 +46,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -65,6 +66,7 @@ from syncd.http import (
 
 __all__ = [
     "ALL_OPS",
+    "CONSENT_HEADER",
     "CONTENT_STATUSES",
     "OPS_OF_MODE",
     "BatchRejected",
@@ -87,7 +89,8 @@ __all__ = [
 ]
 
 Mode = Literal["upsert", "mirror", "event", "delete"]
-Op = Literal["upsert", "add", "remove", "event", "delete"]
+# "unsubscribe": a person who withdrew the sync's consent, in upsert mode (see Item).
+Op = Literal["upsert", "add", "remove", "event", "delete", "unsubscribe"]
 ALL_OPS: Final[tuple[Op, ...]] = ("upsert", "add", "remove", "event", "delete")
 
 OPS_OF_MODE: Mapping[str, tuple[Op, ...]] = {
@@ -119,6 +122,13 @@ class Item:
     payload: dict[str, Any]
     dest_id: str | None = None
     event_id: str | None = None
+    # A removal (or "unsubscribe") because the person withdrew the sync's consent, not
+    # because they left the segment: an adapter with subscriptions unsubscribes them.
+    withdrawn: bool = False
+    # Whether the destination holds the record from an earlier send: an adapter subscribes
+    # a person once, when first sent, so an unsubscribe made at the vendor (a link in an
+    # email) is not undone by the next change of their row.
+    held: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +148,12 @@ class Outcome:
     def rejected(cls, error: str) -> Outcome:
         return cls(ok=False, error=error)
 
+
+# Every request an adapter makes through call/call_json names the consent rule of the
+# sync it is made for: an audit trail in a proxy's logs, and how a test sandbox tells
+# a transactional sync's requests (consent "none") from a marketing one's.
+CONSENT_HEADER: Final = "X-Syncd-Consent"
+_SENDING_FOR: ContextVar[str] = ContextVar("syncd_sending_for", default="none")
 
 # Answers that blame the request's content, so splitting the batch can isolate the rows at
 # fault: 400 Bad Request, 409 Conflict, 413 Content Too Large, 422 Unprocessable Content
@@ -180,6 +196,9 @@ class SyncTarget:
     mode: Mode
     object: str | None  # list / audience / tag / event name; meaning is the adapter's
     options: BaseModel  # the adapter's SyncOptions, validated
+    # The consent channel every row of the sync has ("email", "sms", "ads"), or "none"
+    # (a transactional sync, which may send people without marketing consent).
+    consent: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +238,13 @@ class Receipt:
 
 
 Handler = Callable[[SyncTarget, Sequence[Item]], Awaitable[list[Outcome]]]
+
+
+def _tagged(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """``headers`` with the consent header of the batch being sent (see CONSENT_HEADER)."""
+    return {CONSENT_HEADER: _SENDING_FOR.get(), **(headers or {})}
+
+
 T = TypeVar("T")
 
 
@@ -245,6 +271,10 @@ class Destination(ABC):
     SyncOptions: ClassVar[builtins.type[BaseModel]] = NoOptions
     # Whether a sync must name an `object`, per mode (a list id, an event name...).
     object_required: ClassVar[frozenset[str]] = frozenset()
+    # The marketing consent a sync needs by default ("email", "sms", "ads"; "none" for a
+    # destination that is not a marketing channel): only people whose profile's
+    # consent_<channel> is true are sent, unless the sync says consent = "none" and why.
+    consent_channel: ClassVar[str] = "none"
     # Statuses that refuse a batch for its content (bisected); see CONTENT_STATUSES.
     content_statuses: ClassVar[Collection[int]] = CONTENT_STATUSES
     # The client class: a ServiceClient subclass overriding rate_limit_pause reads the
@@ -347,6 +377,10 @@ class Destination(ABC):
         per run and sync, before any :meth:`send`."""
         return None
 
+    def supports(self, op: Op) -> bool:
+        """Whether this adapter has a handler for ``op``."""
+        return op in self._handlers
+
     def request_count(self) -> int:
         """Requests sent so far by every client (attempts, retries included): the run's
         ``requests`` count."""
@@ -381,7 +415,11 @@ class Destination(ABC):
             raise ValueError(
                 f"{self.type}: at most {limit} items per {op} batch (max_batch), got {len(items)}"
             )
-        return await handler(target, items)
+        token = _SENDING_FOR.set(target.consent)
+        try:
+            return await handler(target, items)
+        finally:
+            _SENDING_FOR.reset(token)
 
     # -- erasure --------------------------------------------------------------------------
 
@@ -412,7 +450,7 @@ class Destination(ABC):
         ``syncd.http`` error as is for anything else (it fails the run)."""
         with self._refusals():
             return await (client or self.client).request(
-                method, url, params=params, json=json, content=content, headers=headers
+                method, url, params=params, json=json, content=content, headers=_tagged(headers)
             )
 
     async def call_json(
@@ -429,7 +467,7 @@ class Destination(ABC):
         along for its headers."""
         with self._refusals():
             return await (client or self.client).request_json(
-                method, url, params=params, json=json, headers=headers
+                method, url, params=params, json=json, headers=_tagged(headers)
             )
 
     @contextlib.contextmanager

@@ -21,6 +21,24 @@ Operations
   ``unique_id = Item.event_id``: Klaviyo deduplicates events by it, so a re-sent batch cannot
   trigger a flow twice.
 * ``delete`` — ``POST /api/data-privacy-deletion-jobs``, one request per row.
+* ``unsubscribe`` (upsert, a person who withdrew the sync's consent) —
+  ``POST /api/profile-subscription-bulk-delete-jobs`` (``bulk_unsubscribe_profiles``).
+
+Consent (a sync's ``consent``, email by default)
+------------------------------------------------
+
+Only people who consented on the sync's channel are its rows. After their profile import,
+rows sent for the first time are subscribed: ``POST /api/profile-subscription-bulk-create-jobs``
+(operationId ``bulk_subscribe_profiles``, at most 1,000 profiles a call), with
+``subscriptions.email.marketing`` (or ``sms.marketing`` with the ``phone_number``) set to
+``SUBSCRIBED`` and, in a mirror, the sync's list. Once, not on every change of the row:
+subscribing lifts an unsubscribe made at Klaviyo (the operation's description: it
+"will remove any UNSUBSCRIBE, SPAM_REPORT or USER_SUPPRESSED suppressions"), and a
+shopper who clicked an unsubscribe link must stay unsubscribed. A person who withdrew is
+unsubscribed: ``POST /api/profile-subscription-bulk-delete-jobs`` (``bulk_unsubscribe_profiles``,
+at most 100 a call), with the mirror's list (which also takes them off it) or, in an
+upsert, without one. A sync with ``consent = "none"`` imports plain profiles and
+subscribes nobody.
 
 Erasure (``syncd forget``, :meth:`KlaviyoDestination.forget`) uses the same endpoint
 ("Request Profile Deletion", operationId ``request_profile_deletion``): one request by
@@ -75,6 +93,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from syncd.destinations.base import (
+    BatchRejected,
     Destination,
     Handler,
     Item,
@@ -131,6 +150,14 @@ LIST_LIMITS: Final = ServiceLimits(requests_per_second=150 / 60)
 EVENT_LIMITS: Final = ServiceLimits(requests_per_second=150 / 60)
 # Data privacy deletion jobs: 3/s, 60/m.
 DELETION_LIMITS: Final = ServiceLimits(requests_per_second=60 / 60)
+# bulk_subscribe_profiles and bulk_unsubscribe_profiles: 75/s, 750/m.
+SUBSCRIPTION_LIMITS: Final = ServiceLimits(requests_per_second=750 / 60)
+# bulk_subscribe_profiles: "Maximum number of profiles can be submitted for subscription:
+# 1000"; bulk_unsubscribe_profiles: "Maximum number of profiles per call: 100".
+MAX_SUBSCRIBE_PROFILES: Final = 1_000
+MAX_UNSUBSCRIBE_PROFILES: Final = 100
+# The channels a Klaviyo subscription exists for, with the identity each needs.
+SUBSCRIPTION_IDENTITY: Final = {"email": "email", "sms": "phone_number"}
 
 IDENTITY_FIELDS: Final = ("email", "phone_number", "external_id")
 # Profile attributes of the bulk import (ProfileImportJobCreateQuery) and of the event
@@ -203,6 +230,7 @@ class KlaviyoDestination(Destination):
         "event": MAX_BULK_EVENTS,
         # One deletion job per profile: the endpoint takes exactly one identifier.
         "delete": 1,
+        "unsubscribe": MAX_UNSUBSCRIBE_PROFILES,
     }
     credential_names: ClassVar[tuple[str, ...]] = ("api_key",)
     default_limits: ClassVar[ServiceLimits] = IMPORT_LIMITS
@@ -210,6 +238,7 @@ class KlaviyoDestination(Destination):
     Options = KlaviyoOptions
     # Mirror mode needs the list id, event mode the metric name.
     object_required: ClassVar[frozenset[str]] = frozenset({"mirror", "event"})
+    consent_channel: ClassVar[str] = "email"
 
     def setup(self) -> None:
         options = self.options
@@ -223,6 +252,7 @@ class KlaviyoDestination(Destination):
         self.lists_client = self.make_client("lists", LIST_LIMITS)
         self.events_client = self.make_client("events", EVENT_LIMITS)
         self.deletion_client = self.make_client("deletion", DELETION_LIMITS)
+        self.subscriptions_client = self.make_client("subscriptions", SUBSCRIPTION_LIMITS)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -255,7 +285,7 @@ class KlaviyoDestination(Destination):
     # -- validation -------------------------------------------------------------------------
 
     def check(self, target: SyncTarget, op: Op, payload: Mapping[str, Any]) -> str | None:
-        if op == "remove":
+        if op in ("remove", "unsubscribe"):
             # Removal works from the profile id stored on add; there is no payload.
             return None
         if op == "delete":
@@ -282,6 +312,8 @@ class KlaviyoDestination(Destination):
                 isinstance(value, bool) or not isinstance(value, int | float)
             ):
                 return f"event value must be a number, got {value!r}"
+        if op in ("upsert", "add") and (reason := _subscription_reason(target, payload)):
+            return reason
         return _identity_reason(payload)
 
     # -- sending ----------------------------------------------------------------------------
@@ -293,6 +325,7 @@ class KlaviyoDestination(Destination):
             "remove": self._remove,
             "event": self._events,
             "delete": self._delete_each,
+            "unsubscribe": self._unsubscribe,
         }
 
     def is_content_refusal(self, exc: ApiError) -> bool:
@@ -301,10 +334,79 @@ class KlaviyoDestination(Destination):
         return super().is_content_refusal(exc) and not _points_at_relationships(exc.body)
 
     async def _upsert(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
-        return await self._import(target, "upsert", items, list_id=None)
+        outcomes = await self._import(target, "upsert", items, list_id=None)
+        await self._subscribe(target, items, outcomes, list_id=None)
+        return outcomes
 
     async def _add(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
-        return await self._import(target, "add", items, list_id=_require_object(target, "add"))
+        list_id = _require_object(target, "add")
+        outcomes = await self._import(target, "add", items, list_id=list_id)
+        await self._subscribe(target, items, outcomes, list_id=list_id)
+        return outcomes
+
+    # -- consent: subscriptions -------------------------------------------------------------
+
+    async def _subscribe(
+        self,
+        target: SyncTarget,
+        items: Sequence[Item],
+        outcomes: list[Outcome],
+        *,
+        list_id: str | None,
+    ) -> None:
+        """Subscribe the imported rows sent for the first time on the sync's channel (see
+        the module's "Consent"); a refused subscription refuses its row, so it is tried
+        again with the row."""
+        channel = target.consent
+        if channel not in SUBSCRIPTION_IDENTITY:
+            return
+        rows = [
+            (index, _subscription_profile(channel, item.payload, "SUBSCRIBED"))
+            for index, item in enumerate(items)
+            if outcomes[index].ok and not item.held
+        ]
+        for start in range(0, len(rows), MAX_SUBSCRIBE_PROFILES):
+            chunk = rows[start : start + MAX_SUBSCRIBE_PROFILES]
+            body = _subscription_body(
+                "profile-subscription-bulk-create-job", [p for _, p in chunk], list_id
+            )
+            try:
+                await self._post(
+                    self.subscriptions_client, "/api/profile-subscription-bulk-create-jobs", body
+                )
+            except BatchRejected as exc:
+                for index, _ in chunk:
+                    outcomes[index] = Outcome.rejected(f"subscribing failed: {exc.message}")
+
+    async def _unsubscribe(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        """Unsubscribe people who withdrew (upsert mode: from the channel, no list)."""
+        return await self._unsubscribe_from(target, items, list_id=None)
+
+    async def _unsubscribe_from(
+        self, target: SyncTarget, items: Sequence[Item], *, list_id: str | None
+    ) -> list[Outcome]:
+        channel = target.consent
+        if channel not in SUBSCRIPTION_IDENTITY:
+            return [Outcome.accepted(dest_id=item.dest_id) for item in items]
+        outcomes: list[Outcome] = []
+        profiles: list[dict[str, Any]] = []
+        for item in items:
+            reason = _subscription_reason(target, item.payload)
+            if reason:
+                outcomes.append(Outcome.rejected(f"cannot unsubscribe: {reason}"))
+                continue
+            outcomes.append(Outcome.accepted(dest_id=item.dest_id))
+            profiles.append(_subscription_profile(channel, item.payload, "UNSUBSCRIBED"))
+        for start in range(0, len(profiles), MAX_UNSUBSCRIBE_PROFILES):
+            body = _subscription_body(
+                "profile-subscription-bulk-delete-job",
+                profiles[start : start + MAX_UNSUBSCRIBE_PROFILES],
+                list_id,
+            )
+            await self._post(
+                self.subscriptions_client, "/api/profile-subscription-bulk-delete-jobs", body
+            )
+        return outcomes
 
     async def _delete_each(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         return [await self._delete(target, item) for item in items]
@@ -449,9 +551,21 @@ class KlaviyoDestination(Destination):
 
     async def _remove(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         list_id = _require_object(target, "remove")
+        # Who withdrew is unsubscribed with the list, which also takes them off it
+        # (bulk_unsubscribe_profiles: "All profiles will be removed from the provided list").
+        withdrawn = [i for i, item in enumerate(items) if item.withdrawn]
+        by_index: dict[int, Outcome] = {}
+        if withdrawn and target.consent in SUBSCRIPTION_IDENTITY:
+            done = await self._unsubscribe_from(
+                target, [items[i] for i in withdrawn], list_id=list_id
+            )
+            by_index = dict(zip(withdrawn, done, strict=True))
         outcomes: list[Outcome] = []
         ids: list[str] = []
-        for item in items:
+        for index, item in enumerate(items):
+            if index in by_index and by_index[index].ok:
+                outcomes.append(by_index[index])
+                continue
             if item.dest_id:
                 outcomes.append(Outcome.accepted(dest_id=item.dest_id))
                 if item.dest_id not in ids:
@@ -637,6 +751,43 @@ def _identity_reason(payload: Mapping[str, Any]) -> str | None:
     ):
         return "no email, phone_number or external_id to identify the Klaviyo profile"
     return None
+
+
+def _subscription_reason(target: SyncTarget, payload: Mapping[str, Any]) -> str | None:
+    """Why a row of a consent sync cannot be (un)subscribed: its channel's identity."""
+    field = SUBSCRIPTION_IDENTITY.get(target.consent)
+    if field is None:
+        return None
+    value = payload.get(field)
+    valid = normalize_email(value) if field == "email" else e164(identifier_text(value))
+    if not valid:
+        return f"no valid {field} to subscribe on the {target.consent} channel"
+    return None
+
+
+def _subscription_profile(channel: str, payload: Mapping[str, Any], consent: str) -> dict[str, Any]:
+    """One profile of a (un)subscribe job: its channel's identity and ``marketing`` consent
+    (SubscriptionChannels / UnsubscriptionChannels of the spec)."""
+    field = SUBSCRIPTION_IDENTITY[channel]
+    value = payload.get(field)
+    identity = normalize_email(value) if field == "email" else identifier_text(value)
+    return {
+        "type": "profile",
+        "attributes": {
+            field: identity,
+            "subscriptions": {channel: {"marketing": {"consent": consent}}},
+        },
+    }
+
+
+def _subscription_body(kind: str, profiles: Sequence[dict[str, Any]], list_id: str | None) -> bytes:
+    data: dict[str, Any] = {"type": kind, "attributes": {"profiles": {"data": list(profiles)}}}
+    if kind.endswith("create-job"):
+        # Shown on the consent record in Klaviyo: where the subscription came from.
+        data["attributes"]["custom_source"] = "syncd (WooCommerce consent)"
+    if list_id is not None:
+        data["relationships"] = {"list": {"data": {"type": "list", "id": list_id}}}
+    return orjson.dumps({"data": data})
 
 
 def _delete_reason(payload: Mapping[str, Any]) -> str | None:

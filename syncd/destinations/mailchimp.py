@@ -33,12 +33,19 @@ MailChimp.Net#567), while ``status`` itself is optional in the batch member sche
 (AddListMembers; POST /members requires it), and a member update without ``status``
 leaves the status alone (brandonseydel/MailChimp.Net#80). So, per member:
 
+A sync's ``consent`` (email by default) sends only people whose profile's
+``consent_email`` is true: each is sent ``"subscribed"`` the first time
+(``Item.held`` false) and without a status afterwards, so an unsubscribe made in
+Mailchimp stands. A person who withdraws is set ``"unsubscribed"`` on the next run
+(mirror: then untagged; upsert: the ``unsubscribe`` operation). The per-row consent
+field below decides only in a sync with ``consent = "none"``.
+
 * consent true -> ``"subscribed"``. This cannot re-subscribe someone who unsubscribed:
   Mailchimp refuses to subscribe an address "in a compliance state due to unsubscribe,
   bounce, or compliance review" through the API ("Member In Compliance State",
   ibericode/mailchimp-for-wordpress#798, aelvan/mailchimp-subscribe-craft#115; the
-  batch endpoint ignores it, strangerstudios/pmpro-mailchimp#152), and syncd itself
-  never unsubscribes anyone (a mirror exit only removes the tag).
+  batch endpoint ignores it, strangerstudios/pmpro-mailchimp#152), and syncd
+  unsubscribes only on a withdrawn consent (a mirror exit only removes the tag).
 * consent not true, record never accepted here before (``Item.dest_id`` is None):
   ``"transactional"`` (Mailchimp's non-subscribed contact: order mail, no marketing),
   or the row is skipped with ``without_consent = "skip"``.
@@ -156,7 +163,10 @@ class MailchimpDestination(Destination):
         "remove": MAX_MEMBERS,
         # POST …/members/{hash}/actions/delete-permanent takes one member per call.
         "delete": 1,
+        # The same batch subscribe, with status "unsubscribed".
+        "unsubscribe": MAX_MEMBERS,
     }
+    consent_channel: ClassVar[str] = "email"
     credential_names: ClassVar[tuple[str, ...]] = ("api_key",)
     # "each user account is permitted up to 10 simultaneous connections" and no
     # request-rate limit (Mailchimp Marketing API fundamentals, "Throttling"). 5 leaves
@@ -226,7 +236,11 @@ class MailchimpDestination(Destination):
             if owned:
                 return f"{', '.join(owned)} is set by the adapter, not by a mapping"
             return f"not a Mailchimp member field: {', '.join(unknown)}"
-        if payload.get(options.consent_field) is not True and options.without_consent == "skip":
+        if (
+            target.consent == "none"
+            and payload.get(options.consent_field) is not True
+            and options.without_consent == "skip"
+        ):
             return "no marketing consent"
         return None
 
@@ -284,6 +298,7 @@ class MailchimpDestination(Destination):
             "add": self._add,
             "remove": self._untag,
             "delete": self._delete_each,
+            "unsubscribe": self._unsubscribe,
         }
 
     def refusal_message(self, exc: ApiError) -> str:
@@ -309,7 +324,7 @@ class MailchimpDestination(Destination):
                 # The same address twice in one batch is one member: Mailchimp would
                 # refuse the repeat as a duplicate. The later record wins; both rows
                 # share the outcome.
-                members[email] = self._member(item, email, options)
+                members[email] = self._member(target, item, email, options)
         if not members:
             return [Outcome.rejected("invalid email_address") for _ in items]
 
@@ -348,7 +363,9 @@ class MailchimpDestination(Destination):
                 )
         return outcomes
 
-    def _member(self, item: Item, email: str, options: MailchimpSyncOptions) -> dict[str, Any]:
+    def _member(
+        self, target: SyncTarget, item: Item, email: str, options: MailchimpSyncOptions
+    ) -> dict[str, Any]:
         payload = dict(item.payload)
         consent = payload.pop(options.consent_field, None)
         member: dict[str, Any] = {"email_address": email}
@@ -360,7 +377,13 @@ class MailchimpDestination(Destination):
             member[key] = value
         # See the module docstring: status replaces an existing member's status, so it
         # is sent only when it is safe for a member that already exists.
-        if consent is True:
+        if target.consent != "none":
+            # A sync that needs consent sends only people who gave it (the engine's
+            # filter): subscribed when first sent; afterwards Mailchimp keeps the status
+            # (an unsubscribe there stands; a withdrawal here unsubscribes, see _untag).
+            if not item.held:
+                member["status"] = "subscribed"
+        elif consent is True:
             member["status"] = "subscribed"
         elif item.dest_id is None:
             member["status"] = "transactional"
@@ -387,9 +410,57 @@ class MailchimpDestination(Destination):
             for o in outcomes
         ]
 
+    async def _unsubscribe(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        """Members who withdrew the sync's consent: status "unsubscribed" (the batch
+        subscribe with update_existing replaces a member's status, see the module)."""
+        list_id = self._list_id(target)
+        emails = sorted({email_key(item.dest_id) for item in items if item.dest_id})
+        errors: dict[str, str] = {}
+        if emails:
+            body, _ = await self.call_json(
+                "POST",
+                f"/lists/{_path(list_id)}",
+                json={
+                    "members": [{"email_address": e, "status": "unsubscribed"} for e in emails],
+                    "update_existing": True,
+                },
+            )
+            for error in (body if isinstance(body, dict) else {}).get("errors") or []:
+                if isinstance(error, dict) and isinstance(error.get("email_address"), str):
+                    errors.setdefault(email_key(error["email_address"]), _member_error(error))
+        outcomes: list[Outcome] = []
+        for item in items:
+            if not item.dest_id:
+                outcomes.append(Outcome.rejected("no Mailchimp member recorded for this record"))
+            elif (message := errors.get(email_key(item.dest_id))) is not None:
+                outcomes.append(Outcome.rejected(message))
+            else:
+                outcomes.append(Outcome.accepted(email_key(item.dest_id)))
+        return outcomes
+
     async def _untag(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         """Take members out of the tag (the segment's members_to_remove). The member
-        stays in the audience with its status: a mirror exit never unsubscribes."""
+        stays in the audience with its status: leaving the segment never unsubscribes;
+        withdrawing the sync's consent does (``Item.withdrawn``), before the untag."""
+        withdrawn = [item for item in items if item.withdrawn and target.consent != "none"]
+        if withdrawn:
+            refused = {
+                item.key: outcome
+                for item, outcome in zip(
+                    withdrawn, await self._unsubscribe(target, withdrawn), strict=True
+                )
+                if not outcome.ok
+            }
+            if refused:
+                # Tried again with the record, untagged once the unsubscribe is through.
+                kept = [item for item in items if item.key not in refused]
+                done = dict(
+                    zip([i.key for i in kept], await self._untag_only(target, kept), strict=True)
+                )
+                return [refused.get(item.key) or done[item.key] for item in items]
+        return await self._untag_only(target, items)
+
+    async def _untag_only(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         list_id = self._list_id(target)
         emails = sorted({email_key(item.dest_id) for item in items if item.dest_id})
         failed: dict[str, str] = {}

@@ -40,7 +40,15 @@ import structlog
 from sqlalchemy import Connection, Engine, delete, select
 
 from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome
-from syncd.mapping import PII_COLUMNS, LoadedMapping, LoadedSync, SyncSpec, nest
+from syncd.mapping import (
+    LEGACY_COLUMNS,
+    PERSON_COLUMNS,
+    PII_COLUMNS,
+    LoadedMapping,
+    LoadedSync,
+    SyncSpec,
+    nest,
+)
 from syncd.privacy import SuppressionList
 from syncd.push.rows import (
     READ_CHUNK,
@@ -53,7 +61,7 @@ from syncd.push.rows import (
 )
 from syncd.runs import finish_run, start_run, utc_now
 from syncd.store.engine import writer_lock
-from syncd.store.models import SYNC_RECORDS
+from syncd.store.models import CUSTOMERS, PROFILES, SYNC_RECORDS
 from syncd.store.upsert import upsert
 
 __all__ = ["PushCounts", "PushResult", "masked_payload", "push", "push_sync", "select_syncs"]
@@ -419,7 +427,9 @@ class _Run:
                     )
                 continue
             event_id = f"syncd:{spec.name}:{p.key}" if spec.mode in ("event", "delete") else None
-            batch.append(_Entry(Item(p.key, payload, None, event_id), p.digest, p.known))
+            held = p.known is not None and p.known.in_destination
+            item = Item(p.key, payload, None, event_id, held=held)
+            batch.append(_Entry(item, p.digest, p.known))
         if len(self._skipped) >= READ_CHUNK:
             self._flush_skipped()
         if batch:
@@ -447,12 +457,19 @@ class _Run:
                             RECORDS.c.sync == spec.name, RECORDS.c.record_key.in_(chunk)
                         )
                     )
-        if spec.mode != "mirror":
-            return
+        op: Op = "remove"
+        held_keys = [k for k, v in known.items() if v.in_destination]
+        withdrawn = self._withdrawn(held_keys)
+        if spec.mode == "upsert":
+            # An upsert leaves whoever left the segment where they are; one who withdrew
+            # the sync's consent is unsubscribed, where the adapter can.
+            if not withdrawn or not self.adapter.supports("unsubscribe"):
+                return
+            op = "unsubscribe"
+            held_keys = [k for k in held_keys if k in withdrawn]
         leaving = []
-        for key, record in known.items():
-            if not record.in_destination:
-                continue
+        for key in held_keys:
+            record = known[key]
             verdict = self._refused_verdict(record) if record.status == "failed" else "send"
             if verdict == "gave_up":
                 self.counts.given_up += 1
@@ -460,10 +477,10 @@ class _Run:
                 self.counts.retrying += 1
             else:
                 leaving.append(key)
-        self.planned["remove"] += len(leaving) if self.dry_run else 0
+        self.planned[op] += len(leaving) if self.dry_run else 0
         if self.dry_run or not leaving:
             return
-        size = self.mapping.batch_for(self.sync, "remove")
+        size = self.mapping.batch_for(self.sync, op)
         for chunk in _chunks(leaving, size):
             if self.fatal is not None:
                 break
@@ -475,12 +492,77 @@ class _Run:
                         )
                     ).all()
                 )
+            # One who withdrew is unsubscribed by address: the adapter gets their payload.
+            payloads = self._payloads([k for k in chunk if k in withdrawn])
             entries = [
-                _Entry(Item(k, {}, ids.get(k), None), known[k].content_hash, known[k])
+                _Entry(
+                    Item(
+                        k,
+                        payloads.get(k, {}),
+                        ids.get(k),
+                        None,
+                        withdrawn=k in withdrawn,
+                        held=True,
+                    ),
+                    known[k].content_hash,
+                    known[k],
+                )
                 for k in chunk
             ]
-            await self._dispatch("remove", entries)
+            await self._dispatch(op, entries)
         await self._drain()
+
+    def _payloads(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The mapped payloads of people who are no longer rows of the sync (they withdrew),
+        from their profile and contact details: enough for the identity fields an
+        unsubscribe needs. Columns beyond those read as null."""
+        if not keys:
+            return {}
+        ids = [int(k) for k in keys]
+        person = [CUSTOMERS.c[name] for name in PERSON_COLUMNS]
+        out: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(ids, _KEY_CHUNK):
+                rows = conn.execute(
+                    select(PROFILES, *person)
+                    .join(CUSTOMERS, CUSTOMERS.c.id == PROFILES.c.customer_id)
+                    .where(PROFILES.c.customer_id.in_(chunk))
+                ).mappings()
+                for row in rows:
+                    values = dict(row)
+                    for legacy, column in LEGACY_COLUMNS.items():
+                        values[legacy] = values.get(column)
+                    out[str(row["customer_id"])] = self.sync.payload(values)
+        return out
+
+    def _withdrawn(self, keys: Sequence[str]) -> set[str]:
+        """The keys among ``keys`` of people whose profile says no on the sync's consent
+        channel, stated (a withdrawal, or a rule that no longer holds): their removal
+        unsubscribes them. Someone with no statement at all is only removed: syncd has
+        nothing to say about a consent they may have given the vendor directly. Keys are
+        customer ids in a segment sync, and in a SQL model keyed by customer_id."""
+        sync = self.sync
+        if sync.consent == "none" or not keys:
+            return set()
+        if sync.spec.sql is not None and sync.spec.key != "customer_id":
+            return set()
+        ids = sorted({int(k) for k in keys if k.lstrip("-").isdigit()})
+        column = PROFILES.c[f"consent_{sync.consent}"]
+        stated = PROFILES.c[f"consent_{sync.consent}_at"]
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(ids, _KEY_CHUNK):
+                found.update(
+                    str(cid)
+                    for cid in conn.execute(
+                        select(PROFILES.c.customer_id).where(
+                            PROFILES.c.customer_id.in_(chunk),
+                            column.is_not(True),
+                            stated.is_not(None),
+                        )
+                    ).scalars()
+                )
+        return found
 
     # -- sending -------------------------------------------------------------------------
 
@@ -520,7 +602,7 @@ class _Run:
 
     async def _batch(self, op: Op, entries: list[_Entry]) -> None:
         try:
-            if op != "remove":
+            if op not in ("remove", "unsubscribe"):
                 self._attach_dest_ids(entries)
             try:
                 outcomes = await self._send_split(op, [e.item for e in entries])
@@ -655,7 +737,7 @@ class _Run:
         for entry, outcome in zip(entries, outcomes, strict=True):
             key, known = entry.item.key, entry.known
             if outcome.ok:
-                if op == "remove":
+                if op in ("remove", "unsubscribe"):
                     removed.append(key)
                     counts.removed += 1
                     continue

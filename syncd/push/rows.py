@@ -18,10 +18,10 @@ from datetime import datetime
 from typing import Any, Final, Protocol, cast
 
 import orjson
-from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy import ColumnElement, Connection, Engine, select, text
 from sqlalchemy.exc import DBAPIError
 
-from syncd.mapping import PERSON_COLUMNS, LoadedSync
+from syncd.mapping import LEGACY_COLUMNS, PERSON_COLUMNS, LoadedSync
 from syncd.runs import iso
 from syncd.sources.base import PushColumns
 from syncd.store.models import CUSTOMERS, MEMBERSHIPS, PROFILES
@@ -115,10 +115,16 @@ class SegmentRows:
                     .scalar_subquery()
                     .label(name)
                 )
+        for legacy, column in LEGACY_COLUMNS.items():
+            if legacy in wanted:
+                columns.append(PROFILES.c[column].label(legacy))
         for contributed in sync.source_columns:
             for name, build in contributed.expressions.items():
                 if name in wanted:
                     columns.append(build(PROFILES.c.customer_id, spec).label(name))
+        # Only members with the sync's consent are its rows: one who withdrew is not a
+        # member for this sync, so a mirror removes them and an upsert unsubscribes them.
+        consenting = consent_condition(sync)
         self.stmt = (
             select(*columns)
             .select_from(
@@ -128,6 +134,7 @@ class SegmentRows:
                 MEMBERSHIPS.c.segment == spec.segment,
                 MEMBERSHIPS.c.exited_at.is_(None),
                 *in_scope,
+                *consenting,
             )
             # The open-membership index is in this order: no sort of a million rows.
             .order_by(MEMBERSHIPS.c.customer_id)
@@ -203,10 +210,44 @@ class SegmentRows:
         }
 
 
+def consent_condition(sync: LoadedSync) -> list[ColumnElement[bool]]:
+    """The profile condition a sync's rows meet: consent on its channel (none for "none")."""
+    if sync.consent == "none":
+        return []
+    return [PROFILES.c[f"consent_{sync.consent}"].is_(True)]
+
+
+def _consenting_rows(sync: LoadedSync, query: str) -> str:
+    """A SQL model's query keeping only the rows of consenting people: the model names them
+    by a ``customer_id`` column (its rows are people, or carry the person they go to)."""
+    if sync.consent == "none":
+        return query
+    return (
+        f"SELECT c.* FROM ({query}) AS c WHERE c.customer_id IN (SELECT customer_id FROM "
+        f"customer_profiles WHERE consent_{sync.consent})"
+    )
+
+
 def _run_model(conn: Connection, sync: LoadedSync, sql: str) -> Any:
     """Execute a SQL model (or a wrapper of it); PushError naming the sync when the query
     fails or lacks a column the mapping reads."""
     spec = sync.spec
+    if sync.consent != "none":
+        # The consent filter needs the person: a model without customer_id cannot say
+        # whom a row goes to, so its rows could reach people without consent.
+        try:
+            probe = conn.execute(text(f"SELECT * FROM ({sql}) AS p LIMIT 0"))
+        except DBAPIError as exc:
+            raise PushError(f"sync[{spec.name}].sql: the query failed: {exc.orig}") from None
+        names = list(probe.keys())
+        probe.close()
+        if "customer_id" not in names:
+            raise PushError(
+                f"sync[{spec.name}].sql: a sync that needs {sync.consent} consent needs a "
+                f"customer_id column to know whom each row goes to (it returns "
+                f'{", ".join(names)}); or set consent = "none" with a consent_reason'
+            )
+        sql = _consenting_rows(sync, sql)
     try:
         result = conn.execution_options(yield_per=READ_CHUNK).execute(text(sql))
     except DBAPIError as exc:

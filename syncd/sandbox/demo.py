@@ -32,6 +32,8 @@ name = "klaviyo-champions"
 segment = "champions"
 mode = "mirror"
 object = "{klaviyo_list}"
+consent = "none"
+consent_reason = "demo data: generated shoppers, sandboxed vendors"
 [sync.fields]
 email = "email"
 first_name = "first_name"
@@ -45,6 +47,10 @@ name = "klaviyo-open-carts"
 segment = "open_carts"
 mode = "event"
 object = "Cart Abandoned"
+# The demo's shoppers are generated, and none of them ticked a consent box: a real store
+# leaves consent at its default (email) and sends only those who did.
+consent = "none"
+consent_reason = "demo data: generated shoppers, sandboxed vendors"
 [sync.fields]
 email = "email"
 value = "cart_value_minor | minor_to_major"
@@ -63,6 +69,8 @@ name = "mailchimp-big-spenders"
 segment = "big_spenders"
 mode = "mirror"
 object = "{mailchimp_list}"
+consent = "none"
+consent_reason = "demo data: generated shoppers, sandboxed vendors"
 [sync.options]
 tag = "big spender"
 [sync.fields]

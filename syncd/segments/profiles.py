@@ -18,7 +18,9 @@ the order they are stored, and per-customer tables are keyed by customer (see
 5. ``t_clv``   per buyer: CLV and RFM scores, computed by the caller with numpy from
    ``clv_inputs`` (``rfm_by_rank``, ``write_scores``);
 6. ``t_people`` the customers who are not buyers (``_people``: who is a customer), then
-   one INSERT … SELECT into ``customer_profiles`` with the lifecycle stage.
+   one INSERT … SELECT into ``customer_profiles`` with the lifecycle stage;
+7. ``t_consent`` per channel: each person's latest consent statement, written onto the
+   profiles (``write_consent``), or the channel's rule or column.
 """
 
 from __future__ import annotations
@@ -38,13 +40,20 @@ from typing import Any, cast
 import numpy as np
 import psycopg
 from numpy.typing import NDArray
-from sqlalchemy import Connection, CursorResult, Engine, text
+from sqlalchemy import Connection, CursorResult, Engine, case, false, text, true, update
 
-from syncd.config import DEFAULT_CUSTOMER_ROLES, ProfileSettings, Settings
+from syncd.config import (
+    CONSENT_CHANNELS,
+    DEFAULT_CUSTOMER_ROLES,
+    ConsentSettings,
+    ProfileSettings,
+    Settings,
+)
 from syncd.money import exponent
 from syncd.segments import work
+from syncd.segments.rules import compile_rule
 from syncd.store.bulk import indexes_built_after
-from syncd.store.models import PRODUCTS
+from syncd.store.models import PRODUCTS, PROFILES
 
 EPOCH_DAY = 86_400
 
@@ -1014,3 +1023,65 @@ def write_profiles(
             params,
         )
     return int(result.rowcount or 0)
+
+
+def write_consent(
+    conn: Connection, settings: ConsentSettings, as_of: datetime, *, scoped: bool = False
+) -> None:
+    """Step 8: ``consent_<channel>``, ``_at`` and ``_source`` of the profiles just written.
+
+    A channel read from meta keys takes each person's latest statement up to ``as_of``
+    (a withdrawal and a grant stated at the same instant: the withdrawal wins, the safe
+    reading); nobody without a statement consents. A channel with a ``rule`` is the rule
+    over the profile, one with a ``column`` that boolean column, both stated at ``as_of``.
+    """
+    in_scope = " AND s.customer_id IN (SELECT cid FROM t_scope)" if scoped else ""
+    for channel in CONSENT_CHANNELS:
+        rules = settings.channel(channel)
+        given, at, source = (PROFILES.c[f"consent_{channel}{s}"] for s in ("", "_at", "_source"))
+        scope = [PROFILES.c.customer_id.in_(text("SELECT cid FROM t_scope"))] if scoped else []
+        if rules.rule is not None or rules.column is not None:
+            condition = (
+                compile_rule(rules.rule, PROFILES, now=as_of)
+                if rules.rule is not None
+                else PROFILES.c[str(rules.column)].is_(True)
+            )
+            conn.execute(
+                update(PROFILES)
+                .where(*scope)
+                .values(
+                    {
+                        given: case((condition, true()), else_=false()),
+                        at: as_of,
+                        source: rules.describe(),
+                    }
+                )
+            )
+            continue
+        work.create_as(
+            conn,
+            "t_consent",
+            f"""
+            SELECT cid, granted, stated_at, source FROM (
+                SELECT s.customer_id AS cid, s.granted, s.stated_at, s.source,
+                       ROW_NUMBER() OVER (
+                           PARTITION BY s.customer_id
+                           ORDER BY s.stated_at DESC, s.granted ASC, s.id DESC
+                       ) AS n
+                FROM consent_statements s
+                WHERE s.channel = :channel AND s.stated_at <= :as_of{in_scope}
+            ) latest WHERE n = 1
+            """,
+            {"channel": channel, "as_of": as_of},
+            key="cid",
+        )
+        work.analyze(conn, "t_consent")
+        conn.execute(
+            text(
+                f"""
+                UPDATE customer_profiles SET consent_{channel} = t.granted,
+                    consent_{channel}_at = t.stated_at, consent_{channel}_source = t.source
+                FROM t_consent t WHERE t.cid = customer_profiles.customer_id
+                """
+            )
+        )

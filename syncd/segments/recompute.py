@@ -47,6 +47,7 @@ from syncd.segments.profiles import (
     customer_roles,
     rfm_by_cuts,
     rfm_by_rank,
+    write_consent,
     write_profiles,
     write_scores,
 )
@@ -247,6 +248,7 @@ def _recompute(
                     scoped=scoped,
                     roles=customer_roles(settings),
                 )
+                write_consent(conn, settings.consent, as_of, scoped=scoped)
             if scoring is None and result.written:
                 kept = _Scoring(cuts, bg, gg, conv.currency)
                 conn.execute(insert(MODEL_FITS), [kept.row(result)])

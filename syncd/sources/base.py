@@ -26,6 +26,7 @@ from syncd.identity import PersonAttrs
 from syncd.store.types import storable_copy
 
 if TYPE_CHECKING:
+    from syncd.config import ConsentSettings
     from syncd.mapping import SyncSpec
 
 # The store entities a stream's rows can land in (the engine knows how to commit each).
@@ -54,6 +55,20 @@ class PushColumns(Protocol):
 
     @property
     def flags(self) -> Mapping[str, FlagQuery]: ...
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What one record says about its person's marketing consent on one channel.
+
+    ``origin`` names where, within the source: ``order:123:_wc_newsletter_optin`` (the
+    engine prefixes the source's name). A record read again restates it: the store keeps
+    one statement per channel and origin, the newest reading."""
+
+    channel: str  # email | sms | ads
+    granted: bool
+    stated_at: datetime  # UTC: when the record says it was given or withdrawn
+    origin: str
 
 
 class BadRecord(ValueError):
@@ -260,6 +275,17 @@ class Source(ABC):
 
     @abstractmethod
     def parse_coupon(self, payload: Mapping[str, Any], currency: str) -> dict[str, Any]: ...
+
+    # -- consent --------------------------------------------------------------------------
+
+    def consent_statements(
+        self, entity: str, payload: Mapping[str, Any], settings: ConsentSettings
+    ) -> list[Statement]:
+        """The consent statements of one stored record (``entity``: ``customers`` or
+        ``orders``), read where ``settings`` says. Called when the record is stored, in its
+        transaction, for polled pages and webhook deliveries alike. A source that records
+        no consent keeps this default."""
+        return []
 
     # -- what a payload says about other records -----------------------------------------
 

@@ -555,7 +555,9 @@ class WebhookIntake:
                     "max_retry_seconds": min(settings.max_retry_seconds, APPLY_MAX_RETRY_SECONDS),
                 }
             )
-            sync = self._syncs[source] = SourceSync(self.engine, source, fast)
+            sync = self._syncs[source] = SourceSync(
+                self.engine, source, fast, consent=self.settings.consent
+            )
         return sync
 
     async def _failed(self, pending: _Pending, exc: Exception) -> None:

@@ -317,6 +317,55 @@ class CustomerProfile(SQLModel, table=True):
     cart_updated_at: datetime | None = _utc()
     as_of: datetime | None = _utc()  # the instant the profile describes (end of --as-of's day)
     computed_at: datetime | None = _utc()  # when the recompute ran
+    # Marketing consent per channel ([consent] in the config): true only when the latest
+    # statement (or the channel's rule or column) says yes; when and where it was stated.
+    consent_email: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
+    consent_email_at: datetime | None = _utc()
+    consent_email_source: str | None = None
+    consent_sms: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
+    consent_sms_at: datetime | None = _utc()
+    consent_sms_source: str | None = None
+    consent_ads: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
+    consent_ads_at: datetime | None = _utc()
+    consent_ads_source: str | None = None
+
+
+class ConsentStatement(SQLModel, table=True):
+    """What a source record says about a person's marketing consent on one channel,
+    extracted when the record is stored (raw payloads may be dropped later). The latest
+    ``stated_at`` per person and channel is the person's consent (see customer_profiles).
+
+    ``source`` names the statement's origin, e.g. ``woocommerce:order:123:_wc_newsletter_optin``
+    (source name, record kind, id, meta key): a record read again replaces its statement.
+    """
+
+    __tablename__ = "consent_statements"
+    __table_args__ = (
+        UniqueConstraint("channel", "source"),
+        Index("ix_consent_statements_customer", "customer_id", "channel", "stated_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False)
+    )
+    channel: str  # email | sms | ads
+    granted: bool
+    stated_at: datetime = _utc(nullable=False)
+    source: str = Field(sa_type=Text)
+    recorded_at: datetime | None = _utc()
+
+
+class ConsentExtracted(SQLModel, table=True):
+    """Per source: the ``[consent]`` configuration its stored records' statements were last
+    read with. A source sync reads them again from the raw payloads when it differs (the
+    upgrade that added consent, a changed meta key)."""
+
+    __tablename__ = "consent_extracted"
+
+    source: str = Field(primary_key=True)
+    config: str = Field(sa_type=Text)
+    extracted_at: datetime | None = _utc()
 
 
 class SegmentMembership(SQLModel, table=True):
@@ -543,3 +592,5 @@ PRIVACY_SECRET = _table(PrivacySecret)
 PRIVACY_REQUESTS = _table(PrivacyRequest)
 PRIVACY_STEPS = _table(PrivacyStep)
 SUPPRESSIONS = _table(Suppression)
+CONSENT_STATEMENTS = _table(ConsentStatement)
+CONSENT_EXTRACTED = _table(ConsentExtracted)

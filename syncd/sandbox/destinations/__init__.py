@@ -18,7 +18,7 @@ import pkgutil
 import time
 from collections.abc import Iterable, Mapping
 from importlib import import_module
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl
 
 from syncd.sandbox.destinations.base import (
@@ -60,6 +60,12 @@ class DestinationSandbox(ServedSandbox):
     ``clock`` is the time source for rate-limit windows and timestamps.
     """
 
+    # Every request of every destination sandbox, when a test session keeps it (None: not
+    # kept): (journal_tag at the time, request). A test suite's end-of-session audit reads
+    # it (tests/conftest.py: no ESP request names a person without the consent needed).
+    journal: ClassVar[list[tuple[str, DestRequest]] | None] = None
+    journal_tag: ClassVar[str] = ""
+
     thread_name = "sandbox-destinations"
     description = "the destination sandbox"
     # Benchmarks open many keep-alive connections at once; the default backlog of 5 would
@@ -93,6 +99,11 @@ class DestinationSandbox(ServedSandbox):
         self.klaviyo = self.vendor("klaviyo", KlaviyoSandbox)
         self.mailchimp = self.vendor("mailchimp", MailchimpSandbox)
         self.webhooks = self.vendor("webhook", WebhookSandbox)
+
+    def journal_request(self, record: DestRequest) -> None:
+        journal = DestinationSandbox.journal
+        if journal is not None:
+            journal.append((DestinationSandbox.journal_tag, record))
 
     # -- addresses --------------------------------------------------------------------------
 

@@ -75,6 +75,9 @@ class DestRequest:
     size: int
     body: Any
     at: float
+    # The adapter's X-Syncd-Consent header: the consent rule of the sync it was sent for.
+    consent: str | None = None
+    user_agent: str | None = None  # syncd's clients say "syncd/<version>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +170,11 @@ class _Vendor(FaultsAndLog[DestRequest]):
             size=len(request.body),
             body=body,
             at=self._sandbox.clock(),
+            consent=request.headers.get("X-Syncd-Consent"),
+            user_agent=request.headers.get("User-Agent"),
         )
         self._record(record)
+        self._sandbox.journal_request(record)
         return response
 
     def _serve(self, request: _Request) -> _Response | None:

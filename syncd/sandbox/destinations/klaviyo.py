@@ -53,6 +53,8 @@ KLAVIYO_RATE_LIMITS: Final[Mapping[str, RateLimit]] = {
     "create_event": RateLimit(350, 3500),
     "bulk_create_events": RateLimit(10, 150),
     "request_profile_deletion": RateLimit(3, 60),
+    "bulk_subscribe_profiles": RateLimit(75, 750),
+    "bulk_unsubscribe_profiles": RateLimit(75, 750),
 }
 
 
@@ -74,7 +76,9 @@ class KlaviyoSandbox(_Vendor):
     State to assert on: ``profiles`` (id -> attributes, with ``properties``),
     ``list_members`` (list id -> set of profile ids), ``events`` (accepted events, in order),
     ``duplicate_events`` (events ignored for a repeated ``unique_id``), ``deletions``
-    (profile deletion requests) and ``jobs`` (bulk import jobs by id). ``profile_by_email``
+    (profile deletion requests), ``jobs`` (bulk import jobs by id) and ``consent``
+    (profile id -> channel -> "SUBSCRIBED" / "UNSUBSCRIBED", set by the subscription jobs,
+    with every job's profiles in ``subscription_jobs``). ``profile_by_email``
     finds a profile id by address. Set ``processing_polls`` to make each new bulk import
     job answer ``processing`` that many times before ``complete``; ``limits`` (operation id
     -> RateLimit) and ``limits_enabled`` control throttling.
@@ -94,6 +98,11 @@ class KlaviyoSandbox(_Vendor):
     # payload size is 5MB."
     MAX_BULK_EVENTS: Final = 1000
     MAX_EVENT_BYTES: Final = 5 * 1024 * 1024
+    # bulk_subscribe_profiles: "Maximum number of profiles can be submitted for
+    # subscription: 1000"; bulk_unsubscribe_profiles: "Maximum number of profiles per call:
+    # 100" (klaviyo/openapi, openapi/stable/apis/bulk_(un)subscribe_profiles.json).
+    MAX_SUBSCRIBE_PROFILES: Final = 1000
+    MAX_UNSUBSCRIBE_PROFILES: Final = 100
     # Paginated job sub-resources: page[size] "Default: 20. Min: 1. Max: 100."
     PAGE_SIZE_DEFAULT: Final = 20
     PAGE_SIZE_MAX: Final = 100
@@ -111,6 +120,8 @@ class KlaviyoSandbox(_Vendor):
         self.duplicate_events = 0
         self.deletions: list[Json] = []
         self.jobs: dict[str, _ImportJob] = {}
+        self.consent: dict[str, dict[str, str]] = {}
+        self.subscription_jobs: list[Json] = []
         self._by_email: dict[str, str] = {}
         self._by_phone: dict[str, str] = {}
         self._by_external: dict[str, str] = {}
@@ -246,6 +257,14 @@ class KlaviyoSandbox(_Vendor):
             ("data-privacy-deletion-jobs", 1, "POST"): (
                 "request_profile_deletion",
                 self._deletion,
+            ),
+            ("profile-subscription-bulk-create-jobs", 1, "POST"): (
+                "bulk_subscribe_profiles",
+                self._subscribe,
+            ),
+            ("profile-subscription-bulk-delete-jobs", 1, "POST"): (
+                "bulk_unsubscribe_profiles",
+                self._unsubscribe,
             ),
         }
         key = (resource, len(parts), method)
@@ -868,6 +887,101 @@ class KlaviyoSandbox(_Vendor):
             self.deletions.append({kind: value, "profile_id": profile_id})
             if profile_id is not None:
                 self._forget(profile_id)
+        return _Response(202)
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def consent_of(self, email: str, channel: str = "email") -> str | None:
+        """A profile's marketing consent on a channel, by address (None: never stated)."""
+        with self.lock:
+            profile_id = self._by_email.get(email.strip().lower())
+            return None if profile_id is None else self.consent.get(profile_id, {}).get(channel)
+
+    def _subscription_list(self, data: Json) -> str | None:
+        """The optional ``relationships.list`` of a subscription job (one list)."""
+        relationships = data.get("relationships")
+        if relationships is None:
+            return None
+        listed = relationships.get("list") if isinstance(relationships, dict) else None
+        entry = listed.get("data") if isinstance(listed, dict) else None
+        pointer = "/data/relationships/list/data"
+        if not isinstance(entry, dict) or entry.get("type") != "list" or not entry.get("id"):
+            raise self._invalid("'list' must have type 'list' and an id.", pointer)
+        list_id = str(entry["id"])
+        if list_id not in self.list_members:
+            raise self._invalid(f"List {list_id} does not exist.", f"{pointer}/id")
+        return list_id
+
+    def _subscription_profiles(
+        self, data: Json, consent: str, limit: int
+    ) -> list[tuple[str, str, str]]:
+        """``(identity field, value, channel)`` of each profile of a (un)subscribe job,
+        checked as the spec's ProfileSubscription(Create|Delete)QueryResourceObject: email
+        or phone_number, and ``subscriptions.<channel>.marketing.consent`` = ``consent``."""
+        entries, pointer = self._entries(data, "profiles", "'profiles' is a required field.")
+        if len(entries) > limit:
+            raise self._invalid(
+                f"A maximum of {limit} profiles can be submitted per request.", pointer
+            )
+        found: list[tuple[str, str, str]] = []
+        for n, entry in enumerate(entries):
+            attrs = self._attributes(entry, "profile", f"{pointer}/{n}")
+            subscriptions = attrs.get("subscriptions")
+            if not isinstance(subscriptions, dict) or not subscriptions:
+                raise self._invalid(
+                    "'subscriptions' is a required field.", f"{pointer}/{n}/attributes"
+                )
+            for channel, params in subscriptions.items():
+                field = {"email": "email", "sms": "phone_number"}.get(channel)
+                marketing = params.get("marketing") if isinstance(params, dict) else None
+                given = marketing.get("consent") if isinstance(marketing, dict) else None
+                where = f"{pointer}/{n}/attributes/subscriptions/{channel}/marketing/consent"
+                if field is None or given != consent:
+                    raise self._invalid(f"'consent' must be '{consent}'.", where)
+                value = attrs.get(field)
+                if not isinstance(value, str) or not value:
+                    raise self._invalid(
+                        f"'{field}' is required to change {channel} consent.",
+                        f"{pointer}/{n}/attributes",
+                    )
+                if field == "email" and not _valid_email(value):
+                    raise self._invalid(
+                        f"Invalid email address: {value}", f"{pointer}/{n}/attributes/email"
+                    )
+                found.append((field, value, channel))
+        return found
+
+    def _subscribe(self, request: _Request, parts: list[str]) -> _Response:
+        data = self._body(request, "profile-subscription-bulk-create-job")
+        list_id = self._subscription_list(data)
+        profiles = self._subscription_profiles(data, "SUBSCRIBED", self.MAX_SUBSCRIBE_PROFILES)
+        with self.lock:
+            for field, value, channel in profiles:
+                # "If a profile cannot be found matching the given identifier(s), a new
+                # profile will be created and then subscribed."
+                profile_id = self._upsert({field: value})
+                self.consent.setdefault(profile_id, {})[channel] = "SUBSCRIBED"
+                if list_id is not None:
+                    self.list_members[list_id].add(profile_id)
+            self.subscription_jobs.append(
+                {"kind": "subscribe", "list": list_id, "profiles": [v for _, v, _ in profiles]}
+            )
+        return _Response(202)
+
+    def _unsubscribe(self, request: _Request, parts: list[str]) -> _Response:
+        data = self._body(request, "profile-subscription-bulk-delete-job")
+        list_id = self._subscription_list(data)
+        profiles = self._subscription_profiles(data, "UNSUBSCRIBED", self.MAX_UNSUBSCRIBE_PROFILES)
+        with self.lock:
+            for field, value, channel in profiles:
+                profile_id = self._upsert({field: value})
+                self.consent.setdefault(profile_id, {})[channel] = "UNSUBSCRIBED"
+                # "All profiles will be removed from the provided list."
+                if list_id is not None:
+                    self.list_members[list_id].discard(profile_id)
+            self.subscription_jobs.append(
+                {"kind": "unsubscribe", "list": list_id, "profiles": [v for _, v, _ in profiles]}
+            )
         return _Response(202)
 
     def _forget(self, profile_id: str) -> None:

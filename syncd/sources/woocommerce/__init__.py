@@ -6,11 +6,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from syncd.config import WooCommerceSourceSettings
-from syncd.sources.base import Source, SourceClient
+from syncd.config import ConsentSettings, WooCommerceSourceSettings
+from syncd.sources.base import Source, SourceClient, Statement
 from syncd.sources.woocommerce import parse
 from syncd.sources.woocommerce.client import WooCommerceClient, variations_path
 from syncd.sources.woocommerce.columns import WOOCOMMERCE_COLUMNS
+from syncd.sources.woocommerce.consent import consent_statements
 from syncd.sources.woocommerce.streams import STREAMS
 from syncd.sources.woocommerce.webhooks import WooCommerceWebhooks
 
@@ -54,6 +55,11 @@ class WooCommerceSource(Source):
 
     def erased(self, payload: Mapping[str, Any]) -> bool:
         return parse.erased_by_eraser(payload)
+
+    def consent_statements(
+        self, entity: str, payload: Mapping[str, Any], settings: ConsentSettings
+    ) -> list[Statement]:
+        return consent_statements(entity, payload, settings)
 
     def account_of(self, order: Any) -> int | None:
         # Guests have customer_id 0.
