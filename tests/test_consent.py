@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select, update
 
 from syncd.config import ConsentSettings, Settings
 from syncd.ingest import SourceSync
@@ -27,7 +27,7 @@ from syncd.sandbox.destinations import DestinationSandbox
 from syncd.segments.recompute import recompute
 from syncd.sources.base import Statement
 from syncd.sources.woocommerce.consent import consent_statements, meta_answer
-from syncd.store.models import CONSENT_STATEMENTS, CUSTOMERS, PROFILES
+from syncd.store.models import CONSENT_EXTRACTED, CONSENT_STATEMENTS, CUSTOMERS, PROFILES
 from tests.consent_audit import ConsentLedger
 from tests.test_cli import base_env, syncd
 from tests.test_profiles import (
@@ -692,3 +692,37 @@ def test_statements_follow_people_when_they_merge(engine: Engine) -> None:
         datetime(2026, 6, 15, 9, tzinfo=UTC),
         "wc:customer:16:" + ACCOUNT_OPT_IN,
     )
+
+
+def test_a_push_waits_until_a_store_from_before_consent_has_read_its_statements(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ConsentLedger.grant("email", *(p.email for p in CONSENTING))
+    ConsentLedger.withdraw("email", UNTICKED.email, ERIN.email)
+    shop = build()
+    sync(engine, shop)
+    klaviyo_list = sandbox.klaviyo.add_list(name="Buyers")
+    config = settings(mappings(sandbox, tmp_path, klaviyo_list))
+    for mapping in load_mappings(config):
+        monkeypatch.setattr(mapping.adapter, "poll_interval", 0.01)
+    # A store upgraded to consent: rows, but no statements read and no profile consent.
+    with engine.begin() as conn:
+        conn.execute(delete(CONSENT_STATEMENTS))
+        conn.execute(delete(CONSENT_EXTRACTED))
+        conn.execute(update(PROFILES).values(consent_email=False, consent_email_at=None))
+
+    refused = run_push(config, engine)
+    assert {r.status for r in refused.values()} == {"failed"}
+    assert "are not read yet" in (refused["kl-buyers"].error or "")
+    assert "syncd sync`, then `syncd segments`" in (refused["kl-buyers"].error or "")
+    assert sandbox.klaviyo.requests == [] and sandbox.mailchimp.requests == []
+
+    sync(engine, shop)  # the first sync after the upgrade reads the stored statements
+    refused = run_push(config, engine)
+    assert "run `syncd segments` before pushing" in (refused["mc-buyers"].error or "")
+    assert sandbox.mailchimp.requests == []
+
+    recompute(engine, config)
+    pushed = run_push(config, engine)
+    assert {r.status for r in pushed.values()} == {"success"}
+    assert sandbox.mailchimp.segment_members(LIST, "buyers") == {p.email for p in CONSENTING}

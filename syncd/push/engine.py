@@ -56,6 +56,7 @@ from syncd.push.rows import (
     PushError,
     RowSource,
     SegmentRows,
+    consent_unread,
     driver_batches,
     quote,
 )
@@ -344,6 +345,10 @@ class _Run:
         batch_size = self.mapping.batch_for(sync, op)
         fingerprint = sync.fingerprint.encode()
         once = spec.mode in ("event", "delete")
+        if sync.consent != "none":
+            with self.engine.connect() as conn:
+                if (unread := consent_unread(conn)) is not None:
+                    raise PushError(f"sync[{spec.name}]: {unread}")
         if not self.dry_run:
             await self.adapter.prepare(sync.target)
         with self.engine.connect() as conn:

@@ -18,13 +18,21 @@ from datetime import datetime
 from typing import Any, Final, Protocol, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Engine, select, text
+from sqlalchemy import ColumnElement, Connection, Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from syncd.mapping import LEGACY_COLUMNS, PERSON_COLUMNS, LoadedSync
 from syncd.runs import iso
 from syncd.sources.base import PushColumns
-from syncd.store.models import CUSTOMERS, MEMBERSHIPS, PROFILES
+from syncd.store.models import (
+    CONSENT_EXTRACTED,
+    CUSTOMER_RECORDS,
+    CUSTOMERS,
+    MEMBERSHIPS,
+    ORDERS,
+    PROFILES,
+    SYNC_RUNS,
+)
 
 __all__ = [
     "READ_CHUNK",
@@ -34,6 +42,7 @@ __all__ = [
     "RowSource",
     "SegmentRows",
     "check_model",
+    "consent_unread",
     "digest",
     "driver_batches",
     "quote",
@@ -208,6 +217,41 @@ class SegmentRows:
             name: proc(value) if proc is not None and value is not None else value
             for name, proc, value in zip(self.names, self.processors, raw, strict=True)
         }
+
+
+def consent_unread(conn: Connection) -> str | None:
+    """Why the profiles' consent columns cannot be trusted yet, or None.
+
+    They are right once every source with rows has read its stored consent statements
+    (``consent_extracted``: the first sync after the upgrade that added consent) and a
+    recompute ran after that. Before, nobody consents: a push would send nobody and take
+    everyone out of mirrored lists.
+    """
+    with_rows = set(conn.execute(select(ORDERS.c.source).distinct()).scalars())
+    with_rows |= set(conn.execute(select(CUSTOMER_RECORDS.c.source).distinct()).scalars())
+    read = dict(
+        conn.execute(select(CONSENT_EXTRACTED.c.source, CONSENT_EXTRACTED.c.extracted_at)).all()
+    )
+    unread = sorted(with_rows - set(read))
+    if unread:
+        return (
+            f"the consent statements of source {', '.join(unread)} are not read yet (the "
+            "store predates consent): run `syncd sync`, then `syncd segments`, before pushing"
+        )
+    latest = max((at for at in read.values() if at is not None), default=None)
+    if latest is None:
+        return None
+    recomputed = conn.execute(
+        select(func.max(SYNC_RUNS.c.started_at)).where(
+            SYNC_RUNS.c.kind == "segments", SYNC_RUNS.c.status.in_(("success", "partial"))
+        )
+    ).scalar()
+    if recomputed is None or recomputed < latest:
+        return (
+            "the profiles' consent is older than the consent statements read at "
+            f"{iso(latest)}: run `syncd segments` before pushing"
+        )
+    return None
 
 
 def consent_condition(sync: LoadedSync) -> list[ColumnElement[bool]]:
