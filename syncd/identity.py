@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import phonenumbers
 
@@ -122,17 +122,7 @@ Kind = Literal[
     "country",
     "external_id",
 ]
-KINDS: Final[tuple[Kind, ...]] = (
-    "email",
-    "phone",
-    "first_name",
-    "last_name",
-    "city",
-    "region",
-    "postcode",
-    "country",
-    "external_id",
-)
+KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
 # One rule: (value, the person's country as ISO alpha-2 or None) -> normalized or None.
 Rule = Callable[[object, "str | None"], "str | None"]
 

@@ -188,6 +188,22 @@ def settings(paths: list[str]) -> Settings:
     )
 
 
+def synced_shop(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Shop, str, Settings]:
+    """The shop synced into ``engine``, a Klaviyo list, and the settings of both ESPs'
+    syncs (with what the shop says of consent told to the session's audit)."""
+    ConsentLedger.grant("email", *(p.email for p in CONSENTING))
+    ConsentLedger.withdraw("email", UNTICKED.email, ERIN.email)
+    shop = build()
+    sync(engine, shop)
+    klaviyo_list = sandbox.klaviyo.add_list(name="Buyers")
+    config = settings(mappings(sandbox, tmp_path, klaviyo_list))
+    for mapping in load_mappings(config):
+        monkeypatch.setattr(mapping.adapter, "poll_interval", 0.01)
+    return shop, klaviyo_list, config
+
+
 def run_push(config: Settings, engine: Engine) -> dict[str, PushResult]:
     results = asyncio.run(push(engine, select_syncs(load_mappings(config), None)))
     return {r.sync: r for r in results}
@@ -266,14 +282,7 @@ def test_latest_statement_wins_across_customer_and_order_meta_with_time_and_sour
 def test_only_consenting_people_reach_the_esps_and_a_withdrawal_unsubscribes_next_run(
     engine: Engine, sandbox: DestinationSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ConsentLedger.grant("email", *(p.email for p in CONSENTING))
-    ConsentLedger.withdraw("email", UNTICKED.email, ERIN.email)
-    shop = build()
-    sync(engine, shop)
-    klaviyo_list = sandbox.klaviyo.add_list(name="Buyers")
-    config = settings(mappings(sandbox, tmp_path, klaviyo_list))
-    for mapping in load_mappings(config):
-        monkeypatch.setattr(mapping.adapter, "poll_interval", 0.01)
+    shop, klaviyo_list, config = synced_shop(engine, sandbox, tmp_path, monkeypatch)
     recompute(engine, config, now=A)
 
     first = run_push(config, engine)
@@ -697,14 +706,7 @@ def test_statements_follow_people_when_they_merge(engine: Engine) -> None:
 def test_a_push_waits_until_a_store_from_before_consent_has_read_its_statements(
     engine: Engine, sandbox: DestinationSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ConsentLedger.grant("email", *(p.email for p in CONSENTING))
-    ConsentLedger.withdraw("email", UNTICKED.email, ERIN.email)
-    shop = build()
-    sync(engine, shop)
-    klaviyo_list = sandbox.klaviyo.add_list(name="Buyers")
-    config = settings(mappings(sandbox, tmp_path, klaviyo_list))
-    for mapping in load_mappings(config):
-        monkeypatch.setattr(mapping.adapter, "poll_interval", 0.01)
+    shop, _, config = synced_shop(engine, sandbox, tmp_path, monkeypatch)
     # A store upgraded to consent: rows, but no statements read and no profile consent.
     with engine.begin() as conn:
         conn.execute(delete(CONSENT_STATEMENTS))
