@@ -9,7 +9,9 @@ Jobs
                             even when no data does;
     ``destination:<sync>``  one per destination sync: chained after a recompute that
                             changed its segment (a SQL-model sync, which can read anything,
-                            after every recompute), and on its own ``schedule`` if it has one.
+                            after every recompute), and on its own ``schedule`` if it has one;
+    ``privacy``             on ``[privacy] schedule``: the due steps of open forget requests,
+                            then the raw-payload retention.
 
 No job ever overlaps itself. A chained request for a job that is running is remembered and
 runs once more right after it; a scheduled trigger that finds its job running is queued
