@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.store.engine import open_store
-from tests.consent_audit import ConsentLedger, violations
+from tests.consent_audit import ConsentLedger, plaintext_findings, violations
 
 FIXTURES = Path(__file__).parent / "fixtures" / "woocommerce"
 POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES_URL")
@@ -34,6 +34,8 @@ def consent_audit() -> Iterator[None]:
         yield
         found = violations(DestinationSandbox.journal, ConsentLedger.said)
         assert not found, "ESP requests without consent:\n" + "\n".join(found[:50])
+        plain = plaintext_findings(DestinationSandbox.journal)
+        assert not plain, "ad-platform requests with plaintext:\n" + "\n".join(plain[:50])
     finally:
         DestinationSandbox.journal = None
 

@@ -36,9 +36,10 @@ from syncd.identity import GOOGLE
 from syncd.mapping import load_mappings
 from syncd.push import push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
+from syncd.sandbox.destinations.base import DestRequest
 from syncd.sandbox.destinations.google import GoogleSandbox
 from syncd.store.models import CUSTOMERS, MEMBERSHIPS, PROFILES
-from tests.consent_audit import ConsentLedger
+from tests.consent_audit import ConsentLedger, _Said, plaintext_findings, violations
 from tests.test_http import FakeTime
 
 API = "https://datamanager.googleapis.com"
@@ -164,7 +165,17 @@ def test_registry_limits_consent_channel_and_match_report_attributes() -> None:
     assert GoogleDestination.default_limits.requests_per_second == 5.0
 
 
-def test_options_check_ids_and_want_a_developer_token_for_the_ads_api() -> None:
+def test_options_check_ids_and_want_a_developer_token_for_the_ads_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GADS_DEVELOPER_TOKEN", "dev-123")
+    ads = GoogleOptions(
+        operating_account_id="1", api="google_ads", developer_token="env:GADS_DEVELOPER_TOKEN"
+    )
+    assert ads.developer_token is not None and ads.developer_token.get_secret_value() == "dev-123"
+    assert "dev-123" not in repr(ads)
+    with pytest.raises(ValidationError, match="GADS_UNSET is not set"):
+        GoogleOptions(operating_account_id="1", api="google_ads", developer_token="env:GADS_UNSET")
     assert GoogleOptions(operating_account_id="123-456-7890").operating_account_id == "1234567890"
     with pytest.raises(ValidationError, match="customer id"):
         GoogleOptions(operating_account_id="acct-1")
@@ -338,6 +349,7 @@ def test_remove_names_what_was_added_and_carries_no_consent_or_terms() -> None:
 
 
 def test_validate_only_for_dry_run_changes_nothing(sandbox: DestinationSandbox) -> None:
+    ConsentLedger.grant("ads", MARY["email"])
     dest = on_sandbox(sandbox)
     dest.validate_only = True
     dest.match_report = MatchReport()
@@ -397,6 +409,7 @@ def test_members_google_names_are_refused_and_the_rest_sent_again() -> None:
 def test_a_refusal_naming_no_member_fails_the_run_after_one_request(
     sandbox: DestinationSandbox,
 ) -> None:
+    ConsentLedger.grant("ads", MARY["email"])
     dest = on_sandbox(sandbox)
     other = SyncTarget("g", "mirror", "404404", GoogleOptions.model_construct(), consent="ads")
     with pytest.raises(ApiError, match="INVALID_USER_LIST_ID"):
@@ -420,6 +433,7 @@ def test_oauth_refreshes_once_when_the_token_expires(
     google = google_of(sandbox)
     dest = on_sandbox(sandbox)
     items = [[Item(str(n), {"email": f"p{n}@example.com"})] for n in range(6)]
+    ConsentLedger.grant("ads", *(f"p{n}@example.com" for n in range(6)))
 
     async def scenario() -> None:
         await dest.send(target(), "add", items[0])
@@ -442,6 +456,7 @@ def test_ads_job_flow_creates_adds_runs_and_polls(
 ) -> None:
     google = google_of(sandbox)
     google.job_polls = 2
+    ConsentLedger.grant("ads", MARY["email"], "b@example.com")
     dest = on_sandbox(sandbox, api="google_ads")
     dest.match_report = MatchReport()
     added = run(
@@ -544,6 +559,7 @@ def test_forget_removes_the_person_by_recorded_and_current_identifiers(
     sandbox: DestinationSandbox,
 ) -> None:
     google = google_of(sandbox)
+    ConsentLedger.grant("ads", MARY["email"], "b@example.com")
     dest = on_sandbox(sandbox)
     added = run(
         dest,
@@ -781,3 +797,39 @@ def test_a_withdrawn_ads_consent_and_an_exit_take_people_out(
     assert google_of(sandbox).hashed_emails(LIST) == {
         sha(f"person{c}@example.com") for c in (1, 3, 4)
     }
+
+
+# --- the session's audit sees Google requests -----------------------------------------------
+
+
+def journal(body: Any, path: str = "/v1/audienceMembers:ingest") -> list[tuple[str, DestRequest]]:
+    record = DestRequest("google", "POST", path, {}, 200, None, 0, body, 0.0, "ads", "syncd/1")
+    return [("t", record)]
+
+
+def test_the_audit_finds_plaintext_and_unhashed_identifiers_in_google_requests() -> None:
+    hashed = {"audienceMembers": [{"userData": {"userIdentifiers": MARY_IDS}}]}
+    assert plaintext_findings(journal(hashed)) == []
+    clear = {"audienceMembers": [{"userData": {"userIdentifiers": [{"emailAddress": "a@b.co"}]}}]}
+    assert plaintext_findings(journal(clear)) == [
+        "t: google /v1/audienceMembers:ingest: emailAddress is not a hash"
+    ]
+    name = {"addressInfo": {"hashedFirstName": "mary", "hashedLastName": sha("major")}}
+    assert plaintext_findings(journal({"operations": [{"create": name}]}, "/x:addOperations")) == [
+        "t: google /x:addOperations: hashedFirstName is not a hash"
+    ]
+    assert plaintext_findings(journal({"note": "call +4930901820"})) == [
+        "t: google /v1/audienceMembers:ingest: plaintext in note"
+    ]
+
+
+def test_the_audit_wants_ads_consent_for_every_hashed_email_google_is_sent() -> None:
+    body = {"audienceMembers": [{"userData": {"userIdentifiers": MARY_IDS}}]}
+    granted = [_Said("t", 0, "ads", MARY["email"].strip().lower(), True)]
+    assert violations(journal(body), granted) == []
+    assert violations(journal(body), []) == [
+        "t: google POST /v1/audienceMembers:ingest adds 1 hashed email(s) of no one with ads "
+        "consent"
+    ]
+    # Removals name people on the way out: exempt.
+    assert violations(journal(body, "/v1/audienceMembers:remove"), []) == []
