@@ -833,3 +833,26 @@ def test_the_audit_wants_ads_consent_for_every_hashed_email_google_is_sent() -> 
     ]
     # Removals name people on the way out: exempt.
     assert violations(journal(body, "/v1/audienceMembers:remove"), []) == []
+
+
+# --- the shipped example ---------------------------------------------------------------------
+
+
+def test_the_shipped_example_mapping_loads_and_a_missing_developer_token_is_named(
+    tmp_path: Path,
+) -> None:
+    from syncd.mapping import ConfigError, load_mapping
+
+    env = {"GOOGLE_CLIENT_ID": "c", "GOOGLE_CLIENT_SECRET": "s", "GOOGLE_REFRESH_TOKEN": "r"}
+    settings = Settings.model_validate({"segments": {"lapsed_vip": {"rule": "orders_count >= 1"}}})
+    example = Path(__file__).parent.parent / "mappings" / "google.toml"
+    mapping = load_mapping(example, settings, env)
+    assert mapping.spec.destination == "google" and mapping.adapter is GoogleDestination
+    (sync,) = mapping.syncs
+    assert sync.consent == "ads" and sync.spec.mode == "mirror"
+    assert all(ref.startswith("env:") for ref in mapping.spec.credentials.values())
+
+    ads = tmp_path / "ads.toml"
+    ads.write_text(example.read_text().replace('# api = "data_manager"', 'api = "google_ads"'))
+    with pytest.raises(ConfigError, match="developer_token"):
+        load_mapping(ads, settings, env)
