@@ -1,6 +1,5 @@
 """The consent audit of a test session: no person without the consent a sync needs appears
-in any request an ESP sandbox (Klaviyo, Mailchimp) or an ad-platform sandbox (Google)
-received, and no ad-platform request carries a plaintext email, phone or name.
+in any request an ESP sandbox (Klaviyo, Mailchimp) received.
 
 Tests say whom their stores gave consent (``ConsentLedger.grant`` / ``withdraw``), in
 terms of the fixtures they build, independently of how syncd reads consent. Every
@@ -14,29 +13,36 @@ Exempt: requests of syncs declared ``consent = "none"`` (the header says so) and
 requests that take people out (an unsubscribe, a list removal, a deletion):
 withdrawing someone names them.
 
-Ad platforms get identifiers hashed: a hashed email in an ad request that adds people
-must be the hash (as that platform normalizes and encodes it) of an address granted
-``ads`` consent, and :func:`plaintext_findings` lists every ad request in which an email
-address or an E.164 phone appears in clear, or a field that must hold a hash does not.
+Ad platforms (Meta, Google) are sent people hashed: a request names an address when it
+carries the address's SHA-256 (for Google, of Google's form of it: gmail.com without dots
+or +tag, hex or base64), and the same consent rule holds. And no ad-platform request may
+carry a plaintext email, phone or name (:func:`plaintext_leaks`).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from syncd.identity import GOOGLE, sha256_hex
+from syncd.identity import GOOGLE
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.destinations.base import DestRequest
 
 ESP_VENDORS = ("klaviyo", "mailchimp")
-AD_VENDORS = ("google",)
-# Fields of an ad request that hold a hashed identifier (Data Manager UserIdentifier and
-# AddressInfo; Google Ads UserIdentifier and OfflineUserAddressInfo).
-HASHED_FIELDS = frozenset(
+AD_VENDORS = ("meta", "google")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A phone number in international form ("+49 30 1234567", E.164): never sent plain. (Bare
+# digit strings are account and audience ids too; a Meta PHONE is checked by its key.)
+_PHONE = re.compile(r"^\+\d[\d ()./-]{6,20}$")
+# Meta's customer-file keys sent unhashed (Custom Audiences guide): EXTERN_ID and MADID.
+_META_UNHASHED = frozenset({"EXTERN_ID", "MADID"})
+# Google's fields that hold a hash (Data Manager UserIdentifier and AddressInfo; Google Ads
+# UserIdentifier and OfflineUserAddressInfo): 64 lower-case hex, or base64 of 32 bytes.
+_GOOGLE_HASHED = frozenset(
     {
         "emailAddress",
         "phoneNumber",
@@ -48,14 +54,14 @@ HASHED_FIELDS = frozenset(
         "hashedLastName",
     }
 )
-_HASH = re.compile(r"^(?:[0-9a-f]{64}|[A-Za-z0-9+/]{43}=)$")
-_PHONE = re.compile(r"\+\d{7,15}\b")
+_GOOGLE_HASH = re.compile(r"^(?:[0-9a-f]{64}|[A-Za-z0-9+/]{43}=)$")
 _EMAIL = re.compile(r"[^@\s\"'<>]+@[^@\s\"'<>]+\.[A-Za-z]{2,}")
 # Requests that remove, unsubscribe or erase: they name people who must not get mail.
 _TAKING_OUT = (
     re.compile(r"^/api/profile-subscription-bulk-delete-jobs/?$"),
     re.compile(r"^/api/data-privacy-deletion-jobs/?$"),
     re.compile(r"/actions/delete-permanent/?$"),
+    re.compile(r"/audienceMembers:remove$"),  # Google Data Manager
 )
 
 
@@ -115,54 +121,75 @@ def _addresses(body: Any) -> Iterator[str]:
                 yield from _addresses(value)
 
 
-def _strings(body: Any, key: str = "") -> Iterator[tuple[str, str]]:
-    """Every string of a request body with the key it sits under."""
+def _strings(body: Any) -> Iterator[str]:
     if isinstance(body, str):
-        yield key, body
+        yield body
     elif isinstance(body, list):
         for value in body:
-            yield from _strings(value, key)
+            yield from _strings(value)
+    elif isinstance(body, dict):
+        for value in body.values():
+            yield from _strings(value)
+
+
+def _digests(address: str) -> set[str]:
+    """The forms an address's hash takes in an ad request: SHA-256 hex of the address and
+    of Google's form of it (gmail.com without dots or +tag), and their base64."""
+    forms = {address, GOOGLE.normalize("email", address) or address}
+    raw = [hashlib.sha256(form.encode()).digest() for form in forms]
+    return {d.hex() for d in raw} | {base64.b64encode(d).decode() for d in raw}
+
+
+def _hashed_addresses(body: Any, said: Sequence[_Said]) -> set[str]:
+    """The addresses of ``said`` whose SHA-256 an ad-platform request body carries."""
+    hashes = {text for text in _strings(body) if _SHA256.match(text) or _GOOGLE_HASH.match(text)}
+    return {entry.address for entry in said if _digests(entry.address) & hashes}
+
+
+def _keyed(body: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """Every value of a request body with the key it sits under."""
+    if isinstance(body, list):
+        for value in body:
+            yield from _keyed(value, key)
     elif isinstance(body, dict):
         for name, value in body.items():
-            yield from _strings(value, str(name))
+            yield from _keyed(value, str(name))
+    else:
+        yield key, body
 
 
-def plaintext_findings(journal: Sequence[tuple[str, DestRequest]]) -> list[str]:
-    """Each ad-platform request with a plaintext email or phone, or a value that is no
-    hash where a hash is required, in words (never quoting the value)."""
+def plaintext_leaks(journal: Sequence[tuple[str, DestRequest]]) -> list[str]:
+    """Each ad-platform request that carried a plaintext email, phone or name, in words:
+    an email or phone anywhere in its body, and in a Meta customer file any value of a
+    hashed key that is not 64 lower-case hex characters."""
     found: list[str] = []
     for test, request in journal:
         if request.vendor not in AD_VENDORS or request.body is None:
             continue
-        for key, text in _strings(request.body):
-            if key in HASHED_FIELDS and not _HASH.match(text):
-                found.append(f"{test}: {request.vendor} {request.path}: {key} is not a hash")
-            elif _EMAIL.search(text) or _PHONE.search(text):
-                found.append(f"{test}: {request.vendor} {request.path}: plaintext in {key}")
+        where = f"{test}: {request.vendor} {request.method} {request.path}"
+        for text in _strings(request.body):
+            if _EMAIL.search(text) or _PHONE.match(text):
+                found.append(f"{where} carries {text!r} in plaintext")
+        payload = request.body.get("payload") if isinstance(request.body, dict) else None
+        if request.vendor == "meta" and isinstance(payload, dict):
+            schema = payload.get("schema")
+            keys = [schema] if isinstance(schema, str) else schema or []
+            for row in payload.get("data") or []:
+                for key, value in zip(keys, row if isinstance(row, list) else [], strict=False):
+                    if key not in _META_UNHASHED and value and not _SHA256.match(str(value)):
+                        found.append(f"{where} carries {key} {value!r} unhashed")
+        if request.vendor == "google":
+            for key, value in _keyed(request.body):
+                if key in _GOOGLE_HASHED and not _GOOGLE_HASH.match(str(value)):
+                    found.append(f"{where} carries {key} {value!r} unhashed")
     return found
 
 
-def _google_hashes(address: str) -> set[str]:
-    """An address as the Google sandbox sees it: hex or base64 SHA-256 of Google's form."""
-    normalized = GOOGLE.normalize("email", address)
-    if normalized is None:
-        return set()
-    digest = sha256_hex(normalized)
-    return {digest, base64.b64encode(bytes.fromhex(digest)).decode()}
-
-
-def _ad_hashed_emails(request: DestRequest) -> set[str]:
-    """The hashed emails of an ad request that adds people (nothing for a removal)."""
-    if request.vendor != "google" or request.path.endswith(":remove"):
-        return set()
-    body = request.body if isinstance(request.body, dict) else {}
-    if request.path.endswith(":addOperations"):
-        adding = [op["create"] for op in body.get("operations") or [] if "create" in op]
-        return {t for k, t in _strings(adding) if k == "hashedEmail"}
-    return {t for k, t in _strings(body.get("audienceMembers")) if k == "emailAddress"}
-
-
 def _takes_out(request: DestRequest) -> bool:
+    if request.vendor == "google" and request.path.endswith(":addOperations"):
+        # A Google Ads job's operations either create or remove members.
+        operations = request.body.get("operations") if isinstance(request.body, dict) else None
+        return bool(operations) and all("remove" in op for op in operations)
     return request.method == "DELETE" or any(p.search(request.path) for p in _TAKING_OUT)
 
 
@@ -173,14 +200,14 @@ def violations(journal: Sequence[tuple[str, DestRequest]], said: Sequence[_Said]
         latest.setdefault((entry.test, entry.channel, entry.address), []).append(entry)
     found: list[str] = []
     for position, (test, request) in enumerate(journal):
-        if request.vendor not in (*ESP_VENDORS, *AD_VENDORS) or _takes_out(request):
+        if request.vendor not in ESP_VENDORS + AD_VENDORS or _takes_out(request):
             continue
         if not (request.user_agent or "").startswith("syncd/"):
             continue  # a test probing the sandbox itself, not syncd sending
         if request.vendor in AD_VENDORS:
-            found += _ad_violations(test, position, request, latest)
-            continue
-        named = set(_addresses(request.body))
+            named = _hashed_addresses(request.body, [s for s in said if s.test == test])
+        else:
+            named = set(_addresses(request.body))
         if not named or request.consent == "none":
             continue
         channel = request.consent
@@ -198,27 +225,3 @@ def violations(journal: Sequence[tuple[str, DestRequest]], said: Sequence[_Said]
                     f"{address}, who has no {channel} consent"
                 )
     return found
-
-
-def _ad_violations(
-    test: str,
-    position: int,
-    request: DestRequest,
-    latest: dict[tuple[str, str, str], list[_Said]],
-) -> list[str]:
-    """An ad request adding a hashed email that no address granted ads consent hashes to."""
-    hashed = _ad_hashed_emails(request)
-    if not hashed or request.consent == "none":
-        return []
-    granted: set[str] = set()
-    for (said_test, channel, address), entries in latest.items():
-        before = [s for s in entries if s.position <= position]
-        if said_test == test and channel == "ads" and before and before[-1].granted:
-            granted |= _google_hashes(address)
-    strangers = len(hashed - granted)
-    if not strangers:
-        return []
-    return [
-        f"{test}: {request.vendor} {request.method} {request.path} adds {strangers} hashed "
-        "email(s) of no one with ads consent"
-    ]

@@ -39,7 +39,7 @@ from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.destinations.base import DestRequest
 from syncd.sandbox.destinations.google import GoogleSandbox
 from syncd.store.models import CUSTOMERS, MEMBERSHIPS, PROFILES
-from tests.consent_audit import ConsentLedger, _Said, plaintext_findings, violations
+from tests.consent_audit import ConsentLedger, _Said, plaintext_leaks, violations
 from tests.test_http import FakeTime
 
 API = "https://datamanager.googleapis.com"
@@ -809,30 +809,64 @@ def journal(body: Any, path: str = "/v1/audienceMembers:ingest") -> list[tuple[s
 
 def test_the_audit_finds_plaintext_and_unhashed_identifiers_in_google_requests() -> None:
     hashed = {"audienceMembers": [{"userData": {"userIdentifiers": MARY_IDS}}]}
-    assert plaintext_findings(journal(hashed)) == []
+    assert plaintext_leaks(journal(hashed)) == []
+    where = "t: google POST /v1/audienceMembers:ingest"
     clear = {"audienceMembers": [{"userData": {"userIdentifiers": [{"emailAddress": "a@b.co"}]}}]}
-    assert plaintext_findings(journal(clear)) == [
-        "t: google /v1/audienceMembers:ingest: emailAddress is not a hash"
+    assert plaintext_leaks(journal(clear)) == [
+        f"{where} carries 'a@b.co' in plaintext",
+        f"{where} carries emailAddress 'a@b.co' unhashed",
     ]
     name = {"addressInfo": {"hashedFirstName": "mary", "hashedLastName": sha("major")}}
-    assert plaintext_findings(journal({"operations": [{"create": name}]}, "/x:addOperations")) == [
-        "t: google /x:addOperations: hashedFirstName is not a hash"
+    ops = journal({"operations": [{"create": name}]}, "/x:addOperations")
+    assert plaintext_leaks(ops) == [
+        "t: google POST /x:addOperations carries hashedFirstName 'mary' unhashed"
     ]
-    assert plaintext_findings(journal({"note": "call +4930901820"})) == [
-        "t: google /v1/audienceMembers:ingest: plaintext in note"
+    assert plaintext_leaks(journal({"phoneNumber": "+4930901820"})) == [
+        f"{where} carries '+4930901820' in plaintext",
+        f"{where} carries phoneNumber '+4930901820' unhashed",
     ]
 
 
-def test_the_audit_wants_ads_consent_for_every_hashed_email_google_is_sent() -> None:
+def test_the_audit_wants_ads_consent_for_googles_form_of_an_address() -> None:
+    # Google hashes gmail addresses without dots and +tag: the audit still knows them.
     body = {"audienceMembers": [{"userData": {"userIdentifiers": MARY_IDS}}]}
-    granted = [_Said("t", 0, "ads", MARY["email"].strip().lower(), True)]
-    assert violations(journal(body), granted) == []
-    assert violations(journal(body), []) == [
-        "t: google POST /v1/audienceMembers:ingest adds 1 hashed email(s) of no one with ads "
-        "consent"
+    address = MARY["email"].strip().lower()
+    assert violations(journal(body), [_Said("t", 0, "ads", address, True)]) == []
+    assert violations(journal(body), [_Said("t", 0, "ads", address, False)]) == [
+        f"t: google POST /v1/audienceMembers:ingest names {address}, who has no ads consent"
     ]
-    # Removals name people on the way out: exempt.
-    assert violations(journal(body, "/v1/audienceMembers:remove"), []) == []
+    encoded = {
+        "audienceMembers": [
+            {
+                "userData": {
+                    "userIdentifiers": [
+                        {
+                            "emailAddress": base64.b64encode(
+                                bytes.fromhex(sha("marymajor@gmail.com"))
+                            ).decode()
+                        }
+                    ]
+                }
+            }
+        ]
+    }
+    assert len(violations(journal(encoded), [_Said("t", 0, "ads", address, False)])) == 1
+    # Removals name people on the way out: exempt, in both APIs.
+    assert (
+        violations(
+            journal(body, "/v1/audienceMembers:remove"), [_Said("t", 0, "ads", address, False)]
+        )
+        == []
+    )
+    removal = {
+        "operations": [
+            {"remove": {"userIdentifiers": [{"hashedEmail": sha("marymajor@gmail.com")}]}}
+        ]
+    }
+    assert (
+        violations(journal(removal, "/v22/x:addOperations"), [_Said("t", 0, "ads", address, False)])
+        == []
+    )
 
 
 # --- the shipped example ---------------------------------------------------------------------

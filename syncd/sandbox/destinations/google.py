@@ -55,6 +55,30 @@ Member = frozenset[str]
 
 
 @dataclass(slots=True)
+class _Audience:
+    """Members by number, and which member holds each identifier (a removal or a merge
+    finds its members without scanning the audience)."""
+
+    members: dict[int, Member] = field(default_factory=dict)
+    holder: dict[str, int] = field(default_factory=dict)
+    next_id: int = 0
+
+    def apply(self, member: Member, *, add: bool) -> None:
+        touching = {self.holder[i] for i in member if i in self.holder}
+        merged = set(member)
+        for number in touching:
+            old = self.members.pop(number)
+            merged |= old
+            for identifier in old:
+                del self.holder[identifier]
+        if add:
+            self.next_id += 1
+            self.members[self.next_id] = frozenset(merged)
+            for identifier in merged:
+                self.holder[identifier] = self.next_id
+
+
+@dataclass(slots=True)
 class _Job:
     customer: str
     user_list: str
@@ -84,7 +108,7 @@ class GoogleSandbox(_Vendor):
         self.token_ttl = token_ttl
         self.tokens: dict[str, float] = {}  # access token -> expiry (sandbox clock)
         self.token_requests = 0
-        self.audiences: dict[str, list[Member]] = {}
+        self.audiences: dict[str, _Audience] = {}
         self.exhaust_every = 0  # every n-th API request answers 429 (0: never)
         self.exhausted = 0
         self.allowlisted = True  # the Google Ads API Customer Match allowlist
@@ -98,22 +122,18 @@ class GoogleSandbox(_Vendor):
 
     def add_user_list(self, list_id: str) -> str:
         with self.lock:
-            self.audiences.setdefault(list_id, [])
+            self.audiences.setdefault(list_id, _Audience())
         return list_id
 
     def hashed_emails(self, list_id: str) -> set[str]:
         """The hex email hashes of the members of ``list_id``."""
         with self.lock:
-            return {
-                i.partition(":")[2]
-                for member in self.audiences.get(list_id, [])
-                for i in member
-                if i.startswith("email:")
-            }
+            audience = self.audiences.get(list_id, _Audience())
+            return {i.partition(":")[2] for i in audience.holder if i.startswith("email:")}
 
     def members(self, list_id: str) -> list[Member]:
         with self.lock:
-            return list(self.audiences.get(list_id, []))
+            return list(self.audiences.get(list_id, _Audience()).members.values())
 
     def expire_tokens(self) -> None:
         """Every access token handed out expires now (the next call answers 401)."""
@@ -356,12 +376,7 @@ class GoogleSandbox(_Vendor):
         return frozenset(found), problems
 
     def _apply(self, list_id: str, member: Member, *, add: bool) -> None:
-        audience = self.audiences[list_id]
-        touching = [m for m in audience if m & member]
-        for m in touching:
-            audience.remove(m)
-        if add:
-            audience.append(frozenset().union(member, *touching))
+        self.audiences[list_id].apply(member, add=add)
 
     # -- the Google Ads API job flow -------------------------------------------------------
 
