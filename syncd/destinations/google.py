@@ -386,9 +386,7 @@ class GoogleDestination(Destination):
             if not identifiers:
                 continue
             report.received += 1
-            if not outcome.ok:
-                report.invalid += 1
-                continue
+            report.invalid += 0 if outcome.ok else 1
             for kind in {KINDS[next(iter(i))] for i in identifiers}:
                 report.carrying[kind] += 1
 
