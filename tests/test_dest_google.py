@@ -20,9 +20,12 @@ from typing import Any
 
 import httpx
 import orjson
+import phonenumbers
 import pytest
 import respx
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine, delete, insert, update
 
@@ -32,7 +35,7 @@ from syncd.destinations import destination_class
 from syncd.destinations.base import Item, MatchReport, Outcome, Person, SyncTarget
 from syncd.destinations.google import GoogleDestination, GoogleOptions, identifiers_of
 from syncd.http import ApiError, AuthError, ServiceClient
-from syncd.identity import GOOGLE
+from syncd.identity import GOOGLE, normalize_phone
 from syncd.mapping import load_mappings
 from syncd.push import push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
@@ -890,3 +893,43 @@ def test_the_shipped_example_mapping_loads_and_a_missing_developer_token_is_name
     ads.write_text(example.read_text().replace('# api = "data_manager"', 'api = "google_ads"'))
     with pytest.raises(ConfigError, match="developer_token"):
         load_mapping(ads, settings, env)
+
+
+# --- phones in E.164 are read without the free-text parser ---------------------------------
+
+
+def _parsed(text: str) -> str | None:
+    """What libphonenumber's parser makes of ``text``: the reference the fast path meets."""
+    try:
+        number = phonenumbers.parse(text, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _examples() -> list[str]:
+    found = []
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for kind in (phonenumbers.PhoneNumberType.FIXED_LINE, phonenumbers.PhoneNumberType.MOBILE):
+            number = phonenumbers.example_number_for_type(region, kind)
+            if number is not None:
+                text = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+                # As stored; one digit short; with a trunk "0" after the country code.
+                found += [text, text[:-1], text[:3] + "0" + text[3:]]
+    return found
+
+
+def test_the_e164_fast_path_agrees_with_libphonenumber_for_every_region() -> None:
+    normalize = normalize_phone.__wrapped__
+    examples = _examples()
+    assert len(examples) > 1000
+    assert [normalize(t, None) for t in examples] == [_parsed(t) for t in examples]
+    assert normalize("+390612345678", None) == "+390612345678"  # Italy keeps its 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(r"\+[1-9][0-9]{5,14}", fullmatch=True))
+def test_the_e164_fast_path_agrees_with_libphonenumber_on_any_digits(text: str) -> None:
+    assert normalize_phone.__wrapped__(text, None) == _parsed(text)

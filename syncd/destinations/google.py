@@ -358,7 +358,8 @@ class GoogleDestination(Destination):
             if self.validate_only:
                 body["validateOnly"] = True
             try:
-                answer, _ = await self.call_json("POST", path, json=body)
+                # The answer is a requestId: Google processes the members asynchronously.
+                await self.call("POST", path, json=body)
             except BatchRejected as refused:
                 named = {
                     i: r for i, r in _violations(refused.__cause__).items() if i < len(pending)
@@ -371,7 +372,6 @@ class GoogleDestination(Destination):
                     outcomes[pending[index]] = Outcome.rejected(reason)
                 pending = [n for i, n in enumerate(pending) if i not in named]
                 continue
-            del answer  # {"requestId"}: processing goes on asynchronously at Google
             for n in pending:
                 outcomes[n] = Outcome.accepted(_stored(members[n]))
             pending = []
