@@ -38,9 +38,10 @@ terms): it fails the run. The Google Ads job flow reports bad operations as a pa
 failure (``enablePartialFailure``), per operation index. 429 RESOURCE_EXHAUSTED is
 transient: ``syncd.http`` backs off and logs ``http.retry``.
 
-``validate_only`` (an instance attribute, for ``syncd push --dry-run``): requests are
-sent with ``validateOnly`` and change nothing at Google; the outcomes say whether Google
-would accept each row.
+``validate_only`` (an instance attribute, meant for ``syncd push --dry-run``; the push
+engine's dry run sends nothing yet): Data Manager requests go with ``validateOnly`` and
+change nothing at Google, and the outcomes say whether Google would take each row; in
+the Google Ads flow only the job is validated (user list, consent, access), not members.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class GoogleDestination(Destination):
         if base_url is None and options.api == "google_ads":
             base_url = GOOGLE_ADS_URL
         self._token_url = options.token_url
-        # Set for syncd push --dry-run: every request says validateOnly.
+        # True: every request says validateOnly (a dry run; see the module's docstring).
         self.validate_only = False
         super().__init__(
             name, credentials, options, base_url=base_url, limits=limits, transport=transport
