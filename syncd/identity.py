@@ -48,11 +48,46 @@ def normalize_country(value: object) -> str | None:
     return code if code in COUNTRIES else None
 
 
+# A number already in E.164 ("+", then at most 15 digits, the country code first; ITU-T
+# E.164 §6): what the store keeps. Read by _e164_number, without libphonenumber's free-text
+# parser (two thirds of the cost of normalizing a phone for an ad platform's upload).
+_CANONICAL_E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+
+
+def _e164_number(text: str) -> phonenumbers.PhoneNumber | None:
+    """The number of a canonical E.164 string, as ``phonenumbers.parse`` reads it when it is
+    valid: country calling codes are prefix-free (E.164 §6.2), so the first 1-3 digits that
+    are one are it; a national number with leading zeros (Italy) keeps them."""
+    digits = text[1:]
+    for size in (1, 2, 3):
+        code = int(digits[:size])
+        if code not in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            continue
+        national = digits[size:]
+        if not national:
+            return None
+        number = phonenumbers.PhoneNumber(country_code=code, national_number=int(national))
+        if len(national) > 1 and national[0] == "0":
+            number.italian_leading_zero = True
+            zeros = min(len(national) - len(national.lstrip("0")), len(national) - 1)
+            if zeros > 1:
+                number.number_of_leading_zeros = zeros
+        return number
+    return None
+
+
 @lru_cache(maxsize=65536)
 def normalize_phone(value: str | None, country: str | None) -> str | None:
     """E.164 (``+14155550123``) using the billing country as the region hint; None when invalid."""
     if not value or not value.strip():
         return None
+    if _CANONICAL_E164.match(value):
+        # Valid as it stands: the same answer as the parser's, faster. Anything else (a
+        # trunk prefix after the country code, an invalid number) goes the long way.
+        fast = _e164_number(value)
+        if fast is not None and phonenumbers.is_valid_number(fast):
+            formatted: str = phonenumbers.format_number(fast, phonenumbers.PhoneNumberFormat.E164)
+            return formatted
     try:
         number = phonenumbers.parse(value, country or None)
     except phonenumbers.NumberParseException:

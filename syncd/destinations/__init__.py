@@ -13,6 +13,7 @@ _ADAPTERS = {
     "mailchimp": "syncd.destinations.mailchimp:MailchimpDestination",
     "woocommerce": "syncd.destinations.woocommerce:WooCommerceDestination",
     "webhook": "syncd.destinations.webhook:WebhookDestination",
+    "google": "syncd.destinations.google:GoogleDestination",
 }
 
 DESTINATION_TYPES = tuple(_ADAPTERS)
