@@ -325,6 +325,8 @@ def print_status(data: dict[str, Any]) -> None:
             )
             line += "; " + _run_line("last run", run) + f" [{counts}]"
         say(line)
+        if run and run["counts"].get("match"):
+            say(f"push {name}: {match_line(run['counts']['match'])}")
     for step in data.get("privacy", {}).get("pending_steps", []):
         say(
             f"privacy request {step['request']} ({step['requested_by']}, "
@@ -332,6 +334,25 @@ def print_status(data: dict[str, Any]) -> None:
             f"{step['attempts']} attempt(s)"
             + (f": {step['last_error']}" if step["last_error"] else "")
         )
+
+
+# The identifier kinds an ad platform's match report counts, as a user reads them.
+_CARRYING_LABELS = {"email": "email", "phone": "phone", "name_postcode": "name + postcode"}
+
+
+def match_line(match: dict[str, Any]) -> str:
+    """An ad platform's report of a run in words: rows it received, rows it found invalid,
+    and the share of rows carrying each identifier kind (what the match rate is made of)."""
+    received = int(match.get("received", 0))
+    line = f"match: {received} rows received, {match.get('invalid', 0)} invalid"
+    carrying = match.get("carrying") or {}
+    if received and carrying:
+        shares = ", ".join(
+            f"{_CARRYING_LABELS.get(kind, kind)} {100 * n / received:.0f}%"
+            for kind, n in sorted(carrying.items())
+        )
+        line += f"; carrying {shares}"
+    return line
 
 
 def _run_line(what: str, run: dict[str, Any]) -> str:
@@ -495,6 +516,8 @@ def print_push(results: Sequence[Any]) -> None:
     for r in results:
         if r.error:
             err.print(f"{r.sync}: failed: {r.error}", markup=False, highlight=False)
+        if r.counts.match is not None and r.status != "dry-run":
+            say(f"{r.sync}: {match_line(r.counts.match.as_json())}")
         for reason, n in r.counts.failed_reasons.most_common(5):
             say(f"{r.sync}: {n} refused: {reason}")
         for reason, n in r.counts.skipped_reasons.most_common(5):

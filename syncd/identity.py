@@ -185,6 +185,36 @@ def _meta_postcode(value: object, country: str | None) -> str | None:
     return "".join(text.lower().split()) or None
 
 
+# US states, the District of Columbia and the territories by name, to their 2-letter
+# ANSI/USPS codes (ANSI INCITS 38): Meta's ST key wants the code ("California" -> "ca").
+_US_STATES: Final[Mapping[str, str]] = {
+    "alabama": "al", "alaska": "ak", "arizona": "az", "arkansas": "ar", "california": "ca",
+    "colorado": "co", "connecticut": "ct", "delaware": "de", "districtofcolumbia": "dc",
+    "florida": "fl", "georgia": "ga", "hawaii": "hi", "idaho": "id", "illinois": "il",
+    "indiana": "in", "iowa": "ia", "kansas": "ks", "kentucky": "ky", "louisiana": "la",
+    "maine": "me", "maryland": "md", "massachusetts": "ma", "michigan": "mi",
+    "minnesota": "mn", "mississippi": "ms", "missouri": "mo", "montana": "mt",
+    "nebraska": "ne", "nevada": "nv", "newhampshire": "nh", "newjersey": "nj",
+    "newmexico": "nm", "newyork": "ny", "northcarolina": "nc", "northdakota": "nd",
+    "ohio": "oh", "oklahoma": "ok", "oregon": "or", "pennsylvania": "pa",
+    "rhodeisland": "ri", "southcarolina": "sc", "southdakota": "sd", "tennessee": "tn",
+    "texas": "tx", "utah": "ut", "vermont": "vt", "virginia": "va", "washington": "wa",
+    "westvirginia": "wv", "wisconsin": "wi", "wyoming": "wy", "puertorico": "pr",
+    "guam": "gu", "americansamoa": "as", "northernmarianaislands": "mp",
+    "usvirginislands": "vi", "virginislands": "vi",
+}  # fmt: skip
+
+
+def _meta_region(value: object, country: str | None) -> str | None:
+    # Meta's ST: "the 2-character ANSI abbreviation code in lowercase"; outside the US,
+    # lower case without punctuation, special characters or spaces (Custom Audiences,
+    # "Hashing and normalization"). A US state spelled out becomes its code.
+    letters = _letters_rule(value, country)
+    if letters is None or country not in (None, "US"):
+        return letters
+    return _US_STATES.get(letters, letters)
+
+
 def _google_email(value: object, country: str | None) -> str | None:
     email = normalize_email(value)
     if email is None:
@@ -227,7 +257,7 @@ META: Final = Profile(
         "first_name": _letters_rule,
         "last_name": _letters_rule,
         "city": _letters_rule,
-        "region": _letters_rule,
+        "region": _meta_region,
         "postcode": _meta_postcode,
         "country": lambda v, c: (normalize_country(v) or "").lower() or None,
         "external_id": lambda v, c: identifier_text(v),

@@ -30,7 +30,12 @@ def test_every_vendor_module_is_served_under_its_prefix(sandbox: DestinationSand
     # A new destination's sandbox is one module of syncd/sandbox/destinations/: it is found
     # and served without a line elsewhere.
     names = {vendor.name: vendor.prefix for vendor in sandbox.vendors()}
-    assert names == {"klaviyo": "/klaviyo", "mailchimp": "/mailchimp/3.0", "webhook": "/webhook"}
+    assert names == {
+        "klaviyo": "/klaviyo",
+        "mailchimp": "/mailchimp/3.0",
+        "meta": "/meta",
+        "webhook": "/webhook",
+    }
     for vendor in sandbox.vendors():
         answer = httpx.get(sandbox.vendor_url(vendor.name) + "/nothing-here", timeout=10)
         assert answer.status_code != 200

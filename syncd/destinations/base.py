@@ -36,6 +36,7 @@ import asyncio
 import builtins
 import contextlib
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -47,7 +48,7 @@ from collections.abc import (
     Sequence,
 )
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -74,6 +75,7 @@ __all__ = [
     "Handler",
     "Item",
     "JobTimeout",
+    "MatchReport",
     "Mode",
     "NoOptions",
     "Op",
@@ -248,6 +250,20 @@ def _tagged(headers: Mapping[str, str] | None) -> dict[str, str]:
 T = TypeVar("T")
 
 
+@dataclass
+class MatchReport:
+    """What an ad platform said of one sync's rows in a run: rows it received, rows it
+    reported invalid, and how many rows carried each identifier kind (what a match rate
+    is made of)."""
+
+    received: int = 0
+    invalid: int = 0
+    carrying: Counter[str] = field(default_factory=Counter)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"received": self.received, "invalid": self.invalid, "carrying": dict(self.carrying)}
+
+
 class Destination(ABC):
     """One destination account, as named by a mapping file.
 
@@ -287,6 +303,12 @@ class Destination(ABC):
     poll_interval: float = 1.0
     poll_backoff: float = 2.0
     poll_interval_max: float = 30.0
+    # Ad platforms: the push engine gives the adapter a fresh MatchReport per sync run
+    # (``self.match_report``) and records it in the run's counts; ``min_audience`` is the
+    # platform's minimum matched audience before it serves ads (the pre-flight warns below it).
+    reports_match: ClassVar[bool] = False
+    min_audience: ClassVar[int | None] = None
+    match_report: MatchReport | None = None
 
     def __init__(
         self,

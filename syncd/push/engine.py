@@ -39,7 +39,7 @@ from typing import Any, Final, NamedTuple, TypeVar, cast
 import structlog
 from sqlalchemy import Connection, Engine, delete, select
 
-from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome
+from syncd.destinations.base import BatchRejected, Destination, Item, MatchReport, Op, Outcome
 from syncd.mapping import (
     LEGACY_COLUMNS,
     PERSON_COLUMNS,
@@ -117,9 +117,13 @@ class PushCounts:
     requests: int = 0
     skipped_reasons: Counter[str] = field(default_factory=Counter)
     failed_reasons: Counter[str] = field(default_factory=Counter)
+    # An ad platform's own account of the rows (Destination.reports_match), else None.
+    match: MatchReport | None = None
 
     def as_json(self) -> dict[str, Any]:
+        extra = {"match": self.match.as_json()} if self.match is not None else {}
         return {
+            **extra,
             "added": self.added,
             "updated": self.updated,
             "removed": self.removed,
@@ -850,6 +854,9 @@ async def push_sync(
         clock=clock,
     )
     error: str | None = None
+    if adapter.reports_match:
+        # What the platform says of this run's rows: the adapter adds to it per request.
+        adapter.match_report = state.counts.match = MatchReport()
     try:
         await state.run()
     except asyncio.CancelledError:
@@ -911,6 +918,7 @@ async def push_sync(
         duration_s=round(result.duration_s, 3),
         **{k: v for k, v in counts.as_json().items() if not k.endswith("_reasons")},
     )
+    adapter.match_report = None
     return result
 
 
