@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from syncd.sandbox.destinations import DestinationSandbox
 from syncd.store.engine import open_store
-from tests.consent_audit import ConsentLedger, violations
+from tests.consent_audit import ConsentLedger, plaintext_leaks, violations
 
 FIXTURES = Path(__file__).parent / "fixtures" / "woocommerce"
 POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES_URL")
@@ -27,13 +27,16 @@ POSTGRES_URL = os.environ.get("SYNCD_TEST_POSTGRES_URL")
 def consent_audit() -> Iterator[None]:
     """The session's consent audit (tests/consent_audit.py): every destination sandbox
     request is journaled, and at the end no ESP request may name a person without the
-    consent its sync needs."""
+    consent its sync needs, and no ad-platform request carries a plaintext email, phone
+    or name."""
     DestinationSandbox.journal = []
     ConsentLedger.said = []
     try:
         yield
         found = violations(DestinationSandbox.journal, ConsentLedger.said)
         assert not found, "ESP requests without consent:\n" + "\n".join(found[:50])
+        leaks = plaintext_leaks(DestinationSandbox.journal)
+        assert not leaks, "ad-platform requests with plaintext:\n" + "\n".join(leaks[:50])
     finally:
         DestinationSandbox.journal = None
 

@@ -12,10 +12,15 @@ the same test and before that request, a latest statement granting the header's 
 Exempt: requests of syncs declared ``consent = "none"`` (the header says so) and
 requests that take people out (an unsubscribe, a list removal, a deletion):
 withdrawing someone names them.
+
+Ad platforms (Meta, Google) are sent people hashed: a request names an address when it
+carries the address's SHA-256, and the same consent rule holds. And no ad-platform
+request may carry a plaintext email, phone or name (:func:`plaintext_leaks`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +30,13 @@ from syncd.sandbox.destinations import DestinationSandbox
 from syncd.sandbox.destinations.base import DestRequest
 
 ESP_VENDORS = ("klaviyo", "mailchimp")
+AD_VENDORS = ("meta", "google")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A phone number in international form ("+49 30 1234567", E.164): never sent plain. (Bare
+# digit strings are account and audience ids too; a Meta PHONE is checked by its key.)
+_PHONE = re.compile(r"^\+\d[\d ()./-]{6,20}$")
+# Meta's customer-file keys sent unhashed (Custom Audiences guide): EXTERN_ID and MADID.
+_META_UNHASHED = frozenset({"EXTERN_ID", "MADID"})
 _EMAIL = re.compile(r"[^@\s\"'<>]+@[^@\s\"'<>]+\.[A-Za-z]{2,}")
 # Requests that remove, unsubscribe or erase: they name people who must not get mail.
 _TAKING_OUT = (
@@ -90,6 +102,50 @@ def _addresses(body: Any) -> Iterator[str]:
                 yield from _addresses(value)
 
 
+def _strings(body: Any) -> Iterator[str]:
+    if isinstance(body, str):
+        yield body
+    elif isinstance(body, list):
+        for value in body:
+            yield from _strings(value)
+    elif isinstance(body, dict):
+        for value in body.values():
+            yield from _strings(value)
+
+
+def _hashed_addresses(body: Any, said: Sequence[_Said]) -> set[str]:
+    """The addresses of ``said`` whose SHA-256 an ad-platform request body carries."""
+    hashes = {text for text in _strings(body) if _SHA256.match(text)}
+    return {
+        entry.address
+        for entry in said
+        if hashlib.sha256(entry.address.encode()).hexdigest() in hashes
+    }
+
+
+def plaintext_leaks(journal: Sequence[tuple[str, DestRequest]]) -> list[str]:
+    """Each ad-platform request that carried a plaintext email, phone or name, in words:
+    an email or phone anywhere in its body, and in a Meta customer file any value of a
+    hashed key that is not 64 lower-case hex characters."""
+    found: list[str] = []
+    for test, request in journal:
+        if request.vendor not in AD_VENDORS or request.body is None:
+            continue
+        where = f"{test}: {request.vendor} {request.method} {request.path}"
+        for text in _strings(request.body):
+            if _EMAIL.search(text) or _PHONE.match(text):
+                found.append(f"{where} carries {text!r} in plaintext")
+        payload = request.body.get("payload") if isinstance(request.body, dict) else None
+        if request.vendor == "meta" and isinstance(payload, dict):
+            schema = payload.get("schema")
+            keys = [schema] if isinstance(schema, str) else schema or []
+            for row in payload.get("data") or []:
+                for key, value in zip(keys, row if isinstance(row, list) else [], strict=False):
+                    if key not in _META_UNHASHED and value and not _SHA256.match(str(value)):
+                        found.append(f"{where} carries {key} {value!r} unhashed")
+    return found
+
+
 def _takes_out(request: DestRequest) -> bool:
     return request.method == "DELETE" or any(p.search(request.path) for p in _TAKING_OUT)
 
@@ -101,11 +157,14 @@ def violations(journal: Sequence[tuple[str, DestRequest]], said: Sequence[_Said]
         latest.setdefault((entry.test, entry.channel, entry.address), []).append(entry)
     found: list[str] = []
     for position, (test, request) in enumerate(journal):
-        if request.vendor not in ESP_VENDORS or _takes_out(request):
+        if request.vendor not in ESP_VENDORS + AD_VENDORS or _takes_out(request):
             continue
         if not (request.user_agent or "").startswith("syncd/"):
             continue  # a test probing the sandbox itself, not syncd sending
-        named = set(_addresses(request.body))
+        if request.vendor in AD_VENDORS:
+            named = _hashed_addresses(request.body, [s for s in said if s.test == test])
+        else:
+            named = set(_addresses(request.body))
         if not named or request.consent == "none":
             continue
         channel = request.consent
