@@ -13,6 +13,10 @@ import asyncio
 import hashlib
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,10 +46,12 @@ from syncd.identity import META
 from syncd.mapping import load_mappings
 from syncd.push import PushResult, push, select_syncs
 from syncd.sandbox.destinations import DestinationSandbox
-from syncd.sandbox.destinations.meta import MetaSandbox
+from syncd.sandbox.destinations.meta import MetaSandbox, ReplaceSession
 from syncd.status import collect_status
-from syncd.store.models import CUSTOMERS, MEMBERSHIPS, PROFILES, SYNC_RUNS
+from syncd.store.engine import open_store
+from syncd.store.models import CUSTOMERS, MEMBERSHIPS, PROFILES, SYNC_RUNS, SYNC_STATE
 from tests.consent_audit import ConsentLedger
+from tests.test_cli import base_env
 
 T = TypeVar("T")
 TOKEN = "EAAB-system-user-token"
@@ -163,14 +169,9 @@ def test_rows_follow_the_schema_built_from_the_fields_and_only_extern_id_is_plai
 
 def test_registry_limits_and_options() -> None:
     assert destination_class("meta") is MetaDestination
-    assert (
-        MetaDestination.max_batch
-        == {"add": MAX_ROWS, "remove": MAX_ROWS}
-        == {
-            "add": 10_000,
-            "remove": 10_000,
-        }
-    )
+    assert MetaDestination.max_batch == {"add": 10_000, "remove": 10_000, "replace": 10_000}
+    assert MAX_ROWS == 10_000
+    assert MetaDestination.modes == {"mirror", "replace"}
     assert MetaDestination.consent_channel == "ads"
     assert MetaDestination.reports_match and MetaDestination.min_audience == 100
     assert MetaDestination.client_class is MetaClient
@@ -499,3 +500,164 @@ def test_error_17_at_intervals_delivers_every_row_once_and_logs_the_back_off(
     retries = [e for e in logs if e["event"] == "http.retry"]
     assert len(retries) == len(throttled) and all(e["wait"] >= 0 for e in retries)
     assert result.counts.match is not None and result.counts.match.received == 30
+
+
+# --- replace: usersreplace sessions ------------------------------------------------------------
+
+
+def replace_target() -> SyncTarget:
+    return SyncTarget(
+        name="ca", mode="replace", object=AUDIENCE, options=MetaOptions(), consent="ads"
+    )
+
+
+@respx.mock
+def test_replace_batches_carry_one_session_numbered_from_1_with_the_last_flagged() -> None:
+    route = respx.post(f"{GRAPH}/v25.0/{AUDIENCE}/usersreplace").mock(
+        side_effect=[answer(2), meta_error(2650, 1870145), answer(1)]
+    )
+    dest = make()
+    dest.begin_replace(replace_target(), 3, None)
+    first = [Item("1", {"EMAIL": "mary@example.com"}), Item("2", {"EMAIL": "b@example.com"})]
+    assert all(o.ok for o in run(dest.send(replace_target(), "replace", first)))
+    # Replace in progress elsewhere (subcode 1870145) passes: retried like throttling.
+    run(dest.send(replace_target(), "replace", [Item("3", {"EMAIL": "c@example.com"})]))
+    sessions = [orjson.loads(c.request.content)["session"] for c in route.calls]
+    sid = sessions[0]["session_id"]
+    assert 0 < sid < 2**63
+    assert sessions == [
+        {"session_id": sid, "batch_seq": 1, "last_batch_flag": False, "estimated_num_total": 3},
+        {"session_id": sid, "batch_seq": 2, "last_batch_flag": True, "estimated_num_total": 3},
+        {"session_id": sid, "batch_seq": 2, "last_batch_flag": True, "estimated_num_total": 3},
+    ]
+    assert orjson.loads(route.calls[0].request.content)["payload"]["data"][0] == [MARY]
+    state = dest.replace_state()
+    assert state["session_id"] == sid and state["next_seq"] == 3 and state["rows"] == 3
+    # A session left open is resumed after its last acknowledged batch.
+    other = make()
+    other.begin_replace(replace_target(), 5, state)
+    assert other.replace_state() == state
+    run(dest.aclose())
+    run(other.aclose())
+
+
+@respx.mock
+def test_a_session_meta_no_longer_takes_restarts_the_replace() -> None:
+    from syncd.destinations.base import ReplaceRestart
+
+    respx.post(f"{GRAPH}/v25.0/{AUDIENCE}/usersreplace").mock(
+        return_value=meta_error(2650, 1870158)
+    )
+    dest = make()
+    dest.begin_replace(replace_target(), 1, None)
+    with pytest.raises(ReplaceRestart):
+        run(dest.send(replace_target(), "replace", [Item("1", {"EMAIL": "a@example.com"})]))
+    run(dest.aclose())
+
+
+def replace_settings(sandbox: DestinationSandbox, tmp_path: Path, batch: int = 5) -> Settings:
+    settings = settings_for(sandbox, tmp_path, batch=batch)
+    path = tmp_path / "meta.toml"
+    path.write_text(path.read_text().replace('mode = "mirror"', 'mode = "replace"'))
+    return settings
+
+
+def open_sessions(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(select(SYNC_STATE.c.state).where(SYNC_STATE.c.stream == "replace"))
+        )
+
+
+def test_replace_across_three_changes_equals_the_segment(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    settings = replace_settings(sandbox, tmp_path)
+    meta = sandbox.vendor("meta", MetaSandbox)
+    add_people(engine, range(1, 13))
+    first = run_push(settings, engine)
+    assert first.status == "success", first.error
+    assert audience_emails(sandbox) == hashed(set(range(1, 13)))
+    assert first.counts.added == 12 and first.counts.requests == 3
+    for leaving, entering in (([1, 2], [13]), ([13, 3], [1, 14, 15]), (list(range(4, 12)), [])):
+        leave(engine, leaving)
+        new = [cid for cid in entering if cid > 12]
+        if new:
+            add_people(engine, new)
+        if old := [cid for cid in entering if cid <= 12]:
+            enter(engine, old)
+        result = run_push(settings, engine)
+        assert result.status == "success", result.error
+        assert result.counts.removed == len(leaving)
+        assert audience_emails(sandbox) == hashed(members(engine))
+    sessions = meta.audiences[AUDIENCE].sessions
+    assert len(sessions) == 4 and all(s.done for s in sessions.values())
+    assert [sorted(s.batches) for s in sessions.values()] == [[1, 2, 3], [1, 2, 3], [1, 2, 3], [1]]
+    assert open_sessions(engine) == []
+    assert meta.plaintext == []
+
+
+def test_a_timed_out_session_is_started_again(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    settings = replace_settings(sandbox, tmp_path)
+    meta = sandbox.vendor("meta", MetaSandbox)
+    add_people(engine, range(1, 9))
+    with engine.begin() as conn:  # a run cut off mid-session left its session open...
+        conn.execute(
+            insert(SYNC_STATE).values(
+                source="push:meta-vip",
+                stream="replace",
+                state={"session_id": 77, "next_seq": 2, "started": time.time(), "rows": 5},
+            )
+        )
+    # ...two hours ago: Meta answers 1870158 and syncd starts a new session.
+    old = meta.audiences[AUDIENCE].sessions[77] = ReplaceSession(77, time.time() - 2 * 3600)
+    with structlog.testing.capture_logs() as logs:
+        result = run_push(settings, engine)
+    assert result.status == "success", result.error
+    assert [e["event"] for e in logs].count("push.replace_restarted") == 1
+    assert audience_emails(sandbox) == hashed(set(range(1, 9)))
+    assert not old.done and open_sessions(engine) == []
+
+
+def test_replace_killed_mid_session_then_run_again_ends_with_the_segment(
+    store_url: str, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    engine = open_store(store_url)
+    meta = sandbox.vendor("meta", MetaSandbox)
+    settings = replace_settings(sandbox, tmp_path)
+    add_people(engine, range(1, 21))
+    assert run_push(settings, engine).status == "success"
+    leave(engine, [20])
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[store]\nurl = "{store_url}"\n[segments.vip]\nrule = "orders_count >= 1"\n'
+        '[destinations]\nmappings = ["meta.toml"]\n'
+    )
+    meta.stall_at_seq = 3  # batches 1 and 2 of four go in, the third hangs: kill
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncd", "--config", str(config), "push"],
+        env=base_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert meta.stalled.wait(timeout=60), "the killed run never reached its third batch"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        meta.release.set()
+    (left,) = [s for s in meta.audiences[AUDIENCE].sessions.values() if not s.done]
+    assert left.batches == {1, 2}
+    (state,) = open_sessions(engine)
+    assert state[0]["session_id"] == left.id and state[0]["next_seq"] == 3
+    # Between the kill and the rerun, someone the cut-off session sent leaves.
+    leave(engine, [1])
+    meta.stall_at_seq = None
+    result = run_push(settings, engine)
+    assert result.status == "success", result.error
+    assert left.done and left.batches == {1, 2, 3, 4, 5, 6}  # resumed, not a second session
+    assert audience_emails(sandbox) == hashed(members(engine)) == hashed(set(range(2, 20)))
+    assert open_sessions(engine) == []
+    engine.dispose()

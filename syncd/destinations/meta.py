@@ -32,6 +32,8 @@ not exist or the token cannot see it) and 1713230 (a flagged audience): those, l
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
@@ -48,6 +50,7 @@ from syncd.destinations.base import (
     Outcome,
     Person,
     Receipt,
+    ReplaceRestart,
     SyncTarget,
 )
 from syncd.http import ApiError, ServiceClient, ServiceLimits
@@ -85,6 +88,15 @@ THROTTLING_CODES: Final = frozenset({4, 17, 32, 613, *range(80000, 80015)})
 # usersreplace: "an update is already in progress on this audience" (error 2650, subcode
 # 1870145; Custom Audiences guide, "Replace users"): it passes when the other session ends.
 REPLACE_IN_PROGRESS: Final = (2650, 1870145)
+# usersreplace answers (error 2650) after which the session takes no more batches: 1870158
+# the session's 90 minutes are over, 1870147 a first batch_seq other than 1 (Meta never
+# opened the session), 1870159 the session already finished (Custom Audiences guide,
+# "Replace users"). A new session starts the replace again.
+SESSION_OVER: Final = frozenset({1870158, 1870147, 1870159})
+# "A session ... automatically closes 90 minutes after the first batch; batches received
+# later are discarded": syncd resumes a cut-off session only well within that.
+SESSION_SECONDS: Final = 90 * 60
+_RESUME_MARGIN: Final = 10 * 60
 # Code 100 subcodes that are not the batch's content: 33 the object does not exist (or
 # the token may not see it), 1713230 an audience flagged for integrity review (Custom
 # Audience Users reference, "Flagged custom and lookalike audiences").
@@ -254,8 +266,12 @@ class MetaDestination(Destination):
     """A Meta ad account's customer-list custom audiences (``object``: the audience id)."""
 
     type = "meta"
-    modes = frozenset({"mirror"})
-    max_batch: ClassVar[Mapping[str, int]] = {"add": MAX_ROWS, "remove": MAX_ROWS}
+    modes = frozenset({"mirror", "replace"})
+    max_batch: ClassVar[Mapping[str, int]] = {
+        "add": MAX_ROWS,
+        "remove": MAX_ROWS,
+        "replace": MAX_ROWS,
+    }
     consent_channel = "ads"
     credential_names = ("access_token",)
     # The custom_audience Business Use Case allows about 190,000 calls an hour per ad
@@ -264,7 +280,7 @@ class MetaDestination(Destination):
     # usage header for the rest.
     default_limits = ServiceLimits(concurrency=2, requests_per_second=2.0)
     Options = MetaOptions
-    object_required = frozenset({"mirror"})
+    object_required = frozenset({"mirror", "replace"})
     client_class = MetaClient
     reports_match = True
     # "Your audience must contain at least 100 people" before ads are delivered to it
@@ -288,8 +304,11 @@ class MetaDestination(Destination):
             return "access_token is empty: a system user's token (Business Settings)"
         return None
 
+    def setup(self) -> None:
+        self._session: dict[str, Any] | None = None
+
     def handlers(self) -> Mapping[Op, Handler]:
-        return {"add": self._add, "remove": self._remove}
+        return {"add": self._add, "remove": self._remove, "replace": self._replace}
 
     @property
     def version(self) -> str:
@@ -348,6 +367,72 @@ class MetaDestination(Destination):
             json={"payload": {"schema": schema, "data": rows}},
         )
         return body
+
+    # -- replace: usersreplace sessions ---------------------------------------------------------
+
+    def begin_replace(
+        self, target: SyncTarget, total: int, resume: Mapping[str, Any] | None
+    ) -> None:
+        # A session: session_id an advertiser-chosen positive 64-bit integer unique in
+        # the ad account, batch_seq from 1, last_batch_flag on the last batch,
+        # estimated_num_total the rows the session will carry (Custom Audiences guide,
+        # "Replace users"; usersreplace reference).
+        started = resume.get("started") if resume else None
+        if (
+            resume
+            and isinstance(started, int | float)
+            and time.time() - started < SESSION_SECONDS - _RESUME_MARGIN
+        ):
+            self._session = {
+                "session_id": int(resume["session_id"]),
+                "next_seq": int(resume["next_seq"]),
+                "started": float(started),
+                "rows": int(resume.get("rows", 0)),
+            }
+        else:
+            self._session = {
+                "session_id": secrets.randbits(62) + 1,
+                "next_seq": 1,
+                "started": time.time(),
+                "rows": 0,
+            }
+        self._session["total"] = self._session["rows"] + total
+
+    def replace_state(self) -> dict[str, Any]:
+        if self._session is None:
+            raise RuntimeError("no replace session: begin_replace first")
+        return {k: v for k, v in self._session.items() if k != "total"}
+
+    async def _replace(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
+        session = self._session
+        if session is None:
+            raise RuntimeError("meta: a replace batch outside a session (begin_replace first)")
+        schema, rows, carried = meta_rows(items)
+        seq = session["next_seq"]
+        last = session["rows"] + len(rows) >= session["total"]
+        try:
+            body, _ = await self.call_json(
+                "POST",
+                f"/{self.version}/{target.object}/usersreplace",
+                json={
+                    "payload": {"schema": schema, "data": rows},
+                    "session": {
+                        "session_id": session["session_id"],
+                        "batch_seq": seq,
+                        "last_batch_flag": last,
+                        "estimated_num_total": session["total"],
+                    },
+                },
+            )
+        except ApiError as exc:
+            code, sub = meta_error(exc.body)
+            if code == 2650 and sub in SESSION_OVER:
+                raise ReplaceRestart(exc.message) from exc
+            raise
+        session["next_seq"] = seq + 1
+        session["rows"] += len(rows)
+        self._report(body, carried)
+        return [Outcome.accepted(member_id(dict(zip(schema, row, strict=True)))) for row in rows]
 
     def _report(self, body: Any, carried: MatchReport) -> None:
         report = self.match_report

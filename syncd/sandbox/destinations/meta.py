@@ -10,13 +10,24 @@ values are also kept in ``plaintext`` so tests can assert that none was ever sen
 
 The audience is a set of people, each known by the first of their EMAIL, PHONE and
 EXTERN_ID values (then the whole row), so an add and a later remove of one person meet.
+``POST /<audience_id>/usersreplace`` takes a ``session`` (``session_id``, ``batch_seq``
+from 1, ``last_batch_flag``, ``estimated_num_total``); the session's rows become the
+audience when its last batch arrives. Error 2650 with the guide's subcodes: 1870145 while
+another session of the audience is open (and for ``/users`` writes meanwhile), 1870147 a
+new session not starting at batch 1, 1870158 a session older than 90 minutes, 1870159 a
+session already finished. A batch number sent again is taken again (inferred: the guide
+does not say; syncd never relies on it, it resumes after the last acknowledged batch).
+
 ``throttle_every`` answers every n-th request with error 17 ("User request limit
-reached", subcode 2446079), as Meta does: HTTP 400 with the error body.
+reached", subcode 2446079), as Meta does: HTTP 400 with the error body. ``stall_at_seq``
+holds the replace batch of that number until ``release`` is set, then answers 503 without
+taking it: the batch in flight when a client is killed mid-session.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -48,7 +59,22 @@ KEYS_HASHED: Final = {
 }
 MAX_ROWS: Final = 10_000
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_PATH = re.compile(r"^/(v\d+\.\d+)/(\d+)/users/?$")
+_PATH = re.compile(r"^/(v\d+\.\d+)/(\d+)/(users|usersreplace)/?$")
+SESSION_SECONDS: Final = 90 * 60
+Row = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class ReplaceSession:
+    """One usersreplace session: its rows so far, and whether its last batch came."""
+
+    id: int
+    started: float
+    staged: dict[str, Row] = field(default_factory=dict)
+    batches: set[int] = field(default_factory=set)
+    done: bool = False
+
+
 _IDENTITY_KEYS: Final = ("EMAIL", "PHONE", "EXTERN_ID")
 
 
@@ -58,9 +84,16 @@ class MetaAudience:
 
     id: str
     name: str = ""
-    members: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    members: dict[str, Row] = field(default_factory=dict)
     received: int = 0
     invalid: int = 0
+    sessions: dict[int, ReplaceSession] = field(default_factory=dict)
+
+    def open_session(self, now: float) -> ReplaceSession | None:
+        for session in self.sessions.values():
+            if not session.done and now - session.started <= SESSION_SECONDS:
+                return session
+        return None
 
     def values(self, key: str) -> set[str]:
         """Every member's value of ``key`` (a hash, for hashed keys)."""
@@ -82,6 +115,9 @@ class MetaSandbox(_Vendor):
         # Values of hashed keys that were not hashes: a plaintext email or phone sent.
         self.plaintext: list[str] = []
         self.throttle_every: int | None = None
+        self.stall_at_seq: int | None = None
+        self.stalled = threading.Event()
+        self.release = threading.Event()
         self._count = 0
 
     def add_audience(self, audience_id: str, name: str = "") -> MetaAudience:
@@ -100,6 +136,70 @@ class MetaSandbox(_Vendor):
         error["fbtrace_id"] = "AsandboxTrace"
         error.update(extra)
         return _Response(status, orjson.dumps({"error": error}), _JSON)
+
+    def _in_progress(self) -> _Response:
+        return self._error(
+            400,
+            2650,
+            "Audience update in progress: a replace session of this audience is still open",
+            1870145,
+        )
+
+    def _replace(
+        self,
+        audience: MetaAudience,
+        session: Any,
+        schema: list[str],
+        rows: list[list[str]],
+        now: float,
+    ) -> _Response:
+        if not isinstance(session, dict) or not all(
+            k in session for k in ("session_id", "batch_seq", "last_batch_flag")
+        ):
+            return self._error(
+                400, 100, "Invalid parameter: session needs session_id, batch_seq, last_batch_flag"
+            )
+        sid, seq, last = session["session_id"], session["batch_seq"], session["last_batch_flag"]
+        if not (isinstance(sid, int) and sid > 0 and isinstance(seq, int) and seq > 0):
+            return self._error(
+                400, 100, "Invalid parameter: session_id and batch_seq are positive integers"
+            )
+        if seq == self.stall_at_seq:
+            self.stalled.set()
+            self.release.wait(timeout=30)
+            return self.server_error(503)
+        with self.lock:
+            current = audience.sessions.get(sid)
+            if current is None:
+                if seq != 1:
+                    return self._error(
+                        400, 2650, "The first batch of a session must have batch_seq 1", 1870147
+                    )
+                if audience.open_session(now) is not None:
+                    return self._in_progress()
+                current = audience.sessions[sid] = ReplaceSession(sid, now)
+            elif current.done:
+                return self._error(400, 2650, "This replace session has already finished", 1870159)
+            elif now - current.started > SESSION_SECONDS:
+                return self._error(
+                    400, 2650, "The replace session timed out after 90 minutes", 1870158
+                )
+            valid, invalid = _rows(schema, rows, self.plaintext)
+            current.staged.update(valid)
+            current.batches.add(seq)
+            audience.received += len(rows)
+            audience.invalid += invalid
+            if last:
+                audience.members = dict(current.staged)
+                current.done = True
+        answer: Json = {
+            "audience_id": audience.id,
+            "session_id": str(sid),
+            "num_received": len(rows),
+            "num_invalid_entries": invalid,
+            "invalid_entry_samples": {},
+        }
+        return _Response(200, orjson.dumps(answer), _JSON)
 
     def throttled(self, retry_after: str | None) -> _Response:
         # Graph API "Handling errors": code 17, subcode 2446079 for Marketing API calls.
@@ -128,7 +228,8 @@ class MetaSandbox(_Vendor):
                 "operation",
                 33,
             )
-        if request.method not in ("POST", "DELETE"):
+        replace = match.group(3) == "usersreplace"
+        if request.method not in (("POST",) if replace else ("POST", "DELETE")):
             return self._error(400, 100, "Unsupported method")
         try:
             body = orjson.loads(request.body)
@@ -143,6 +244,12 @@ class MetaSandbox(_Vendor):
         assert isinstance(payload, dict)
         schema: list[str] = payload["schema"]
         rows: list[list[str]] = payload["data"]
+        now = self._sandbox.clock()
+        if replace:
+            return self._replace(audience, body.get("session"), schema, rows, now)
+        with self.lock:
+            if audience.open_session(now) is not None:
+                return self._in_progress()
         invalid = 0
         with self.lock:
             for row in rows:
@@ -174,6 +281,28 @@ class MetaSandbox(_Vendor):
             "invalid_entry_samples": {},
         }
         return _Response(200, orjson.dumps(answer), _JSON)
+
+
+def _rows(
+    schema: list[str], rows: list[list[str]], plaintext: list[str]
+) -> tuple[dict[str, Row], int]:
+    """The valid rows by identity, and how many were invalid (bad values to ``plaintext``)."""
+    valid: dict[str, Row] = {}
+    invalid = 0
+    for row in rows:
+        bad = [
+            v
+            for k, v in zip(schema, row, strict=True)
+            if KEYS_HASHED[k] and v and not _SHA256.match(v)
+        ]
+        pairs = tuple(zip(schema, row, strict=True))
+        identity = _identity(pairs)
+        if bad or identity is None:
+            invalid += 1
+            plaintext += bad
+            continue
+        valid[identity] = pairs
+    return valid, invalid
 
 
 def _identity(pairs: tuple[tuple[str, str], ...]) -> str | None:
