@@ -159,6 +159,53 @@ def validate() -> None:
                 )
 
 
+meta_app = typer.Typer(help="Meta Custom Audiences: make an audience for a mapping.")
+app.add_typer(meta_app, name="meta")
+
+
+@meta_app.command("create-audience")
+def meta_create_audience(
+    name: Annotated[str, typer.Argument(help="The new audience's name in Ads Manager.")],
+    description: Annotated[
+        str | None, typer.Option(help="Its description (default: made by syncd).")
+    ] = None,
+    mapping: Annotated[
+        str | None,
+        typer.Option(help="The Meta mapping's name, when the config has more than one."),
+    ] = None,
+) -> None:
+    """Create a customer-list custom audience in the mapping's [options] ad_account_id and
+    print its id, to put as a sync's `object`."""
+    from syncd.destinations.meta import MetaDestination
+    from syncd.http import ApiError
+
+    settings = load()
+    metas = [
+        m
+        for m in load_mappings_or_exit(settings)
+        if m.adapter is MetaDestination and (mapping is None or m.name == mapping)
+    ]
+    if len(metas) != 1:
+        what = "no Meta mapping" if not metas else "several Meta mappings (use --mapping)"
+        err.print(f"meta create-audience: {what} in the config", markup=False)
+        raise typer.Exit(2)
+
+    async def create() -> str:
+        adapter = metas[0].open()
+        try:
+            assert isinstance(adapter, MetaDestination)
+            return await adapter.create_audience(name, description)
+        finally:
+            await adapter.aclose()
+
+    try:
+        audience = asyncio.run(create())
+    except (ValueError, ApiError) as exc:
+        err.print(f"meta create-audience: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    say(audience)
+
+
 def load_mappings_or_exit(settings: Settings) -> list[Any]:
     """The config's mapping files, checked; exit 2 listing every problem."""
     from syncd.mapping import load_mappings

@@ -661,3 +661,76 @@ def test_replace_killed_mid_session_then_run_again_ends_with_the_segment(
     assert audience_emails(sandbox) == hashed(members(engine)) == hashed(set(range(2, 20)))
     assert open_sessions(engine) == []
     engine.dispose()
+
+
+# --- the shipped mapping, validate, create-audience ---------------------------------------------
+
+
+def test_the_shipped_meta_mapping_loads_with_a_mirror_and_a_replace() -> None:
+    from syncd.mapping import load_mapping
+    from tests.test_mapping import EXAMPLE_SEGMENTS
+
+    path = Path(__file__).parent.parent / "mappings" / "meta.toml"
+    mapping = load_mapping(
+        path,
+        Settings.model_validate({"segments": EXAMPLE_SEGMENTS}),
+        {"META_ACCESS_TOKEN": "EAAB-example"},
+    )
+    assert mapping.spec.destination == "meta"
+    assert [s.spec.mode for s in mapping.syncs] == ["mirror", "replace"]
+    assert all(s.consent == "ads" for s in mapping.syncs)
+    assert all(ref.startswith("env:") for ref in mapping.spec.credentials.values())
+
+
+def test_validate_says_a_sync_without_audience_id_needs_one_and_how(
+    sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    from tests.test_cli import syncd
+
+    settings_for(sandbox, tmp_path)
+    path = tmp_path / "meta.toml"
+    path.write_text(path.read_text().replace(f'object = "{AUDIENCE}"\n', ""))
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path}/s.db"\n[segments.vip]\n'
+        'rule = "orders_count >= 1"\n[destinations]\nmappings = ["meta.toml"]\n'
+    )
+    result = syncd("--config", str(config), "validate", env=base_env(), cwd=tmp_path)
+    assert result.returncode == 2
+    assert (
+        "sync[meta-vip].object: required by meta in mirror mode (the custom audience id; "
+        "`syncd meta create-audience NAME` makes one and prints it)" in result.output
+    )
+
+
+def test_create_audience_makes_a_customer_list_audience_and_prints_its_id(
+    sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    from tests.test_cli import syncd
+
+    settings_for(sandbox, tmp_path)
+    path = tmp_path / "meta.toml"
+    path.write_text(
+        path.read_text().replace("[limits]", '[options]\nad_account_id = "act_42"\n[limits]')
+    )
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path}/s.db"\n[segments.vip]\n'
+        'rule = "orders_count >= 1"\n[destinations]\nmappings = ["meta.toml"]\n'
+    )
+    result = syncd(
+        "--config", str(config), "meta", "create-audience", "Lapsed VIPs", env=base_env()
+    )
+    assert result.returncode == 0, result.output
+    meta = sandbox.vendor("meta", MetaSandbox)
+    (audience,) = result.stdout.split()
+    assert meta.created == [("42", "Lapsed VIPs")]
+    assert meta.audiences[audience].name == "Lapsed VIPs"
+    (request,) = [r for r in meta.requests if r.path.endswith("/customaudiences")]
+    assert request.path == "/v25.0/act_42/customaudiences"
+    assert request.body == {
+        "name": "Lapsed VIPs",
+        "subtype": "CUSTOM",
+        "description": "Created by syncd: Lapsed VIPs",
+        "customer_file_source": "USER_PROVIDED_ONLY",
+    }

@@ -298,6 +298,8 @@ class Destination(ABC):
     SyncOptions: ClassVar[builtins.type[BaseModel]] = NoOptions
     # Whether a sync must name an `object`, per mode (a list id, an event name...).
     object_required: ClassVar[frozenset[str]] = frozenset()
+    # What the object is and how to get one, said when a sync lacks it.
+    object_help: ClassVar[str | None] = None
     # The marketing consent a sync needs by default ("email", "sms", "ads"; "none" for a
     # destination that is not a marketing channel): only people whose profile's
     # consent_<channel> is true are sent, unless the sync says consent = "none" and why.

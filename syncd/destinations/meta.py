@@ -281,6 +281,9 @@ class MetaDestination(Destination):
     default_limits = ServiceLimits(concurrency=2, requests_per_second=2.0)
     Options = MetaOptions
     object_required = frozenset({"mirror", "replace"})
+    object_help = (
+        "the custom audience id; `syncd meta create-audience NAME` makes one and prints it"
+    )
     client_class = MetaClient
     reports_match = True
     # "Your audience must contain at least 100 people" before ads are delivered to it
@@ -367,6 +370,32 @@ class MetaDestination(Destination):
             json={"payload": {"schema": schema, "data": rows}},
         )
         return body
+
+    # -- audiences ---------------------------------------------------------------------------
+
+    async def create_audience(self, name: str, description: str | None = None) -> str:
+        """Make a customer-list custom audience in ``[options] ad_account_id`` and return
+        its id: ``POST /act_{id}/customaudiences`` with ``subtype=CUSTOM`` and
+        ``customer_file_source`` (Custom Audiences guide, "Create a Custom Audience";
+        the customer data is the advertiser's own: USER_PROVIDED_ONLY)."""
+        account = self.options.ad_account_id if isinstance(self.options, MetaOptions) else None
+        if not account:
+            raise ValueError("[options] ad_account_id is needed to create an audience")
+        account = account if account.startswith("act_") else f"act_{account}"
+        body, _ = await self.call_json(
+            "POST",
+            f"/{self.version}/{account}/customaudiences",
+            json={
+                "name": name,
+                "subtype": "CUSTOM",
+                "description": description or f"Created by syncd: {name}",
+                "customer_file_source": "USER_PROVIDED_ONLY",
+            },
+        )
+        audience = body.get("id") if isinstance(body, Mapping) else None
+        if not isinstance(audience, str) or not _AUDIENCE_ID.match(audience):
+            raise ApiError(self.client.service, 200, "POST", account, f"no audience id in {body!r}")
+        return audience
 
     # -- replace: usersreplace sessions ---------------------------------------------------------
 

@@ -60,6 +60,7 @@ KEYS_HASHED: Final = {
 MAX_ROWS: Final = 10_000
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PATH = re.compile(r"^/(v\d+\.\d+)/(\d+)/(users|usersreplace)/?$")
+_CREATE = re.compile(r"^/(v\d+\.\d+)/act_(\d+)/customaudiences/?$")
 SESSION_SECONDS: Final = 90 * 60
 Row = tuple[tuple[str, str], ...]
 
@@ -116,6 +117,7 @@ class MetaSandbox(_Vendor):
         self.plaintext: list[str] = []
         self.throttle_every: int | None = None
         self.stall_at_seq: int | None = None
+        self.created: list[tuple[str, str]] = []  # (ad account, name) of audiences made
         self.stalled = threading.Event()
         self.release = threading.Event()
         self._count = 0
@@ -136,6 +138,27 @@ class MetaSandbox(_Vendor):
         error["fbtrace_id"] = "AsandboxTrace"
         error.update(extra)
         return _Response(status, orjson.dumps({"error": error}), _JSON)
+
+    def _create(self, account: str, request: _Request) -> _Response:
+        # POST /act_{id}/customaudiences: name, subtype CUSTOM, customer_file_source (Custom
+        # Audiences guide, "Create a Custom Audience"); answers {"id": ...}.
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return self._error(400, 100, "Invalid parameter: the body is not JSON")
+        if not isinstance(body, dict) or not body.get("name"):
+            return self._error(400, 100, "Invalid parameter: name is required")
+        if body.get("subtype") != "CUSTOM" or body.get("customer_file_source") not in (
+            "USER_PROVIDED_ONLY",
+            "PARTNER_PROVIDED_ONLY",
+            "BOTH_USER_AND_PARTNER_PROVIDED",
+        ):
+            return self._error(400, 100, "Invalid parameter: subtype or customer_file_source")
+        with self.lock:
+            audience_id = str(23850000000000000 + len(self.audiences) + 1)
+            self.add_audience(audience_id, str(body["name"]))
+            self.created.append((account, str(body["name"])))
+        return _Response(200, orjson.dumps({"id": audience_id}), _JSON)
 
     def _in_progress(self) -> _Response:
         return self._error(
@@ -209,6 +232,9 @@ class MetaSandbox(_Vendor):
         auth = request.headers.get("Authorization", "")
         if auth != f"Bearer {self.access_token}":
             return self._error(400, 190, "Invalid OAuth access token - Cannot parse access token")
+        created = _CREATE.match(request.path)
+        if created is not None and request.method == "POST":
+            return self._create(created.group(2), request)
         match = _PATH.match(request.path)
         if match is None:
             return self._error(400, 2500, f"Unknown path components: {request.path}")
