@@ -147,10 +147,25 @@ def validate() -> None:
     say(f"{path}: ok (sources: {sources}; destination syncs: {syncs})")
     from syncd.mapping import consent_rule
 
+    ad_syncs = [(m, s) for m in mappings for s in m.syncs if m.adapter.min_audience is not None]
+    warnings: dict[str, str] = {}
+    if ad_syncs:
+        # The policy pre-flight: an audience below the platform's minimum serves no ads.
+        from syncd.push import preflight
+
+        engine = open_engine(settings)
+        try:
+            for mapping, sync in ad_syncs:
+                if (warning := preflight(engine, sync, mapping.adapter)) is not None:
+                    warnings[sync.name] = warning
+        finally:
+            engine.dispose()
     for mapping in mappings:
         for sync in mapping.syncs:
             # Whom each sync may reach: the consent it needs, and where that is read.
             say(f"{sync.name}: {consent_rule(sync, settings)}")
+            if sync.name in warnings:
+                say(f"warning: {warnings[sync.name]}")
             asked = sync.spec.batch_size
             if asked is not None and asked > sync.batch_size:
                 say(
@@ -561,6 +576,8 @@ def print_push(results: Sequence[Any]) -> None:
         )
     out.print(table)
     for r in results:
+        for warning in r.warnings:
+            say(f"warning: {warning}")
         if r.error:
             err.print(f"{r.sync}: failed: {r.error}", markup=False, highlight=False)
         if r.counts.match is not None and r.status != "dry-run":

@@ -440,6 +440,10 @@ def test_mirror_follows_the_segment_across_three_changes_and_reports_the_match(
     assert first.status == "success", first.error
     assert audience_emails(sandbox) == hashed(members(engine))
     assert first.counts.added == 20 and first.counts.requests == 3  # batches of 7
+    assert first.warnings == [
+        "meta-vip: the audience would hold 20 people, below meta's minimum of about 100 "
+        "matched people before it serves ads"
+    ]
     assert first.counts.match is not None
     assert first.counts.match.as_json() == {
         "received": 20,
@@ -734,3 +738,55 @@ def test_create_audience_makes_a_customer_list_audience_and_prints_its_id(
         "description": "Created by syncd: Lapsed VIPs",
         "customer_file_source": "USER_PROVIDED_ONLY",
     }
+
+
+# --- policy pre-flight (issue 22 item 4) ---------------------------------------------------
+
+
+def test_preflight_warns_below_the_minimum_before_sending_in_dry_run_and_run(
+    engine: Engine, sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    settings = settings_for(sandbox, tmp_path)
+    meta = sandbox.vendor("meta", MetaSandbox)
+    add_people(engine, range(1, 102))
+    mappings = load_mappings(settings)
+    (dry,) = asyncio.run(push(engine, select_syncs(mappings, None), dry_run=True))
+    assert dry.status == "dry-run" and dry.warnings == [] and meta.requests == []
+    assert run_push(settings, engine).warnings == []
+    leave(engine, [1, 2, 3])
+    expected = (
+        "meta-vip: the audience would hold 98 people, below meta's minimum of about 100 "
+        "matched people before it serves ads (removing 3 would shrink it from 101)"
+    )
+    (dry,) = asyncio.run(push(engine, select_syncs(mappings, None), dry_run=True))
+    assert dry.warnings == [expected] and dry.planned == {"remove": 3}
+    sent_before = len(meta.requests)
+    with structlog.testing.capture_logs() as logs:
+        result = run_push(settings, engine)
+    assert result.warnings == [expected] and result.as_json()["warnings"] == [expected]
+    # Said before anything was sent: the warning is the run's first log line.
+    assert logs[0]["event"] == "push.preflight" and logs[0]["warning"] == expected
+    assert len(meta.requests) == sent_before + 1
+
+
+def test_validate_reports_an_audience_below_the_minimum(
+    sandbox: DestinationSandbox, tmp_path: Path
+) -> None:
+    from tests.test_cli import syncd
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    store = open_store(url)
+    add_people(store, range(1, 6))
+    store.dispose()
+    settings_for(sandbox, tmp_path)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[store]\nurl = "{url}"\n[segments.vip]\n'
+        'rule = "orders_count >= 1"\n[destinations]\nmappings = ["meta.toml"]\n'
+    )
+    result = syncd("--config", str(config), "validate", env=base_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.output
+    assert (
+        "warning: meta-vip: the audience would hold 5 people, below meta's minimum of "
+        "about 100 matched people before it serves ads"
+    ) in result.stdout_lines()

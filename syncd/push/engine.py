@@ -72,7 +72,15 @@ from syncd.store.engine import writer_lock
 from syncd.store.models import CUSTOMERS, PROFILES, SYNC_RECORDS, SYNC_STATE
 from syncd.store.upsert import upsert
 
-__all__ = ["PushCounts", "PushResult", "masked_payload", "push", "push_sync", "select_syncs"]
+__all__ = [
+    "PushCounts",
+    "PushResult",
+    "masked_payload",
+    "preflight",
+    "push",
+    "push_sync",
+    "select_syncs",
+]
 
 log = structlog.get_logger("syncd.push")
 
@@ -162,6 +170,9 @@ class PushResult:
     # dry run: what would be sent, by op
     planned: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
+    # The pre-flight's warnings (an audience below the platform's minimum), said before
+    # anything was sent.
+    warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -174,6 +185,7 @@ class PushResult:
             "planned": self.planned,
             "samples": self.samples,
             "duration_s": round(self.duration_s, 3),
+            "warnings": self.warnings,
         }
 
 
@@ -953,6 +965,41 @@ class _Run:
         return self.clock() + timedelta(seconds=wait)
 
 
+def preflight(engine: Engine, sync: LoadedSync, adapter: type[Destination]) -> str | None:
+    """The policy pre-flight of an ad-platform sync: a warning when the audience the sync
+    would leave holds fewer people than the platform's minimum before it serves ads
+    (``Destination.min_audience``), saying whether this run's removals are what takes it
+    there. None when the adapter has no minimum or the audience is large enough. The
+    count is of the rows the sync would send: the platform matches at most that many."""
+    minimum = adapter.min_audience
+    if minimum is None:
+        return None
+    spec = sync.spec
+    with engine.connect() as conn:
+        source: RowSource = (
+            SegmentRows(conn, sync, None) if spec.sql is None else ModelRows(conn, sync)
+        )
+        keys = {str(key) for key, _, _ in source.plan(sync.fingerprint.encode())}
+        held = set(
+            conn.execute(
+                select(RECORDS.c.record_key).where(
+                    RECORDS.c.sync == spec.name, RECORDS.c.in_destination.is_(True)
+                )
+            ).scalars()
+        )
+    size = len(keys)  # after the run, mirror or replace, the audience is these rows
+    if size >= minimum:
+        return None
+    message = (
+        f"{spec.name}: the audience would hold {size} people, below {adapter.type}'s "
+        f"minimum of about {minimum} matched people before it serves ads"
+    )
+    leaving = len(held - keys)
+    if len(held) >= minimum and leaving:
+        message += f" (removing {leaving} would shrink it from {len(held)})"
+    return message
+
+
 def _customer_of(spec: SyncSpec, pending: _Pending) -> int | None:
     """The store customer a planned row is about, when the sync says: a segment sync's keys
     are customer ids (``<id>@<time>`` for events)."""
@@ -1006,6 +1053,12 @@ async def push_sync(
         clock=clock,
     )
     error: str | None = None
+    warnings: list[str] = []
+    if adapter.min_audience is not None:
+        warning = preflight(engine, sync, type(adapter))
+        if warning is not None:
+            warnings.append(warning)
+            log.warning("push.preflight", sync=name, warning=warning)
     if adapter.reports_match:
         # What the platform says of this run's rows: the adapter adds to it per request.
         adapter.match_report = state.counts.match = MatchReport()
@@ -1061,6 +1114,7 @@ async def push_sync(
         samples=state.samples,
         planned=dict(state.planned),
         duration_s=(utc_now() - started).total_seconds(),
+        warnings=warnings,
     )
     log.info(
         "push.finished",
