@@ -31,6 +31,7 @@ not exist or the token cannot see it) and 1713230 (a flagged audience): those, l
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import time
@@ -200,10 +201,28 @@ def prepared(payload: Mapping[str, Any]) -> dict[str, str]:
     country a national-format phone is read in."""
     country = payload.get("COUNTRY")
     hint = country if isinstance(country, str) else None
-    values = (
-        (k, META.prepare(KEYS[k], payload.get(k), country=hint)) for k in KEYS if k in payload
-    )
-    return {k: v for k, v in values if v}
+    out: dict[str, str] = {}
+    for key, value in payload.items():
+        kind = KEYS.get(key)
+        if kind is None or value is None:
+            continue
+        if key in _REPEATING and isinstance(value, str | int):
+            sent = _repeating(kind, value, hint)
+        else:
+            sent = META.prepare(kind, value, country=hint)
+        if sent:
+            out[key] = sent
+    return out
+
+
+# Keys whose values repeat across an audience (a country, a postcode, a surname): each
+# distinct value is normalized and hashed once.
+_REPEATING: Final = frozenset({"LN", "CT", "ST", "ZIP", "COUNTRY"})
+
+
+@functools.lru_cache(maxsize=65536)
+def _repeating(kind: Kind, value: str | int, country: str | None) -> str | None:
+    return META.prepare(kind, value, country=country)
 
 
 def rows_of(people: Sequence[Mapping[str, str]]) -> tuple[list[str], list[list[str]]]:
