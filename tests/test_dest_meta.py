@@ -27,6 +27,9 @@ import orjson
 import pytest
 import respx
 import structlog
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from pydantic import SecretStr
 from sqlalchemy import Engine, insert, select, update
 
@@ -790,3 +793,64 @@ def test_validate_reports_an_audience_below_the_minimum(
         "warning: meta-vip: the audience would hold 5 people, below meta's minimum of "
         "about 100 matched people before it serves ads"
     ) in result.stdout_lines()
+
+
+# --- normalizers: idempotent, never plaintext (hypothesis) -----------------------------------
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TEXT_KINDS = ("first_name", "last_name", "city", "region", "postcode", "country")
+
+
+@given(
+    kind=st.sampled_from(_TEXT_KINDS),
+    value=st.text(max_size=30),
+    country=st.sampled_from([None, "US", "GB", "DE", "FR"]),
+)
+@examples(max_examples=300, deadline=None)
+def test_meta_normalizers_are_idempotent_and_hash_what_they_normalize(
+    kind: Any, value: str, country: str | None
+) -> None:
+    once = META.normalize(kind, value, country=country)
+    if once is None:
+        return
+    assert META.normalize(kind, once, country=country) == once
+    assert _HEX64.match(META.prepare(kind, value, country=country) or "")
+
+
+@given(email_address=st.emails(), pad=st.sampled_from(["", " ", "\t"]), upper=st.booleans())
+@examples(max_examples=200, deadline=None)
+def test_meta_email_is_idempotent_and_never_sent_plain(
+    email_address: str, pad: str, upper: bool
+) -> None:
+    value = pad + (email_address.upper() if upper else email_address) + pad
+    once = META.normalize("email", value)
+    if once is None:
+        return
+    assert META.normalize("email", once) == once
+    sent = META.prepare("email", value)
+    assert sent is not None and _HEX64.match(sent) and "@" not in sent
+
+
+@given(national=st.integers(min_value=2_000_000, max_value=9_999_999))
+@examples(max_examples=200, deadline=None)
+def test_meta_phone_digits_are_stable_and_never_sent_plain(national: int) -> None:
+    value = f"030 {national}"  # a Berlin number in national format
+    digits = META.normalize("phone", value, country="DE")
+    assert digits == f"4930{national}"
+    assert META.normalize("phone", "+" + digits) == digits  # its E.164 form reads the same
+    sent = META.prepare("phone", value, country="DE")
+    assert sent == sha(digits) and digits not in (sent or "")
+
+
+def test_the_match_line_says_received_invalid_and_shares() -> None:
+    from syncd.cli import match_line
+
+    line = match_line(
+        {"received": 200, "invalid": 3, "carrying": {"email": 200, "phone": 50, "name_postcode": 1}}
+    )
+    assert line == (
+        "match: 200 rows received, 3 invalid; carrying email 100%, name + postcode 0%, phone 25%"
+    )
+    assert match_line({"received": 0, "invalid": 0, "carrying": {}}) == (
+        "match: 0 rows received, 0 invalid"
+    )
