@@ -305,8 +305,9 @@ class MetaDestination(Destination):
     )
     client_class = MetaClient
     reports_match = True
-    # "Your audience must contain at least 100 people" before ads are delivered to it
-    # (Custom Audiences guide; Ads Manager's audience size rule).
+    # Meta delivers ads to a custom audience only once about 100 of its people are
+    # matched (Custom Audiences guide; Ads Manager's audience size rule): the pre-flight
+    # warns below it.
     min_audience = 100
 
     @classmethod
@@ -315,8 +316,10 @@ class MetaDestination(Destination):
 
     @classmethod
     def headers(cls, credentials: Mapping[str, SecretStr]) -> dict[str, str]:
-        # The token as a bearer header rather than the `access_token` parameter: it never
-        # reaches a URL (and so a log line). Graph API "Access tokens" accepts either.
+        # The token as an OAuth 2.0 bearer header (RFC 6750 §2.1) rather than the
+        # `access_token` parameter the Business SDK sends (facebook_business/api.py): it
+        # never reaches a URL, and so no log line. The Graph API takes either; that it
+        # reads the header is from its behaviour, not a reference page.
         return {"Authorization": f"Bearer {credentials['access_token'].get_secret_value()}"}
 
     @classmethod
@@ -364,7 +367,10 @@ class MetaDestination(Destination):
         self._report(body, carried)
         # Meta does not say which rows it could not use (only how many): every row is
         # accepted, the invalid count goes into the match report.
-        return [Outcome.accepted(member_id(dict(zip(schema, row, strict=True)))) for row in rows]
+        return [
+            Outcome.accepted(member_id({k: v for k, v in zip(schema, row, strict=True) if v}))
+            for row in rows
+        ]
 
     async def _remove(self, target: SyncTarget, items: Sequence[Item]) -> list[Outcome]:
         people = [_member(item) for item in items]
@@ -480,7 +486,10 @@ class MetaDestination(Destination):
         session["next_seq"] = seq + 1
         session["rows"] += len(rows)
         self._report(body, carried)
-        return [Outcome.accepted(member_id(dict(zip(schema, row, strict=True)))) for row in rows]
+        return [
+            Outcome.accepted(member_id({k: v for k, v in zip(schema, row, strict=True) if v}))
+            for row in rows
+        ]
 
     def _report(self, body: Any, carried: MatchReport) -> None:
         report = self.match_report
