@@ -147,16 +147,78 @@ def validate() -> None:
     say(f"{path}: ok (sources: {sources}; destination syncs: {syncs})")
     from syncd.mapping import consent_rule
 
+    ad_syncs = [(m, s) for m in mappings for s in m.syncs if m.adapter.min_audience is not None]
+    warnings: dict[str, str] = {}
+    if ad_syncs:
+        # The policy pre-flight: an audience below the platform's minimum serves no ads.
+        from syncd.push import preflight
+
+        engine = open_engine(settings)
+        try:
+            for mapping, sync in ad_syncs:
+                if (warning := preflight(engine, sync, mapping.adapter)) is not None:
+                    warnings[sync.name] = warning
+        finally:
+            engine.dispose()
     for mapping in mappings:
         for sync in mapping.syncs:
             # Whom each sync may reach: the consent it needs, and where that is read.
             say(f"{sync.name}: {consent_rule(sync, settings)}")
+            if sync.name in warnings:
+                say(f"warning: {warnings[sync.name]}")
             asked = sync.spec.batch_size
             if asked is not None and asked > sync.batch_size:
                 say(
                     f"{mapping.path}: sync[{sync.name}].batch_size: {asked} capped at "
                     f"{mapping.spec.destination}'s maximum of {sync.batch_size}"
                 )
+
+
+meta_app = typer.Typer(help="Meta Custom Audiences: make an audience for a mapping.")
+app.add_typer(meta_app, name="meta")
+
+
+@meta_app.command("create-audience")
+def meta_create_audience(
+    name: Annotated[str, typer.Argument(help="The new audience's name in Ads Manager.")],
+    description: Annotated[
+        str | None, typer.Option(help="Its description (default: made by syncd).")
+    ] = None,
+    mapping: Annotated[
+        str | None,
+        typer.Option(help="The Meta mapping's name, when the config has more than one."),
+    ] = None,
+) -> None:
+    """Create a customer-list custom audience in the mapping's [options] ad_account_id and
+    print its id, to put as a sync's `object`."""
+    from syncd.destinations.meta import MetaDestination
+    from syncd.http import ApiError
+
+    settings = load()
+    metas = [
+        m
+        for m in load_mappings_or_exit(settings)
+        if m.adapter is MetaDestination and (mapping is None or m.name == mapping)
+    ]
+    if len(metas) != 1:
+        what = "no Meta mapping" if not metas else "several Meta mappings (use --mapping)"
+        err.print(f"meta create-audience: {what} in the config", markup=False)
+        raise typer.Exit(2)
+
+    async def create() -> str:
+        adapter = metas[0].open()
+        try:
+            assert isinstance(adapter, MetaDestination)
+            return await adapter.create_audience(name, description)
+        finally:
+            await adapter.aclose()
+
+    try:
+        audience = asyncio.run(create())
+    except (ValueError, ApiError) as exc:
+        err.print(f"meta create-audience: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    say(audience)
 
 
 def load_mappings_or_exit(settings: Settings) -> list[Any]:
@@ -325,6 +387,8 @@ def print_status(data: dict[str, Any]) -> None:
             )
             line += "; " + _run_line("last run", run) + f" [{counts}]"
         say(line)
+        if run and run["counts"].get("match"):
+            say(f"push {name}: {match_line(run['counts']['match'])}")
     for step in data.get("privacy", {}).get("pending_steps", []):
         say(
             f"privacy request {step['request']} ({step['requested_by']}, "
@@ -332,6 +396,25 @@ def print_status(data: dict[str, Any]) -> None:
             f"{step['attempts']} attempt(s)"
             + (f": {step['last_error']}" if step["last_error"] else "")
         )
+
+
+# The identifier kinds an ad platform's match report counts, as a user reads them.
+_CARRYING_LABELS = {"email": "email", "phone": "phone", "name_postcode": "name + postcode"}
+
+
+def match_line(match: dict[str, Any]) -> str:
+    """An ad platform's report of a run in words: rows it received, rows it found invalid,
+    and the share of rows carrying each identifier kind (what the match rate is made of)."""
+    received = int(match.get("received", 0))
+    line = f"match: {received} rows received, {match.get('invalid', 0)} invalid"
+    carrying = match.get("carrying") or {}
+    if received and carrying:
+        shares = ", ".join(
+            f"{_CARRYING_LABELS.get(kind, kind)} {100 * n / received:.0f}%"
+            for kind, n in sorted(carrying.items())
+        )
+        line += f"; carrying {shares}"
+    return line
 
 
 def _run_line(what: str, run: dict[str, Any]) -> str:
@@ -493,8 +576,12 @@ def print_push(results: Sequence[Any]) -> None:
         )
     out.print(table)
     for r in results:
+        for warning in r.warnings:
+            say(f"warning: {warning}")
         if r.error:
             err.print(f"{r.sync}: failed: {r.error}", markup=False, highlight=False)
+        if r.counts.match is not None and r.status != "dry-run":
+            say(f"{r.sync}: {match_line(r.counts.match.as_json())}")
         for reason, n in r.counts.failed_reasons.most_common(5):
             say(f"{r.sync}: {n} refused: {reason}")
         for reason, n in r.counts.skipped_reasons.most_common(5):

@@ -635,6 +635,13 @@ class ServiceClient:
             reset -= time.time()
         return max(0.0, reset)
 
+    def is_transient(self, response: httpx.Response) -> bool:
+        """Whether an answer is a passing refusal, retried with back-off: 429 and 5xx.
+        Override it for vendors that answer throttling with another status and say so in
+        the body (Meta's error codes 4, 17, 613 and 80000-80014 come as 400)."""
+        status = response.status_code
+        return status == 429 or status >= 500
+
     # -- requests ---------------------------------------------------------------------
 
     async def request(
@@ -795,7 +802,7 @@ class ServiceClient:
 
         status = response.status_code
         self._record(status=status)
-        retryable = status == 429 or status >= 500
+        retryable = self.is_transient(response)
         # Parsed once: an HTTP date read twice would give two slightly different waits.
         retry_after = parse_retry_after(response.headers.get("Retry-After")) if retryable else None
         self._observe_throttling(call, response, retry_after)

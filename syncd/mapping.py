@@ -669,7 +669,12 @@ def _load_sync(
         )
     if sync.mode in adapter.object_required and not sync.object:
         problems.append(
-            (where, f"{prefix}object", f"required by {spec.destination} in {sync.mode} mode")
+            (
+                where,
+                f"{prefix}object",
+                f"required by {spec.destination} in {sync.mode} mode"
+                + (f" ({adapter.object_help})" if adapter.object_help else ""),
+            )
         )
     if not sync.fields and sync.mode != "delete":
         problems.append((where, f"{prefix}fields", "expected at least one field"))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from syncd.sandbox.destinations.base import DestRequest
-from tests.consent_audit import _Said, violations
+from tests.consent_audit import _Said, plaintext_leaks, violations
 
 T = "tests/test_x.py::test_y"
 
@@ -60,3 +61,41 @@ def test_transactional_syncs_removals_and_sandbox_probes_are_exempt() -> None:
 def test_a_syncd_request_without_the_consent_header_is_found() -> None:
     (found,) = violations([request(BODY, consent=None)], [said(0, "a@x.com", True)])
     assert "without an X-Syncd-Consent header" in found
+
+
+def _meta(schema: list[str], row: list[str]) -> tuple[str, DestRequest]:
+    body = {"payload": {"schema": schema, "data": [row]}}
+    return request(body, consent="ads", vendor="meta", path="/v25.0/1/users")
+
+
+def test_ad_platforms_are_audited_by_the_hash_of_the_address() -> None:
+    hashed = hashlib.sha256(b"a@x.com").hexdigest()
+    # A hash is recognised by the addresses the test's stores name; consent withdrawn (or
+    # granted on another channel only) is a violation, ads consent is not.
+    ads = _Said(T, 0, "ads", "a@x.com", True)
+    email_only = _Said(T, 0, "email", "a@x.com", True)
+    assert violations([_meta(["EMAIL"], [hashed])], [email_only]) == [
+        f"{T}: meta POST /v25.0/1/users names a@x.com, who has no ads consent"
+    ]
+    assert violations([_meta(["EMAIL"], [hashed])], [_Said(T, 0, "ads", "a@x.com", False)]) == [
+        f"{T}: meta POST /v25.0/1/users names a@x.com, who has no ads consent"
+    ]
+    assert violations([_meta(["EMAIL"], [hashed])], [ads]) == []
+
+
+def test_plaintext_in_an_ad_platform_request_is_found() -> None:
+    hashed = hashlib.sha256(b"a@x.com").hexdigest()
+    assert plaintext_leaks([_meta(["EMAIL", "EXTERN_ID"], [hashed, "1234567"])]) == []
+    leaks = plaintext_leaks(
+        [
+            _meta(["EMAIL"], ["a@x.com"]),
+            _meta(["PHONE"], ["4930123456"]),
+            _meta(["FN", "EXTERN_ID"], ["mary", "7"]),
+            request({"members": [{"phone": "+49 30 123456"}]}, vendor="google", consent="ads"),
+        ]
+    )
+    assert len(leaks) == 5  # the email twice (as an email, unhashed), the phone, the name...
+    assert any("'a@x.com' in plaintext" in leak for leak in leaks)
+    assert any("PHONE '4930123456' unhashed" in leak for leak in leaks)
+    assert any("FN 'mary' unhashed" in leak for leak in leaks)
+    assert any("'+49 30 123456' in plaintext" in leak for leak in leaks)

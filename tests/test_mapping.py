@@ -183,8 +183,8 @@ def test_unknown_columns_and_modes_are_refused(tmp_path: Path) -> None:
 def test_unknown_destination_type(tmp_path: Path) -> None:
     found = problems(tmp_path, GOOD.replace('"webhook"', '"fax"', 1))
     assert found == [
-        "destination: expected a destination type (klaviyo, mailchimp, woocommerce, webhook, "
-        "google), got 'fax'"
+        "destination: expected a destination type (klaviyo, mailchimp, meta, woocommerce, "
+        "webhook, google), got 'fax'"
     ]
 
 

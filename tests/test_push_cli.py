@@ -209,7 +209,8 @@ def test_unknown_sync_and_bad_mappings_exit_2_naming_file_and_key(
     run = syncd("--config", str(config), "validate", env=env)
     assert run.returncode == 2
     assert run.stderr_lines() == [
-        f"{mapping}: sync[hook].mode: Input should be 'upsert', 'mirror', 'event' or 'delete'"
+        f"{mapping}: sync[hook].mode: Input should be 'upsert', 'mirror', 'event', 'delete' "
+        "or 'replace'"
     ]
     run = syncd("--config", str(config), "push", env={**env, "HOOK_SECRET": ""})
     assert run.returncode == 2

@@ -34,6 +34,7 @@ def test_every_vendor_module_is_served_under_its_prefix(sandbox: DestinationSand
         "google": "/google",
         "klaviyo": "/klaviyo",
         "mailchimp": "/mailchimp/3.0",
+        "meta": "/meta",
         "webhook": "/webhook",
     }
     for vendor in sandbox.vendors():

@@ -11,6 +11,7 @@ from syncd.destinations.base import Destination
 _ADAPTERS = {
     "klaviyo": "syncd.destinations.klaviyo:KlaviyoDestination",
     "mailchimp": "syncd.destinations.mailchimp:MailchimpDestination",
+    "meta": "syncd.destinations.meta:MetaDestination",
     "woocommerce": "syncd.destinations.woocommerce:WooCommerceDestination",
     "webhook": "syncd.destinations.webhook:WebhookDestination",
     "google": "syncd.destinations.google:GoogleDestination",

@@ -24,7 +24,9 @@ Operations the engine asks for, by sync mode:
 * ``mirror`` mode: ``add`` (create or update, and put in the audience/list/tag) and
   ``remove`` (take out of the audience; never delete the person);
 * ``event`` mode: ``event`` (one event per segment entry, idempotent by ``Item.event_id``);
-* ``delete`` mode: ``delete`` (privacy erasure).
+* ``delete`` mode: ``delete`` (privacy erasure);
+* ``replace`` mode: ``replace`` (the whole audience, batch after batch, in one vendor
+  session opened by :meth:`Destination.begin_replace`).
 
 Apart from syncs, :meth:`Destination.forget` carries out one erasure request
 (``syncd forget``) for the whole destination account; the default says it does not apply.
@@ -83,6 +85,7 @@ __all__ = [
     "PaginationLoop",
     "Person",
     "Receipt",
+    "ReplaceRestart",
     "SyncTarget",
     "byte_chunks",
     "cursor_pages",
@@ -90,9 +93,9 @@ __all__ = [
     "offset_pages",
 ]
 
-Mode = Literal["upsert", "mirror", "event", "delete"]
+Mode = Literal["upsert", "mirror", "event", "delete", "replace"]
 # "unsubscribe": a person who withdrew the sync's consent, in upsert mode (see Item).
-Op = Literal["upsert", "add", "remove", "event", "delete", "unsubscribe"]
+Op = Literal["upsert", "add", "remove", "event", "delete", "unsubscribe", "replace"]
 ALL_OPS: Final[tuple[Op, ...]] = ("upsert", "add", "remove", "event", "delete")
 
 OPS_OF_MODE: Mapping[str, tuple[Op, ...]] = {
@@ -100,6 +103,9 @@ OPS_OF_MODE: Mapping[str, tuple[Op, ...]] = {
     "mirror": ("add", "remove"),
     "event": ("event",),
     "delete": ("delete",),
+    # The whole audience sent again in one vendor session, which replaces its members;
+    # "remove" takes out what a session cut off by a crash left behind.
+    "replace": ("replace", "remove"),
 }
 
 
@@ -178,6 +184,11 @@ class BatchRejected(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class ReplaceRestart(Exception):
+    """The vendor no longer takes batches of the replace session (it timed out, finished,
+    or never started): the engine starts the replace again with a new session."""
 
 
 class PaginationLoop(ApiError):
@@ -287,6 +298,8 @@ class Destination(ABC):
     SyncOptions: ClassVar[builtins.type[BaseModel]] = NoOptions
     # Whether a sync must name an `object`, per mode (a list id, an event name...).
     object_required: ClassVar[frozenset[str]] = frozenset()
+    # What the object is and how to get one, said when a sync lacks it.
+    object_help: ClassVar[str | None] = None
     # The marketing consent a sync needs by default ("email", "sms", "ads"; "none" for a
     # destination that is not a marketing channel): only people whose profile's
     # consent_<channel> is true are sent, unless the sync says consent = "none" and why.
@@ -442,6 +455,22 @@ class Destination(ABC):
             return await handler(target, items)
         finally:
             _SENDING_FOR.reset(token)
+
+    # -- replace mode -----------------------------------------------------------------------
+
+    def begin_replace(
+        self, target: SyncTarget, total: int, resume: Mapping[str, Any] | None
+    ) -> None:
+        """Open a session replacing ``target``'s audience with the ``total`` rows the
+        following ``replace`` batches carry (in order, one at a time); ``resume`` is the
+        :meth:`replace_state` of a session a cut-off run left open, to carry on with when
+        the vendor still takes it. Adapters with a ``replace`` handler implement it."""
+        raise NotImplementedError(f"{self.type} has no replace sessions")
+
+    def replace_state(self) -> dict[str, Any]:
+        """The open replace session as JSON, kept by the engine after every batch so a run
+        cut off mid-session can be resumed (see :meth:`begin_replace`)."""
+        raise NotImplementedError(f"{self.type} has no replace sessions")
 
     # -- erasure --------------------------------------------------------------------------
 

@@ -33,13 +33,21 @@ import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple, TypeVar, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy import Connection, Engine, delete, insert, select
 
-from syncd.destinations.base import BatchRejected, Destination, Item, Op, Outcome
+from syncd.destinations.base import (
+    BatchRejected,
+    Destination,
+    Item,
+    MatchReport,
+    Op,
+    Outcome,
+    ReplaceRestart,
+)
 from syncd.mapping import (
     LEGACY_COLUMNS,
     PERSON_COLUMNS,
@@ -62,14 +70,23 @@ from syncd.push.rows import (
 )
 from syncd.runs import finish_run, start_run, utc_now
 from syncd.store.engine import writer_lock
-from syncd.store.models import CUSTOMERS, PROFILES, SYNC_RECORDS
+from syncd.store.models import CUSTOMERS, PROFILES, SYNC_RECORDS, SYNC_STATE
 from syncd.store.upsert import upsert
 
-__all__ = ["PushCounts", "PushResult", "masked_payload", "push", "push_sync", "select_syncs"]
+__all__ = [
+    "PushCounts",
+    "PushResult",
+    "masked_payload",
+    "preflight",
+    "push",
+    "push_sync",
+    "select_syncs",
+]
 
 log = structlog.get_logger("syncd.push")
 
 RECORDS = SYNC_RECORDS
+STATE = SYNC_STATE
 _T = TypeVar("_T")
 _KEY_CHUNK: Final = 500
 _SAMPLES: Final = 3
@@ -102,6 +119,7 @@ _SEND_OP: Final[dict[str, Op]] = {
     "mirror": "add",
     "event": "event",
     "delete": "delete",
+    "replace": "replace",
 }
 
 
@@ -118,9 +136,13 @@ class PushCounts:
     requests: int = 0
     skipped_reasons: Counter[str] = field(default_factory=Counter)
     failed_reasons: Counter[str] = field(default_factory=Counter)
+    # An ad platform's own account of the rows (Destination.reports_match), else None.
+    match: MatchReport | None = None
 
     def as_json(self) -> dict[str, Any]:
+        extra = {"match": self.match.as_json()} if self.match is not None else {}
         return {
+            **extra,
             "added": self.added,
             "updated": self.updated,
             "removed": self.removed,
@@ -149,6 +171,9 @@ class PushResult:
     # dry run: what would be sent, by op
     planned: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
+    # The pre-flight's warnings (an audience below the platform's minimum), said before
+    # anything was sent.
+    warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -161,6 +186,7 @@ class PushResult:
             "planned": self.planned,
             "samples": self.samples,
             "duration_s": round(self.duration_s, 3),
+            "warnings": self.warnings,
         }
 
 
@@ -301,7 +327,8 @@ class _Run:
         self.dry_run = dry_run
         self.full = full
         # Only these customers' rows and records (a segment sync after a scoped recompute).
-        self.scope = scope if sync.spec.sql is None else None
+        # A replace sends the whole audience whatever changed.
+        self.scope = scope if sync.spec.sql is None and sync.spec.mode != "replace" else None
         self.counts = PushCounts()
         self.samples: list[dict[str, Any]] = []
         self.planned: Counter[str] = Counter()
@@ -341,6 +368,9 @@ class _Run:
 
     async def run(self) -> None:
         sync, spec = self.sync, self.sync.spec
+        if spec.mode == "replace":
+            await self._replace()
+            return
         op = self._send_op()
         batch_size = self.mapping.batch_for(sync, op)
         fingerprint = sync.fingerprint.encode()
@@ -407,6 +437,13 @@ class _Run:
     async def _send_pending(self, op: Op, source: RowSource, pending: list[_Pending]) -> None:
         """Map the rows planned for sending, skip those the destination cannot take, and
         dispatch the rest as one batch."""
+        batch = self._entries(op, source, pending)
+        if batch:
+            await self._dispatch(op, batch)
+
+    def _entries(self, op: Op, source: RowSource, pending: list[_Pending]) -> list[_Entry]:
+        """The rows planned for sending, mapped, less those the destination cannot take
+        (skipped with the reason) and those of people who asked to be forgotten."""
         sync, spec = self.sync, self.sync.spec
         batch: list[_Entry] = []
         for p in pending:
@@ -437,12 +474,143 @@ class _Run:
             batch.append(_Entry(item, p.digest, p.known))
         if len(self._skipped) >= READ_CHUNK:
             self._flush_skipped()
-        if batch:
-            await self._dispatch(op, batch)
+        return batch
 
     def _count_skip(self, reason: str | None) -> None:
         self.counts.skipped += 1
         self.counts.skipped_reasons[reason or "not sendable"] += 1
+
+    # -- replace -------------------------------------------------------------------------
+
+    async def _replace(self) -> None:
+        """Replace mode: every row goes out again, batch after batch in one session of the
+        destination's, which makes the audience exactly those rows. The open session is
+        kept in ``sync_state`` after each batch, so a run cut off mid-session (a crash, a
+        kill) is resumed by the next one; what the cut-off run sent of people who have
+        left since is then removed."""
+        sync, spec = self.sync, self.sync.spec
+        if not self.dry_run:
+            await self.adapter.prepare(sync.target)
+        with self.engine.connect() as conn:
+            self.suppressed = SuppressionList.load(conn)
+            int_keys = spec.sql is None
+            source: RowSource = (
+                SegmentRows(conn, sync, None) if spec.sql is None else ModelRows(conn, sync)
+            )
+            known = _load_known(conn, spec.name, int_keys)
+            pending: list[_Pending] = []
+            for key, digest, row in source.plan(sync.fingerprint.encode()):
+                record = known.pop(key, None)
+                previous = _held(record) if type(record) is int else cast(_Known | None, record)
+                pending.append(_Pending(str(key), digest, previous, row))
+            entries = self._entries("replace", source, pending)
+        self._flush_skipped()
+        held = {str(k): _held(v) if type(v) is int else cast(_Known, v) for k, v in known.items()}
+        gone = sorted(k for k, v in held.items() if v.in_destination)
+        if self.dry_run:
+            self.planned["remove"] += len(gone) if not entries else 0
+            return
+        if not entries:
+            # Nothing to replace the audience with (a session needs rows): whoever is in it
+            # is removed instead.
+            await self._remove_keys(gone)
+            self._forget_records([k for k in held if k not in gone])
+            return
+        saved = self._session_state()
+        for attempt in (1, 2):
+            self.adapter.begin_replace(sync.target, len(entries), saved)
+            state = self.adapter.replace_state()
+            self._keep_session(state)
+            try:
+                for chunk in _chunks(entries, self.mapping.batch_for(sync, "replace")):
+                    try:
+                        outcomes = await self._send("replace", [e.item for e in chunk])
+                    except BatchRejected as exc:
+                        # A session's batches cannot be bisected: its numbering is one series.
+                        raise PushError(f"a replace batch was refused: {exc.message}") from None
+                    self._commit("replace", chunk, outcomes)
+                    self._keep_session(self.adapter.replace_state())
+            except ReplaceRestart as exc:
+                if attempt == 2:
+                    raise PushError(f"the replace session was refused twice: {exc}") from None
+                log.warning("push.replace_restarted", sync=spec.name, reason=str(exc))
+                saved = None
+                continue
+            break
+        self._keep_session(None)
+        # The audience is now this run's rows and, when a cut-off session was resumed, what
+        # the cut-off run sent in it: those no longer in the rows are removed one by one.
+        sent = {e.item.key for e in entries}
+        stale = [k for k in gone if k not in sent]
+        since = datetime.fromtimestamp(float(state["started"]), UTC) if saved else None
+        in_session = set(self._sent_since(stale, since)) if since is not None else set()
+        await self._remove_keys(sorted(in_session))
+        replaced = [k for k in stale if k not in in_session]
+        self.counts.removed += len(replaced)
+        self._forget_records(replaced + [k for k in held if k not in gone])
+
+    def _session_state(self) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            state = conn.execute(
+                select(STATE.c.state).where(
+                    STATE.c.source == f"push:{self.sync.spec.name}", STATE.c.stream == "replace"
+                )
+            ).scalar_one_or_none()
+        return state if isinstance(state, dict) else None
+
+    def _keep_session(self, state: Mapping[str, Any] | None) -> None:
+        """Keep (None: forget) the open replace session, in ``sync_state`` under
+        ``push:<sync>`` / ``replace``."""
+        row = {"source": f"push:{self.sync.spec.name}", "stream": "replace"}
+        with self._writer, self.engine.begin() as conn:
+            conn.execute(
+                delete(STATE).where(STATE.c.source == row["source"], STATE.c.stream == "replace")
+            )
+            if state is not None:
+                conn.execute(insert(STATE).values(**row, state=dict(state), updated_at=utc_now()))
+
+    def _sent_since(self, keys: Sequence[str], since: datetime) -> list[str]:
+        found: list[str] = []
+        with self.engine.connect() as conn:
+            for chunk in _chunks(keys, _KEY_CHUNK):
+                found += conn.execute(
+                    select(RECORDS.c.record_key).where(
+                        RECORDS.c.sync == self.sync.spec.name,
+                        RECORDS.c.record_key.in_(chunk),
+                        RECORDS.c.sent_at >= since,
+                    )
+                ).scalars()
+        return found
+
+    async def _remove_keys(self, keys: Sequence[str]) -> None:
+        """Remove held records by their dest_id (a replace's leftovers)."""
+        for chunk in _chunks(keys, self.mapping.batch_for(self.sync, "remove")):
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(RECORDS.c.record_key, RECORDS.c.dest_id, RECORDS.c.content_hash).where(
+                        RECORDS.c.sync == self.sync.spec.name, RECORDS.c.record_key.in_(chunk)
+                    )
+                ).all()
+            entries = [
+                _Entry(Item(key, {}, dest_id, None, held=True), digest, _held(digest))
+                for key, dest_id, digest in rows
+            ]
+            if entries:
+                await self._dispatch("remove", entries)
+        await self._drain()
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _forget_records(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        with self._writer, self.engine.begin() as conn:
+            for chunk in _chunks(list(keys), _KEY_CHUNK):
+                conn.execute(
+                    delete(RECORDS).where(
+                        RECORDS.c.sync == self.sync.spec.name, RECORDS.c.record_key.in_(chunk)
+                    )
+                )
 
     # -- leavers -------------------------------------------------------------------------
 
@@ -802,6 +970,41 @@ class _Run:
         return self.clock() + timedelta(seconds=wait)
 
 
+def preflight(engine: Engine, sync: LoadedSync, adapter: type[Destination]) -> str | None:
+    """The policy pre-flight of an ad-platform sync: a warning when the audience the sync
+    would leave holds fewer people than the platform's minimum before it serves ads
+    (``Destination.min_audience``), saying whether this run's removals are what takes it
+    there. None when the adapter has no minimum or the audience is large enough. The
+    count is of the rows the sync would send: the platform matches at most that many."""
+    minimum = adapter.min_audience
+    if minimum is None:
+        return None
+    spec = sync.spec
+    with engine.connect() as conn:
+        source: RowSource = (
+            SegmentRows(conn, sync, None) if spec.sql is None else ModelRows(conn, sync)
+        )
+        keys = {str(key) for key, _, _ in source.plan(sync.fingerprint.encode())}
+        held = set(
+            conn.execute(
+                select(RECORDS.c.record_key).where(
+                    RECORDS.c.sync == spec.name, RECORDS.c.in_destination.is_(True)
+                )
+            ).scalars()
+        )
+    size = len(keys)  # after the run, mirror or replace, the audience is these rows
+    if size >= minimum:
+        return None
+    message = (
+        f"{spec.name}: the audience would hold {size} people, below {adapter.type}'s "
+        f"minimum of about {minimum} matched people before it serves ads"
+    )
+    leaving = len(held - keys)
+    if len(held) >= minimum and leaving:
+        message += f" (removing {leaving} would shrink it from {len(held)})"
+    return message
+
+
 def _customer_of(spec: SyncSpec, pending: _Pending) -> int | None:
     """The store customer a planned row is about, when the sync says: a segment sync's keys
     are customer ids (``<id>@<time>`` for events)."""
@@ -855,6 +1058,15 @@ async def push_sync(
         clock=clock,
     )
     error: str | None = None
+    warnings: list[str] = []
+    if adapter.min_audience is not None:
+        warning = preflight(engine, sync, type(adapter))
+        if warning is not None:
+            warnings.append(warning)
+            log.warning("push.preflight", sync=name, warning=warning)
+    if adapter.reports_match:
+        # What the platform says of this run's rows: the adapter adds to it per request.
+        adapter.match_report = state.counts.match = MatchReport()
     try:
         await state.run()
     except asyncio.CancelledError:
@@ -907,6 +1119,7 @@ async def push_sync(
         samples=state.samples,
         planned=dict(state.planned),
         duration_s=(utc_now() - started).total_seconds(),
+        warnings=warnings,
     )
     log.info(
         "push.finished",
@@ -916,6 +1129,7 @@ async def push_sync(
         duration_s=round(result.duration_s, 3),
         **{k: v for k, v in counts.as_json().items() if not k.endswith("_reasons")},
     )
+    adapter.match_report = None
     return result
 
 
