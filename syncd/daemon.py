@@ -72,7 +72,7 @@ from syncd.log import get_logger
 from syncd.mapping import LoadedMapping, LoadedSync
 from syncd.privacy import prune_raw_payloads, retry_pending
 from syncd.push import push
-from syncd.runs import iso
+from syncd.runs import finish_run, iso, start_run
 from syncd.schedule import ANCHOR, SlotTrigger, parse_schedule
 from syncd.segments.recompute import recompute
 from syncd.store.engine import writer_lock
@@ -831,18 +831,32 @@ class Daemon:
     async def _privacy(self) -> _Outcome:
         """The due steps of open forget requests (each failed one waits its back-off), then
         the raw-payload retention when ``[privacy] raw_payload_days`` is set."""
-        results = await retry_pending(self.engine, self.mappings)
-        pending = sum(not r.done for r in results)
-        counts: dict[str, Any] = {"requests": len(results), "pending": pending}
-        days = self.settings.privacy.raw_payload_days
-        if days is not None:
+        async with self._store_writer.held():
+            run_id = start_run(self.engine, "privacy", "privacy")
+        counts: dict[str, Any] = {}
+        try:
+            results = await retry_pending(self.engine, self.mappings)
+            pending = sum(not r.done for r in results)
+            counts.update(requests=len(results), pending=pending)
+            days = self.settings.privacy.raw_payload_days
+            if days is not None:
+                async with self._store_writer.held():
+                    with self.engine.begin() as conn:
+                        cleared = prune_raw_payloads(conn, days)
+                counts["raw_payloads_dropped"] = sum(cleared.values())
+        except BaseException as exc:
+            status = "abandoned" if isinstance(exc, asyncio.CancelledError) else "failed"
             async with self._store_writer.held():
-                with self.engine.begin() as conn:
-                    cleared = prune_raw_payloads(conn, days)
-            counts["raw_payloads_dropped"] = sum(cleared.values())
-        if pending:
-            return _Outcome("partial", counts, f"{pending} forget request(s) still pending")
-        return _Outcome("success", counts)
+                finish_run(self.engine, run_id, status, counts, str(exc) or type(exc).__name__)
+            raise
+        outcome = (
+            _Outcome("partial", counts, f"{pending} forget request(s) still pending")
+            if pending
+            else _Outcome("success", counts)
+        )
+        async with self._store_writer.held():
+            finish_run(self.engine, run_id, outcome.status, counts, outcome.error)
+        return outcome
 
     def _recompute(self, scope: set[int] | None) -> _Outcome:
         try:
