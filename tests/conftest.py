@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -147,31 +150,73 @@ def _realwoo_run(*args: str, timeout: float) -> str:
     ).stdout
 
 
+def _realwoo_usable() -> str | None:
+    """Why the real store cannot run here, or None."""
+    if not (REALWOO / "up").is_file():
+        return "../shared/realwoo is absent: no real WooCommerce store to test against"
+    if os.geteuid() != 0:
+        return "the real WooCommerce store runs its MariaDB, php-fpm and nginx as root"
+    return None
+
+
+def _realwoo_up(folder: Path) -> dict[str, Any]:
+    started = time.monotonic()
+    # A fresh machine installs Debian packages first: generous timeout.
+    store: dict[str, Any] = json.loads(_realwoo_run("up", str(folder), timeout=900))
+    print(f"realwoo: up {time.monotonic() - started:.1f} s")
+    return store
+
+
+def _realwoo_seed(up: Future[dict[str, Any]]) -> dict[str, Any]:
+    store = up.result()
+    started = time.monotonic()
+    out = _realwoo_run("seed", store["dir"], "--orders", "100", "--seed", "7", timeout=600)
+    print(f"realwoo: seed {time.monotonic() - started:.1f} s")
+    seeded: dict[str, Any] = json.loads(out)
+    return seeded
+
+
+# The store's set-up (about 50 s, mostly php-fpm) runs on a thread from the moment the
+# session knows it has realwoo tests, while the other tests run: "folder", "up", "seed".
+_REALWOO_SETUP: dict[str, Any] = {}
+
+
+def _start_realwoo() -> dict[str, Any]:
+    if not _REALWOO_SETUP:
+        folder = Path(tempfile.mkdtemp(prefix="syncd-realwoo-"))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="realwoo")
+        up = pool.submit(_realwoo_up, folder)
+        _REALWOO_SETUP.update(folder=folder, up=up, seed=pool.submit(_realwoo_seed, up))
+        pool.shutdown(wait=False)
+    return _REALWOO_SETUP
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if _realwoo_usable() is None and any(i.get_closest_marker("realwoo") for i in session.items):
+        _start_realwoo()
+
+
 @pytest.fixture(scope="session")
-def realwoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def realwoo() -> Iterator[dict[str, Any]]:
     """A real WooCommerce 10 store (WordPress, MariaDB, php-fpm, nginx) on 127.0.0.1 for the
     session: the JSON `up` prints (URLs, keys, CA file, database). Stopped and removed after."""
-    if not (REALWOO / "up").is_file():
-        pytest.skip("../shared/realwoo is absent: no real WooCommerce store to test against")
-    if os.geteuid() != 0:
-        pytest.skip("the real WooCommerce store runs its MariaDB, php-fpm and nginx as root")
-    folder = tmp_path_factory.mktemp("realwoo")
+    if (why := _realwoo_usable()) is not None:
+        pytest.skip(why)
+    setup = _start_realwoo()
     try:
-        started = time.monotonic()
-        # A fresh machine installs Debian packages first: generous timeout.
-        store = json.loads(_realwoo_run("up", str(folder), timeout=900))
-        print(f"realwoo: up {time.monotonic() - started:.1f} s")
-        yield store
+        yield setup["up"].result()
     finally:
-        subprocess.run([str(REALWOO / "down"), str(folder)], stdin=subprocess.DEVNULL, timeout=300)
-        shutil.rmtree(folder, ignore_errors=True)  # ~340 MB a store
+        with contextlib.suppress(Exception):  # its failure is reported where it is used
+            setup["seed"].result()
+        subprocess.run(
+            [str(REALWOO / "down"), str(setup["folder"])], stdin=subprocess.DEVNULL, timeout=300
+        )
+        shutil.rmtree(setup["folder"], ignore_errors=True)  # ~340 MB a store
 
 
 @pytest.fixture(scope="session")
 def realwoo_seeded(realwoo: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The store with products, customers, 100 orders (guests, every status), full and
     partial refunds, trashed and deleted orders; and the ids `seed` reports."""
-    started = time.monotonic()
-    out = _realwoo_run("seed", realwoo["dir"], "--orders", "100", "--seed", "7", timeout=600)
-    print(f"realwoo: seed {time.monotonic() - started:.1f} s")
-    return realwoo, json.loads(out)
+    seeded: dict[str, Any] = _start_realwoo()["seed"].result()
+    return realwoo, seeded
