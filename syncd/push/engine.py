@@ -368,6 +368,11 @@ class _Run:
 
     async def run(self) -> None:
         sync, spec = self.sync, self.sync.spec
+        # Before any mode: a replace on unread consent would empty the audience.
+        if sync.consent != "none":
+            with self.engine.connect() as conn:
+                if (unread := consent_unread(conn)) is not None:
+                    raise PushError(f"sync[{spec.name}]: {unread}")
         if spec.mode == "replace":
             await self._replace()
             return
@@ -375,10 +380,6 @@ class _Run:
         batch_size = self.mapping.batch_for(sync, op)
         fingerprint = sync.fingerprint.encode()
         once = spec.mode in ("event", "delete")
-        if sync.consent != "none":
-            with self.engine.connect() as conn:
-                if (unread := consent_unread(conn)) is not None:
-                    raise PushError(f"sync[{spec.name}]: {unread}")
         if not self.dry_run:
             await self.adapter.prepare(sync.target)
         with self.engine.connect() as conn:
